@@ -1,3 +1,7 @@
 """medfm: published 3D medical-imaging foundation models as MONAI bundles."""
 
 __version__ = "0.1.0"
+
+from . import io, networks, samples, transforms, weights, workflows  # noqa: E402  (bundle configs use medfm.<sub>)
+
+__all__ = ["io", "networks", "samples", "transforms", "weights", "workflows", "__version__"]

@@ -19,6 +19,7 @@ BASE_WIDTH = 32
 #: Three 2x max-pools between the four encoder levels: spatial sizes must be multiples of this.
 SIZE_DIVISOR = 8
 NORMS = ("cont_batch", "batch")
+FIRST_CONV = "down_tr64.ops.0.conv1.weight"
 
 
 class ContBatchNorm3d(nn.modules.batchnorm._BatchNorm):
@@ -196,38 +197,35 @@ class GenesisUNet3D(nn.Module):
         return {"restored": self.decode(skips, bottleneck), "bottleneck": bottleneck}
 
 
-def checkpoint_filter_fn(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Turn a checkpoint in the authors' layouts into a :class:`GenesisUNet3D` state dict.
 
     Accepts a plain state dict or ``{"state_dict": ..., "optimizer_state_dict": ..., "epoch": ...}``
     as written by the upstream trainer, with or without the ``module.`` prefix of
     ``nn.DataParallel``; everything that is not a model tensor (optimizer state, epoch) is dropped.
+    Given ``model``, the first convolution is adapted to its input-channel count.
     """
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError("checkpoint holds no state dict (expected a mapping of tensors or {'state_dict': ...})")
-    converted = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        converted[key.removeprefix("module.")] = value
+    converted = {key.removeprefix("module."): value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if not converted:
         raise ValueError("checkpoint state dict holds no tensors")
+    if model is not None and FIRST_CONV in converted:
+        converted = adapt_input_channels(converted, model.state_dict()[FIRST_CONV].shape[1])
     return converted
 
 
 def adapt_input_channels(state_dict: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
     """Adapt the first convolution to ``in_channels`` inputs.
 
-    The pretrained kernel is averaged over its input channels and repeated, so a multi-channel
-    input that repeats one image gives the pretrained response (weights summed over channels equal
-    the original kernel).
+    The pretrained kernel is summed over its input channels, divided by the new count and
+    repeated, so an input that repeats one image in every channel gets the pretrained response.
     """
-    key = "down_tr64.ops.0.conv1.weight"
-    weight = state_dict[key]
+    weight = state_dict[FIRST_CONV]
     if weight.shape[1] == in_channels:
         return state_dict
-    mean_kernel = weight.float().sum(dim=1, keepdim=True) / in_channels
+    kernel = weight.float().sum(dim=1, keepdim=True) / in_channels
     adapted = dict(state_dict)
-    adapted[key] = mean_kernel.repeat(1, in_channels, 1, 1, 1).to(weight.dtype)
+    adapted[FIRST_CONV] = kernel.repeat(1, in_channels, 1, 1, 1).to(weight.dtype)
     return adapted

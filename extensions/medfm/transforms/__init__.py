@@ -1,5 +1,6 @@
 """MONAI-style transforms (array + dictionary pairs), grouped by method."""
 
+from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .genesis import (
     GenesisCorruptiond,
     RandInPaint,
@@ -14,6 +15,8 @@ from .genesis import (
 
 __all__ = [
     "GenesisCorruptiond",
+    "GlobalAveragePool",
+    "GlobalAveragePoold",
     "RandInPaint",
     "RandInPaintd",
     "RandLocalPixelShuffle",

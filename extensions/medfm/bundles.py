@@ -1,0 +1,54 @@
+"""Finding bundles: by path, in the repository's ``bundles/`` folder, or in the download cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import BundleNotFoundError
+
+__all__ = ["cache_dir", "repository_bundles_dir", "find_bundle", "list_bundle_dirs"]
+
+#: Environment variable naming medfm's cache folder (downloaded bundles and weights).
+CACHE_ENV = "MEDFM_HOME"
+
+
+def cache_dir() -> Path:
+    """``$MEDFM_HOME`` or ``~/.cache/medfm``; bundles live in ``bundles/``, downloads in ``weights/``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medfm").expanduser()
+
+
+def repository_bundles_dir() -> Path | None:
+    """The source checkout's ``bundles/`` folder when medfm runs from one (editable install)."""
+    candidate = Path(__file__).resolve().parents[2] / "bundles"
+    return candidate if candidate.is_dir() else None
+
+
+def _search_dirs() -> list[Path]:
+    return [d for d in (repository_bundles_dir(), cache_dir() / "bundles") if d is not None and d.is_dir()]
+
+
+def list_bundle_dirs() -> list[Path]:
+    """Every bundle found in the repository and the cache (the repository wins on equal names)."""
+    found: dict[str, Path] = {}
+    for directory in _search_dirs():
+        for child in sorted(directory.iterdir()):
+            if (child / "configs" / "metadata.json").is_file():
+                found.setdefault(child.name, child)
+    return list(found.values())
+
+
+def find_bundle(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a bundle given as a folder path or as a name; absolute path of its root folder."""
+    path = Path(name_or_path).expanduser()
+    if (path / "configs" / "metadata.json").is_file():
+        return path.resolve()
+    if path.exists():
+        raise BundleNotFoundError(f"{path}: not a MONAI bundle (no configs/metadata.json)")
+    for directory in _search_dirs():
+        candidate = directory / str(name_or_path)
+        if (candidate / "configs" / "metadata.json").is_file():
+            return candidate.resolve()
+    known = ", ".join(d.name for d in list_bundle_dirs()) or "none"
+    searched = ", ".join(str(d) for d in _search_dirs()) or f"no bundle folders (set {CACHE_ENV})"
+    raise BundleNotFoundError(f"unknown bundle {str(name_or_path)!r}: known bundles: {known} (searched {searched})")

@@ -1,0 +1,129 @@
+"""The ``medfm`` command line (python-fire).
+
+Errors a user can fix are printed as one line on stderr with exit status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import fire
+
+from .bundles import find_bundle
+from .errors import MedfmError
+
+__all__ = ["main", "infer", "demo"]
+
+
+def infer(bundle: str, input: str, out: str = "medfm_output", **overrides) -> list[str]:
+    """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file or DICOM series folder).
+
+    Args:
+        bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
+        input: the scan to process.
+        out: output folder; results appear there only when the whole run succeeded.
+        overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
+
+    Returns the paths written.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    bundle_dir = find_bundle(bundle)
+    source = Path(input).expanduser()
+    if not source.exists():
+        raise MedfmError(f"{source}: no such file or folder")
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        workflow = ConfigWorkflow(
+            config_file=str(bundle_dir / "configs" / "inference.json"),
+            meta_file=str(bundle_dir / "configs" / "metadata.json"),
+            logging_file=str(bundle_dir / "configs" / "logging.conf"),
+            workflow_type="inference",
+            bundle_root=str(bundle_dir),
+            input_image=str(source.resolve()),
+            output_dir=str(staging),
+            **overrides,
+        )
+        try:
+            workflow.initialize()
+            workflow.run()
+            workflow.finalize()
+        except MedfmError:
+            raise
+        except Exception as error:
+            raise MedfmError(f"{source}: {bundle_dir.name} inference failed: {describe(error)}") from error
+        written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
+        if not written:
+            raise MedfmError(f"{source}: the {bundle_dir.name} inference wrote no output")
+        out_dir.mkdir(exist_ok=True)
+        results = []
+        for path in written:
+            target = out_dir / path.name
+            path.replace(target)
+            results.append(str(target))
+        return results
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def demo(out: str = "demo_output", bundle: str = "models_genesis_chest_ct") -> None:
+    """Restoration + embedding of the embedded sample CT, as NIfTI and as a DICOM series, with a montage."""
+    from .demo import run_demo
+
+    for line in run_demo(Path(out), bundle):
+        print(line)
+
+
+def _weights_commands() -> dict:
+    from .weights import fetch_weights, import_weights, verify_bundle_weights
+
+    def fetch(bundle: str, weights: str | None = None, url: str | None = None, progress: bool = True) -> None:
+        """Download a bundle's registered weights (sha256 checked), then import them into models/model.pt."""
+        for line in fetch_weights(bundle, weights=weights, url=url, progress=progress).lines():
+            print(line)
+
+    def import_(bundle: str, file: str, weights: str | None = None, in_channels: int | None = None,
+                dtype: str = "float32") -> None:
+        """Import a checkpoint (upstream layout or plain state dict) into BUNDLE/models/model.pt."""
+        for line in import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype).lines():
+            print(line)
+
+    def verify(bundle: str) -> None:
+        """Check that BUNDLE/models/model.pt loads strictly and say which weights it holds."""
+        for line in verify_bundle_weights(bundle):
+            print(line)
+
+    return {"fetch": fetch, "import": import_, "verify": verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medfm`` console script."""
+    commands = {"infer": infer, "demo": demo, "weights": _weights_commands()}
+    try:
+        fire.Fire(commands, command=argv, name="medfm")
+    except MedfmError as error:
+        print(f"medfm: error: {error}", file=sys.stderr)
+        return 1
+    except fire.core.FireExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as error:  # anything else still gets one line, with its type to help a bug report
+        print(f"medfm: error: {describe(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def describe(error: BaseException) -> str:
+    """One line for an unexpected exception: the innermost cause (MONAI wraps config errors)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no details'}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``medfm demo``: the quick start's main job, on the embedded sample CT.
+
+Runs the bundle's inference workflow on the sample as NIfTI and as a DICOM series written from it,
+checks that both give the same geometry and embedding, and draws a montage of the pretext task:
+input, corrupted and restored slices for each kind of corruption.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from PIL import Image, ImageDraw
+
+from . import samples
+from .bundles import find_bundle
+from .transforms import RandInPaint, RandLocalPixelShuffle, RandNonlinearIntensity, RandOutPaint
+from .weights.checkpoint import load_checkpoint
+
+__all__ = ["run_demo", "pretext_montage"]
+
+CORRUPTIONS = {
+    "local pixel shuffle": RandLocalPixelShuffle(prob=1.0),
+    "non-linear intensity": RandNonlinearIntensity(prob=1.0),
+    "in-painting": RandInPaint(prob=1.0),
+    "out-painting": RandOutPaint(prob=1.0),
+}
+
+
+def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
+    """Run the demo into ``out``; returns human-readable result lines."""
+    from .cli import infer
+
+    bundle_dir = find_bundle(bundle)
+    out = Path(out)
+    nifti_input = samples.path("ct_head")
+    dicom_input = out / "input_dicom" / "ct_head"
+    samples.write_dicom_series("ct_head", dicom_input)
+    lines = [f"sample CT: {nifti_input}", f"same scan as a DICOM series: {dicom_input}"]
+    results = {}
+    for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
+        written = [Path(p) for p in infer(str(bundle_dir), str(source), out=str(out / kind))]
+        restored = next(p for p in written if p.name.endswith("_restored.nii.gz"))
+        embedding = next(p for p in written if p.name.endswith("_embedding.npy"))
+        results[kind] = (nib.load(restored), np.load(embedding))
+        lines += [f"{kind}: restored volume {restored}", f"{kind}: embedding {embedding} {results[kind][1].shape}"]
+
+    original = nib.load(nifti_input)
+    for kind, (restored, _) in results.items():
+        shift = np.abs(restored.affine - original.affine).max()
+        lines.append(f"{kind}: output shape {restored.shape} (input {original.shape}), max affine difference {shift:.2e} mm")
+    a, b = results["nifti"][1], results["dicom"][1]
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    lines.append(f"embedding cosine similarity, NIfTI vs DICOM input: {cosine:.6f}")
+    montage = pretext_montage(bundle_dir, nifti_input, out / "montage.png")
+    lines.append(f"montage of input / corrupted / restored slices: {montage}")
+    return lines
+
+
+def pretext_montage(bundle_dir: Path, image_path: str, target: Path, seed: int = 0) -> Path:
+    """PNG with one row per corruption: input, corrupted and restored middle slice of a 64x64x32 cube."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(load_checkpoint(bundle_dir / "models" / "model.pt"))
+    network.eval()
+    patch = parser.get_parsed_content("patch_size")
+
+    volume = preprocessing({"image": image_path})["image"].as_tensor().float()
+    start = [max((s - p) // 2, 0) for s, p in zip(volume.shape[1:], patch)]
+    cube = volume[:, start[0] : start[0] + patch[0], start[1] : start[1] + patch[1], start[2] : start[2] + patch[2]]
+    rows = []
+    for index, (name, corruption) in enumerate(CORRUPTIONS.items()):
+        corruption.set_random_state(seed + index)
+        corrupted = corruption(cube.clone())
+        with torch.no_grad():
+            restored = network(corrupted[None])[0]
+        rows.append((name, [cube, corrupted, restored]))
+
+    low, high = np.percentile(cube.numpy(), [1, 99])
+    scale, label_height = 3, 14
+    tile = lambda t: Image.fromarray(  # noqa: E731 - middle slice, shared display window, enlarged
+        (np.clip((t[0, :, :, t.shape[-1] // 2].numpy().T - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+    ).resize((patch[0] * scale, patch[1] * scale), Image.NEAREST)
+    width, height = patch[0] * scale, patch[1] * scale + label_height
+    sheet = Image.new("L", (3 * width, label_height + len(rows) * height), color=0)
+    draw = ImageDraw.Draw(sheet)
+    for column, title in enumerate(("input", "corrupted", "restored")):
+        draw.text((column * width + 4, 1), title, fill=255)
+    for row, (name, images) in enumerate(rows):
+        top = label_height + row * height
+        draw.text((4, top + 1), name, fill=255)
+        for column, image in enumerate(images):
+            sheet.paste(tile(image), (column * width, top + label_height))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(target)
+    return target

@@ -1,0 +1,166 @@
+"""Import a checkpoint (upstream or our own) into a bundle's ``models/model.pt``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from ..bundles import cache_dir, find_bundle
+from ..errors import WeightsError
+from . import registry
+from .checkpoint import load_checkpoint, save_state_dict, sha256_of
+from .download import download
+
+__all__ = ["ImportReport", "bundle_network", "fetch_weights", "import_weights", "verify_bundle_weights"]
+
+MODEL_FILE = Path("models") / "model.pt"
+#: Written beside model.pt: which weights these are, from which file, imported when.
+PROVENANCE_FILE = Path("models") / "weights.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ImportReport:
+    source: str
+    source_sha256: str
+    weights: str | None
+    output: str
+    output_sha256: str
+    dtype: str
+    in_channels: int | None
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    imported_at: str = ""
+
+    def lines(self) -> list[str]:
+        known = f"registered weights {self.weights!r}" if self.weights else "not a registered checkpoint"
+        return [
+            f"read   {self.source} (sha256 {self.source_sha256[:16]}..., {known})",
+            f"wrote  {self.output} ({self.dtype}, input channels: {self.in_channels})",
+            f"missing keys: {len(self.missing_keys)}, unexpected keys: {len(self.unexpected_keys)}",
+        ]
+
+
+def bundle_network(bundle_dir: str | os.PathLike, **network_overrides) -> torch.nn.Module:
+    """Instantiate ``network_def`` from the bundle's ``configs/inference.json`` (CPU)."""
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_dir) / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in network_overrides.items():
+        parser[f"network_def#{key}"] = value
+    return parser.get_parsed_content("network_def")
+
+
+def _network_module(bundle_name: str):
+    entries = registry.for_bundle(bundle_name)
+    if not entries:
+        raise WeightsError(f"no weights are registered for bundle {bundle_name!r}, so no importer is known")
+    return entries[0].network_code()
+
+
+def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike, weights: str | None = None,
+                   in_channels: int | None = None, dtype: str = "float32", strict: bool = True) -> ImportReport:
+    """Convert ``checkpoint_file`` with the network's ``checkpoint_filter_fn`` and write ``models/model.pt``.
+
+    The file is read with ``weights_only`` (never unpickled). Its sha256 is compared with the
+    registry: a file named like a registered checkpoint, or imported as ``weights``, must match
+    that entry's hash. Input channels are adapted to the bundle network's (or ``in_channels``).
+    With ``strict``, any missing or unexpected key is an error and nothing is written.
+    """
+    bundle_dir = find_bundle(bundle)
+    if dtype not in DTYPES:
+        raise WeightsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = Path(checkpoint_file)
+    if not source.is_file():
+        raise WeightsError(f"{source}: no such file")
+    digest = sha256_of(source)
+    expected = registry.get(weights) if weights else next(
+        (e for e in registry.for_bundle(bundle_dir.name) if e.url and e.file_name == source.name), None)
+    if expected is not None and not expected.matches(digest):
+        raise WeightsError(f"{source}: sha256 {digest} does not match registered weights "
+                           f"{expected.name!r} ({expected.sha256}); refusing to import a corrupted or different file")
+    matched = expected or registry.match_sha256(digest)
+
+    overrides = {"in_channels": in_channels} if in_channels is not None else {}
+    network = bundle_network(bundle_dir, **overrides)
+    filter_fn = _network_module(bundle_dir.name).checkpoint_filter_fn
+    try:
+        state = filter_fn(load_checkpoint(source), network)
+    except ValueError as error:
+        raise WeightsError(f"{source}: {error}") from None
+    try:
+        result = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatch
+        raise WeightsError(f"{source}: does not fit the bundle network: {str(error).splitlines()[-1].strip()}") from None
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise WeightsError(f"{source}: keys do not match the bundle network: missing {result.missing_keys[:5]}"
+                           f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+                           f"{'...' if len(result.unexpected_keys) > 5 else ''}; nothing written")
+
+    target = DTYPES[dtype]
+    converted = {k: (v.to(target) if v.is_floating_point() else v) for k, v in network.state_dict().items()}
+    output = save_state_dict(converted, bundle_dir / MODEL_FILE)
+    report = ImportReport(
+        source=str(source.resolve()), source_sha256=digest, weights=matched.name if matched else None,
+        output=str(output), output_sha256=sha256_of(output), dtype=dtype,
+        in_channels=getattr(network, "in_channels", None),
+        missing_keys=list(result.missing_keys), unexpected_keys=list(result.unexpected_keys),
+        imported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    provenance = bundle_dir / PROVENANCE_FILE
+    provenance.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
+    """Check that ``models/model.pt`` loads strictly into the bundle network; report what it is."""
+    bundle_dir = find_bundle(bundle)
+    model_file = bundle_dir / MODEL_FILE
+    if not model_file.is_file():
+        raise WeightsError(f"{model_file}: missing; run 'medfm weights fetch {bundle_dir.name}' or "
+                           f"'medfm weights import {bundle_dir.name} FILE'")
+    state = load_checkpoint(model_file)
+    network = bundle_network(bundle_dir)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise WeightsError(f"{model_file}: does not load into the bundle network: {str(error).splitlines()[0]}") from None
+    digest = sha256_of(model_file)
+    lines = [f"{model_file}: loads strictly ({len(state)} tensors, sha256 {digest})"]
+    provenance = bundle_dir / PROVENANCE_FILE
+    if provenance.is_file():
+        record = json.loads(provenance.read_text())
+        if record.get("output_sha256") != digest:
+            lines.append(f"{provenance}: describes another file (sha256 {record.get('output_sha256')}); provenance unknown")
+        else:
+            lines.append(f"imported from {record.get('source')} as {record.get('weights') or 'unregistered weights'}")
+    entry = registry.match_sha256(digest)
+    if entry:
+        lines.append(f"registered weights {entry.name!r}: {entry.title}; licence: {entry.license}")
+    return lines
+
+
+def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: str | None = None,
+                  progress: bool = True) -> ImportReport:
+    """Download registered weights (or reuse the verified cached copy) and import them into the bundle.
+
+    ``url`` replaces the registered URL (a mirror or a local server); the registered size and
+    sha256 are checked either way. Downloads are cached in ``$MEDFM_HOME/weights``.
+    """
+    bundle_dir = find_bundle(bundle)
+    entry = registry.get(weights) if weights else registry.default_for_bundle(bundle_dir.name)
+    if entry.bundle != bundle_dir.name:
+        raise WeightsError(f"weights {entry.name!r} belong to bundle {entry.bundle!r}, not {bundle_dir.name!r}")
+    source = url or entry.url
+    if not source:
+        raise WeightsError(f"weights {entry.name!r} have no download URL; import a local copy with 'medfm weights import'")
+    cached = cache_dir() / "weights" / entry.file_name
+    if not (cached.is_file() and entry.matches(sha256_of(cached))):
+        download(source, cached, sha256=entry.sha256, size=entry.size, progress=progress)
+    return import_weights(bundle_dir, cached, weights=entry.name)

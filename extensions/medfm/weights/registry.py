@@ -1,0 +1,138 @@
+"""One record per set of weights: where it comes from, how to verify it, what it may be used for.
+
+The CLI, the importer and the bundles' docs all read these records, torchvision-style, so the
+facts (URL, hash, licence, preprocessing, training data) are written down once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from ..errors import WeightsError
+
+__all__ = ["WeightsEntry", "REGISTRY", "get", "for_bundle", "default_for_bundle", "match_sha256"]
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """Facts about one checkpoint.
+
+    ``sha256`` is the full hex digest, or a prefix (at least 8 characters) where only a prefix is
+    published. ``network_module`` is the ``medfm.networks`` module whose ``checkpoint_filter_fn``
+    turns this checkpoint into the bundle network's state dict.
+    """
+
+    name: str
+    bundle: str
+    title: str
+    file_name: str
+    sha256: str
+    size: int | None
+    url: str | None
+    license: str
+    commercial_use: bool
+    redistributable: bool
+    source: str
+    paper: str
+    trained_on: str
+    preprocessing: str
+    network_module: str
+    metrics: dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) < 8 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"{self.name}: sha256 must be lower-case hex, at least 8 characters")
+
+    def matches(self, digest: str) -> bool:
+        """True when ``digest`` (full sha256 hex) is this entry's hash (or starts with its prefix)."""
+        return digest.lower().startswith(self.sha256)
+
+    def network_code(self) -> ModuleType:
+        """The module holding the network and its ``checkpoint_filter_fn``."""
+        return importlib.import_module(self.network_module)
+
+
+REGISTRY: dict[str, WeightsEntry] = {
+    entry.name: entry
+    for entry in (
+        WeightsEntry(
+            name="genesis_chest_ct",
+            bundle="models_genesis_chest_ct",
+            title="Models Genesis, official PyTorch weights (Genesis_Chest_CT.pt)",
+            file_name="Genesis_Chest_CT.pt",
+            sha256="62de21a05236d6a8d8d5b03ec740f6ac6b818d15d3e86eed4f38a2a17d63cc08",
+            size=152_639_120,
+            url="https://huggingface.co/MrGiovanni/ModelsGenesis/resolve/main/Genesis_Chest_CT.pt",
+            license="ASU licence for Models Genesis: non-commercial research use only, patent pending "
+            "(the Hugging Face page says apache-2.0; the repository's stricter licence applies)",
+            commercial_use=False,
+            redistributable=False,
+            source="https://github.com/MrGiovanni/ModelsGenesis",
+            paper="Zhou et al., Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis, "
+            "MICCAI 2019; Medical Image Analysis 67 (2021) 101840",
+            trained_on="LUNA16 chest CT, subsets 0-4 (subsets 5-6 for validation); self-supervised "
+            "restoration of corrupted 64x64x32 cubes",
+            preprocessing="CT: HU clipped to [-1000, 1000] and scaled to [0, 1]; native spacing (no "
+            "resampling); 64x64x32 cubes in (x, y, z) order. MRI: per-image min-max to [0, 1].",
+            network_module="medfm.networks.genesis_unet3d",
+            metrics={
+                "lung nodule FP reduction AUC (scratch -> Genesis)": "94.3 -> 98.2",
+                "lung nodule segmentation IoU": "74.1 -> 77.6",
+                "pulmonary embolism FP reduction AUC": "80 -> 88",
+                "BraTS segmentation IoU": "90.2 -> 90.6",
+            },
+            notes="Read off the authors' figure, approximate. Saved from nn.DataParallel with optimizer "
+            "state ({'epoch', 'state_dict', 'optimizer_state_dict'}), probably PyTorch 1.3 legacy format.",
+        ),
+        WeightsEntry(
+            name="medfm_genesis_demo",
+            bundle="models_genesis_chest_ct",
+            title="medfm demo pre-training of the Genesis U-Net (ships in the bundle)",
+            file_name="model.pt",
+            sha256="0000000000000000000000000000000000000000000000000000000000000000",
+            size=None,
+            url=None,
+            license="Apache-2.0 (code, training data and these weights)",
+            commercial_use=True,
+            redistributable=True,
+            source="bundles/models_genesis_chest_ct/configs/pretrain.json of this repository",
+            paper="this project's own run of the Models Genesis pretext; see the bundle's docs/README.md",
+            trained_on="one head-CT brain template (TotalSegmentator ct_brain_atlas_1mm, Apache-2.0), "
+            "a few hundred CPU steps",
+            preprocessing="same as the official weights",
+            network_module="medfm.networks.genesis_unet3d",
+            notes="A demonstration that the pre-training runs end to end and that the quick start works "
+            "offline; far weaker than the official weights.",
+        ),
+    )
+}
+
+
+def get(name: str) -> WeightsEntry:
+    """The entry called ``name``; raises :class:`WeightsError` listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise WeightsError(f"unknown weights {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def for_bundle(bundle: str) -> list[WeightsEntry]:
+    """All entries for ``bundle``, downloadable ones first."""
+    entries = [e for e in REGISTRY.values() if e.bundle == bundle]
+    return sorted(entries, key=lambda e: e.url is None)
+
+
+def default_for_bundle(bundle: str) -> WeightsEntry:
+    """The weights ``medfm weights fetch`` downloads for ``bundle`` (the first with a URL)."""
+    downloadable = [e for e in for_bundle(bundle) if e.url]
+    if not downloadable:
+        raise WeightsError(f"no downloadable weights registered for bundle {bundle!r}")
+    return downloadable[0]
+
+
+def match_sha256(digest: str) -> WeightsEntry | None:
+    """The registered entry whose hash is ``digest``, if any."""
+    return next((e for e in REGISTRY.values() if e.matches(digest)), None)

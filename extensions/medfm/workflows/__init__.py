@@ -1,0 +1,5 @@
+"""Pieces that MONAI's bundle workflows call but do not provide themselves."""
+
+from .inferers import MethodInferer
+
+__all__ = ["MethodInferer"]
