@@ -87,6 +87,8 @@ class RandLocalPixelShuffle(_GenesisArrayTransform):
         super().__init__(prob)
         self.num_blocks = num_blocks
         self.max_block_fraction = max_block_fraction
+        self.block_starts: np.ndarray = np.zeros((0, 3), dtype=np.int64)  # (num_blocks, spatial dims)
+        self.block_sizes: np.ndarray = np.zeros((0, 3), dtype=np.int64)
         self._sources: np.ndarray | None = None
         self._targets: np.ndarray | None = None
 
@@ -105,6 +107,7 @@ class RandLocalPixelShuffle(_GenesisArrayTransform):
         # sorting by (box, random 40-bit key) gives an independent uniform permutation inside each
         # box (a tie, which would keep two voxels in order, has odds of about 1e-9 per box)
         keys = (box_of_entry << 40) | self.R.randint(0, 1 << 40, size=box_of_entry.size, dtype=np.int64)
+        self.block_starts, self.block_sizes = starts, sizes
         self._targets = targets
         self._sources = targets[np.argsort(keys, kind="stable")]
 
