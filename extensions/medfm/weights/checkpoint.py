@@ -43,9 +43,14 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reference = next((line for line in lines if "GLOBAL" in line), None)
+        if reference is None:  # not a pickle of tensors at all (garbage, truncated, another format)
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
         raise WeightsError(
             f"{path}: refused: the checkpoint holds pickled Python objects beyond tensors and plain "
-            f"containers ({_first_line(error)}); it was not unpickled. If you trust its origin, convert "
+            f"containers ({reference.rstrip('.')}); it was not unpickled. If you trust its origin, convert "
             "it once to a plain state dict or safetensors in an isolated environment"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:

@@ -134,13 +134,16 @@ def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
     digest = sha256_of(model_file)
     lines = [f"{model_file}: loads strictly ({len(state)} tensors, sha256 {digest})"]
     provenance = bundle_dir / PROVENANCE_FILE
+    entry = registry.match_sha256(digest)
     if provenance.is_file():
         record = json.loads(provenance.read_text())
         if record.get("output_sha256") != digest:
             lines.append(f"{provenance}: describes another file (sha256 {record.get('output_sha256')}); provenance unknown")
         else:
-            lines.append(f"imported from {record.get('source')} as {record.get('weights') or 'unregistered weights'}")
-    entry = registry.match_sha256(digest)
+            name = record.get("weights")
+            lines.append(f"imported from {record.get('source')} as "
+                         f"{f'registered weights {name!r}' if name else 'unregistered weights'}")
+            entry = registry.REGISTRY.get(name) or entry
     if entry:
         lines.append(f"registered weights {entry.name!r}: {entry.title}; licence: {entry.license}")
     return lines

@@ -1,0 +1,175 @@
+"""Shared fixtures: repository paths, bundle copies, a loopback HTTP server, small real data."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medfm
+from medfm.networks import GenesisUNet3D
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+GENESIS = BUNDLES / "models_genesis_chest_ct"
+SCHEMA = REPO.parent / "shared" / "reference" / "meta_schema_20240725.json"
+
+
+def run_command(args: list[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run a command with the test interpreter's environment; return the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def bundle_run(bundle: Path, configs: list[str], *overrides: str, launcher: list[str] | None = None, timeout: int = 600):
+    """``python -m monai.bundle run`` with the given configs; asserts success and returns the process."""
+    config = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    args = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file", config,
+                                             "--meta_file", "configs/metadata.json", "--bundle_root", str(bundle), *overrides]
+    result = run_command(args, cwd=bundle, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def genesis_bundle(tmp_path) -> Path:
+    """A private copy of the Models Genesis bundle (tests may overwrite its weights)."""
+    target = tmp_path / "models_genesis_chest_ct"
+    shutil.copytree(GENESIS, target, ignore=shutil.ignore_patterns("eval", "finetune", "pretrain"))
+    return target
+
+
+def crop_nifti(source: str, target: Path, size: tuple[int, int, int], offset=(0, 0, 0)) -> Path:
+    """Write a crop of a real volume with its affine moved to the crop's first voxel."""
+    image = nib.load(source)
+    data = np.asarray(image.dataobj)
+    window = tuple(slice(o, o + s) for o, s in zip(offset, size))
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ np.asarray(offset) + image.affine[:3, 3]
+    nib.save(nib.Nifti1Image(data[window], affine), target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def small_ct(tmp_path_factory) -> Path:
+    """A 64x48x40 crop of the embedded real head CT (int16 HU)."""
+    folder = tmp_path_factory.mktemp("small_ct")
+    return crop_nifti(medfm.samples.path("ct_head"), folder / "ct_small.nii.gz", (64, 48, 40), (4, 20, 18))
+
+
+@pytest.fixture(scope="session")
+def tiny_segmentation_dataset(tmp_path_factory) -> Path:
+    """Decathlon-style folder: four crops of the real head CT; labels are synthetic (tissue above 25 HU)."""
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    source = medfm.samples.path("ct_head")
+    items = []
+    for index, offset in enumerate([(0, 0, 0), (6, 10, 8), (10, 30, 20), (3, 25, 30)]):
+        image = crop_nifti(source, folder / f"ct_{index}.nii.gz", (40, 40, 24), offset)
+        volume = nib.load(image)
+        label = (np.asarray(volume.dataobj) > 25).astype(np.uint8)
+        nib.save(nib.Nifti1Image(label, volume.affine), folder / f"ct_{index}_label.nii.gz")
+        items.append({"image": image.name, "label": f"ct_{index}_label.nii.gz"})
+    labels = {"0": "background", "1": "tissue above 25 HU (synthetic)"}
+    (folder / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": labels, "training": items}))
+    return folder
+
+
+def save_upstream_checkpoint(path: Path, legacy: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Save a checkpoint the way the Models Genesis trainer does; return the bare weights.
+
+    nn.DataParallel keys (``module.``), SGD optimizer state after one step, the epoch, and
+    (``legacy``) the pre-1.6 non-zip serialisation the published file probably uses.
+    """
+    torch.manual_seed(seed)
+    model = GenesisUNet3D()
+    parallel = torch.nn.DataParallel(model)
+    optimizer = torch.optim.SGD(parallel.parameters(), lr=1.0, momentum=0.9)
+    parallel(torch.rand(2, 1, 16, 16, 8)).mean().backward()
+    optimizer.step()
+    checkpoint = {"epoch": 12, "state_dict": parallel.state_dict(), "optimizer_state_dict": optimizer.state_dict()}
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with single byte-range support; counts requests per path."""
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        self.server.requests.append((self.path, self.headers.get("Range")))
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404, "not found")
+            return
+        data = path.read_bytes()
+        requested = self.headers.get("Range")
+        if requested and self.server.ranges:
+            start = int(requested.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_error(416, "range not satisfiable")
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            data = data[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class LoopbackServer:
+    def __init__(self, root: Path, ranges: bool = True):
+        handler = lambda *a, **k: _RangeHandler(*a, directory=str(root), **k)  # noqa: E731
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.requests = []
+        self.httpd.ranges = ranges
+        self.root = root
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list:
+        return self.httpd.requests
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_root(tmp_path) -> Path:
+    root = tmp_path / "served"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def server(http_root):
+    with LoopbackServer(http_root) as running:
+        yield running
+
+
+@pytest.fixture
+def medfm_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "medfm_home"
+    monkeypatch.setenv("MEDFM_HOME", str(home))
+    return home

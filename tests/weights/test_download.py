@@ -1,0 +1,67 @@
+import hashlib
+import socket
+
+import pytest
+
+from medfm.errors import WeightsError
+from medfm.weights import download
+from tests.conftest import LoopbackServer
+
+
+def _payload(http_root, name="weights.bin", size=3_000_001):
+    data = bytes((i * 7) % 251 for i in range(size))
+    (http_root / name).write_bytes(data)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def test_download_verifies_hash_and_leaves_no_part_file(server, http_root, tmp_path):
+    data, digest = _payload(http_root)
+    target = download(server.url("weights.bin"), tmp_path / "cache" / "w.bin", sha256=digest, size=len(data), progress=False)
+    assert target.read_bytes() == data
+    assert sorted(p.name for p in target.parent.iterdir()) == ["w.bin"]
+
+
+def test_hash_prefix_is_accepted(server, http_root, tmp_path):
+    data, digest = _payload(http_root)
+    assert download(server.url("weights.bin"), tmp_path / "w.bin", sha256=digest[:8], progress=False).is_file()
+
+
+def test_hash_mismatch_discards_the_download(server, http_root, tmp_path):
+    _payload(http_root)
+    with pytest.raises(WeightsError, match="sha256 mismatch: expected 0{64}, got [0-9a-f]{64}; the download was discarded"):
+        download(server.url("weights.bin"), tmp_path / "w.bin", sha256="0" * 64, progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "served"]
+
+
+def test_size_mismatch_is_reported(server, http_root, tmp_path):
+    data, digest = _payload(http_root)
+    with pytest.raises(WeightsError, match="size mismatch"):
+        download(server.url("weights.bin"), tmp_path / "w.bin", sha256=digest, size=len(data) + 1, progress=False)
+    assert not (tmp_path / "w.bin").exists() and not (tmp_path / "w.bin.part").exists()
+
+
+def test_interrupted_download_resumes_with_a_range_request(server, http_root, tmp_path):
+    data, digest = _payload(http_root)
+    (tmp_path / "w.bin.part").write_bytes(data[:1_000_000])
+    target = download(server.url("weights.bin"), tmp_path / "w.bin", sha256=digest, progress=False)
+    assert target.read_bytes() == data
+    assert server.requests[-1] == ("/weights.bin", "bytes=1000000-")
+
+
+def test_server_without_ranges_restarts_from_zero(http_root, tmp_path):
+    data, digest = _payload(http_root)
+    (tmp_path / "w.bin.part").write_bytes(b"x" * 500)
+    with LoopbackServer(http_root, ranges=False) as plain:
+        target = download(plain.url("weights.bin"), tmp_path / "w.bin", sha256=digest, progress=False)
+    assert target.read_bytes() == data
+
+
+def test_http_error_and_unreachable_host(server, tmp_path):
+    with pytest.raises(WeightsError, match="HTTP 404"):
+        download(server.url("absent.bin"), tmp_path / "w.bin", progress=False)
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(WeightsError, match="cannot download http://127.0.0.1:.*no network"):
+        download(f"http://127.0.0.1:{port}/w.bin", tmp_path / "w.bin", progress=False)
+    assert not (tmp_path / "w.bin").exists()

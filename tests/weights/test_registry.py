@@ -1,0 +1,37 @@
+import importlib
+
+import yaml
+
+from medfm.weights import REGISTRY, default_for_bundle, get, sha256_of
+from tests.conftest import BUNDLES
+
+
+def test_every_entry_points_at_a_bundle_and_an_importer():
+    for entry in REGISTRY.values():
+        assert (BUNDLES / entry.bundle / "configs" / "metadata.json").is_file(), entry.name
+        module = importlib.import_module(entry.network_module)
+        assert callable(module.checkpoint_filter_fn), entry.name
+        assert entry.license and entry.trained_on and entry.preprocessing and entry.source
+
+
+def test_official_genesis_facts_as_published():
+    entry = get("genesis_chest_ct")
+    assert entry.sha256 == "62de21a05236d6a8d8d5b03ec740f6ac6b818d15d3e86eed4f38a2a17d63cc08"
+    assert entry.size == 152_639_120 and not entry.commercial_use and not entry.redistributable
+    assert default_for_bundle("models_genesis_chest_ct") is entry
+
+
+def test_large_files_yml_lists_the_downloadable_registry_entries():
+    for bundle in {e.bundle for e in REGISTRY.values()}:
+        listed = yaml.safe_load((BUNDLES / bundle / "large_files.yml").read_text())["large_files"]
+        expected = [e for e in REGISTRY.values() if e.bundle == bundle and e.url]
+        assert [(f["url"], f["hash_val"], f["hash_type"]) for f in listed] == [(e.url, e.sha256, "sha256") for e in expected]
+        assert [f["path"] for f in listed] == [f"models/{e.file_name}" for e in expected]
+
+
+def test_committed_weights_are_the_registered_project_weights():
+    for entry in REGISTRY.values():
+        if entry.url is None:  # shipped with the bundle
+            path = BUNDLES / entry.bundle / "models" / entry.file_name
+            assert sha256_of(path) == entry.sha256, f"{path} changed: update the registry entry {entry.name!r}"
+            assert path.stat().st_size == entry.size
