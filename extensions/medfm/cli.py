@@ -5,6 +5,8 @@ Errors a user can fix are printed as one line on stderr with exit status 1, with
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -18,13 +20,14 @@ from .errors import MedfmError
 __all__ = ["main", "infer", "demo"]
 
 
-def infer(bundle: str, input: str, out: str = "medfm_output", **overrides) -> list[str]:
+def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> list[str]:
     """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file or DICOM series folder).
 
     Args:
         bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
         input: the scan to process.
         out: output folder; results appear there only when the whole run succeeded.
+        verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
         overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
 
     Returns the paths written.
@@ -39,24 +42,26 @@ def infer(bundle: str, input: str, out: str = "medfm_output", **overrides) -> li
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        workflow = ConfigWorkflow(
-            config_file=str(bundle_dir / "configs" / "inference.json"),
-            meta_file=str(bundle_dir / "configs" / "metadata.json"),
-            logging_file=str(bundle_dir / "configs" / "logging.conf"),
-            workflow_type="inference",
-            bundle_root=str(bundle_dir),
-            input_image=str(source.resolve()),
-            output_dir=str(staging),
-            **overrides,
-        )
-        try:
-            workflow.initialize()
-            workflow.run()
-            workflow.finalize()
-        except MedfmError:
-            raise
-        except Exception as error:
-            raise MedfmError(f"{source}: {bundle_dir.name} inference failed: {describe(error)}") from error
+        with _output_captured(verbose) as log:
+            try:
+                workflow = ConfigWorkflow(
+                    config_file=str(bundle_dir / "configs" / "inference.json"),
+                    meta_file=str(bundle_dir / "configs" / "metadata.json"),
+                    logging_file=str(bundle_dir / "configs" / "logging.conf"),
+                    workflow_type="inference",
+                    bundle_root=str(bundle_dir),
+                    input_image=str(source.resolve()),
+                    output_dir=str(staging),
+                    **overrides,
+                )
+                workflow.initialize()
+                workflow.run()
+                workflow.finalize()
+            except Exception as error:
+                log.keep = True
+                message = str(error) if isinstance(error, MedfmError) else (
+                    f"{source}: {bundle_dir.name} inference failed: {describe(error)}")
+                raise MedfmError(f"{message} (full log: {log.path})") from error
         written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
         if not written:
             raise MedfmError(f"{source}: the {bundle_dir.name} inference wrote no output")
@@ -69,6 +74,43 @@ def infer(bundle: str, input: str, out: str = "medfm_output", **overrides) -> li
         return results
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _CapturedLog:
+    """Where a captured workflow log lives, and whether to keep it for the user."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keep = False
+
+
+@contextlib.contextmanager
+def _output_captured(verbose: bool):
+    """Send everything written to stdout and stderr (Python, logging, C libraries) to a log file.
+
+    MONAI and ignite log progress and full tracebacks; the CLI shows them only with ``verbose``.
+    On failure (``keep``) the file stays and the CLI prints one line naming it.
+    """
+    handle, name = tempfile.mkstemp(prefix="medfm-", suffix=".log")
+    log = _CapturedLog(Path(name))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    for fd in saved:
+        os.dup2(handle, fd)
+    try:
+        yield log
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, original in saved.items():
+            os.dup2(original, fd)
+            os.close(original)
+        os.close(handle)
+        if not log.keep:
+            if verbose:
+                sys.stdout.write(log.path.read_text(errors="replace"))
+            log.path.unlink(missing_ok=True)
 
 
 def demo(out: str = "demo_output", bundle: str = "models_genesis_chest_ct") -> None:

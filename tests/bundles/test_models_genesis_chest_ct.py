@@ -1,0 +1,131 @@
+"""Every workflow of the Models Genesis bundle, driven through ``python -m monai.bundle``."""
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medfm
+from medfm.weights import import_weights, load_checkpoint
+from tests.conftest import GENESIS, SCHEMA, bundle_run, run_command
+
+pytestmark = pytest.mark.slow
+
+
+def test_metadata_is_valid_against_the_schema():
+    if not SCHEMA.is_file():
+        pytest.skip(f"schema copy not found at {SCHEMA}; verify_metadata would download it")
+    result = run_command([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                          "configs/metadata.json", "--filepath", str(SCHEMA)], cwd=GENESIS)
+    assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_network_input_and_output_match_the_metadata():
+    result = run_command([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
+                          "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"], cwd=GENESIS)
+    assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr
+
+
+def _inference(bundle, source, output_dir):
+    bundle_run(bundle, ["configs/inference.json"], "--input_image", str(source), "--output_dir", str(output_dir))
+    stem = medfm.io.input_stem(source)
+    return nib.load(output_dir / f"{stem}_restored.nii.gz"), np.load(output_dir / f"{stem}_embedding.npy")
+
+
+def test_inference_on_nifti_and_dicom_keeps_geometry_and_agrees(small_ct, tmp_path):
+    dicom_dir = tmp_path / "dicom" / "ct_small"
+    medfm.samples.write_dicom_series(str(small_ct), dicom_dir, modality="CT")
+    restored_nifti, embedding_nifti = _inference(GENESIS, small_ct, tmp_path / "out_nifti")
+    restored_dicom, embedding_dicom = _inference(GENESIS, dicom_dir, tmp_path / "out_dicom")
+    source = nib.load(small_ct)
+    for restored in (restored_nifti, restored_dicom):
+        assert restored.shape == source.shape
+        np.testing.assert_allclose(restored.affine, source.affine, atol=1e-4)
+        values = np.asarray(restored.dataobj)
+        assert values.min() >= -1000 and values.max() <= 1000 and values.std() > 0  # written back in HU
+    np.testing.assert_array_equal(np.asarray(restored_nifti.dataobj), np.asarray(restored_dicom.dataobj))
+    assert embedding_nifti.shape == (512,) and embedding_nifti.dtype == np.float32
+    assert np.isfinite(embedding_nifti).all()
+    np.testing.assert_allclose(embedding_nifti, embedding_dicom, rtol=1e-5, atol=1e-6)
+
+
+def test_restoration_reduces_error_on_a_corrupted_cube():
+    """The shipped weights restore corrupted cubes better than leaving them corrupted."""
+    from medfm.demo import CORRUPTIONS
+    from medfm.weights.importer import bundle_network
+
+    network = bundle_network(GENESIS)
+    network.load_state_dict(load_checkpoint(GENESIS / "models" / "model.pt"))
+    network.eval()
+    image = nib.load(medfm.samples.path("ct_head"))
+    volume = np.clip((np.asarray(image.dataobj, dtype=np.float32) + 1000) / 2000, 0, 1)
+    cube = torch.from_numpy(volume[3:67, 10:74, 20:52])[None]
+    corruption = CORRUPTIONS["local pixel shuffle"]
+    corruption.set_random_state(0)
+    corrupted = corruption(cube.clone())
+    with torch.no_grad():
+        restored = network(corrupted[None])[0]
+    assert float(((restored - cube) ** 2).mean()) < float(((corrupted - cube) ** 2).mean())
+
+
+def _fine_tune(bundle, dataset, output_dir, *extra):
+    return bundle_run(bundle, ["configs/train.json"], "--dataset_dir", str(dataset), "--output_dir", str(output_dir),
+                      "--patch_size", "[32,32,16]", "--patches_per_volume", "2", "--max_epochs", "2",
+                      "--val_interval", "1", "--num_workers", "0", "--val_fraction", "0.25", *extra)
+
+
+def test_fine_tuning_from_pretrained_then_evaluation(tiny_segmentation_dataset, tmp_path):
+    result = _fine_tune(GENESIS, tiny_segmentation_dataset, tmp_path / "ft")
+    log = result.stdout + result.stderr
+    assert "Restored all variables from" in log and "model.pt" in log, "pretrained weights were loaded"
+    assert "val_mean_dice" in log
+    checkpoint = load_checkpoint(tmp_path / "ft" / "models" / "model.pt")
+    assert checkpoint["out_tr.final_conv.weight"].shape == (2, 64, 1, 1, 1)
+    pretrained = load_checkpoint(GENESIS / "models" / "model.pt")
+    assert not torch.equal(checkpoint["down_tr64.ops.0.conv1.weight"].float(), pretrained["down_tr64.ops.0.conv1.weight"].float())
+    assert list((tmp_path / "ft" / "logs").glob("events.out.tfevents.*")), "TensorBoard logs"
+
+    bundle_run(GENESIS, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir", str(tiny_segmentation_dataset),
+               "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,16]", "--val_fraction", "0.25")
+    evaluation = tmp_path / "ft" / "eval"
+    assert (evaluation / "metrics.csv").read_text().startswith("val_mean_dice,")
+    segmentation = nib.load(next(evaluation.glob("*_seg.nii.gz")))
+    source = nib.load(tiny_segmentation_dataset / "ct_3.nii.gz")
+    assert segmentation.shape == source.shape
+    np.testing.assert_allclose(segmentation.affine, source.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1}
+
+
+def test_scratch_baseline_switch_skips_the_pretrained_weights(tiny_segmentation_dataset, tmp_path):
+    result = _fine_tune(GENESIS, tiny_segmentation_dataset, tmp_path / "scratch", "--pretrained", "False", "--max_epochs", "1")
+    assert "Restored all variables" not in result.stdout + result.stderr
+    assert (tmp_path / "scratch" / "models" / "model.pt").is_file()
+
+
+def test_pretraining_runs_and_its_checkpoint_imports(genesis_bundle, tmp_path):
+    data = tmp_path / "unlabeled"
+    data.mkdir()
+    from tests.conftest import crop_nifti
+
+    crop_nifti(medfm.samples.path("ct_head"), data / "ct_a.nii.gz", (48, 48, 40))
+    crop_nifti(medfm.samples.path("ct_head"), data / "ct_b.nii.gz", (40, 56, 32), (20, 10, 20))
+    result = bundle_run(genesis_bundle, ["configs/pretrain.json"], "--data_dir", str(data), "--output_dir",
+                        str(tmp_path / "pt"), "--patch_size", "[32,32,16]", "--crops_per_volume", "2",
+                        "--max_epochs", "2", "--num_workers", "0")
+    assert (result.stdout + result.stderr).count("train_loss:") == 2 * 2  # 2 epochs x 2 volumes (1 per batch)
+    final = tmp_path / "pt" / "models" / "model.pt"
+    report = import_weights(genesis_bundle, final, dtype="float16")
+    assert report.missing_keys == [] and load_checkpoint(genesis_bundle / "models" / "model.pt")["out_tr.final_conv.weight"].dtype == torch.float16
+
+
+def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_dataset, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = bundle_run(GENESIS, ["configs/train.json", "configs/multi_gpu_train.json"], "--dataset_dir",
+                        str(tiny_segmentation_dataset), "--output_dir", str(tmp_path / "ddp"), "--patch_size", "[32,32,16]",
+                        "--patches_per_volume", "2", "--max_epochs", "1", "--val_interval", "1", "--num_workers", "0",
+                        "--val_fraction", "0.5", launcher=torchrun)
+    log = result.stdout + result.stderr
+    assert log.count("Restored all variables from") == 2, "each rank loads the pretrained weights"
+    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()

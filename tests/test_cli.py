@@ -1,0 +1,83 @@
+"""The ``medfm`` command line as a user runs it."""
+
+import shutil
+import sys
+
+import pytest
+
+from medfm import cli
+from tests.conftest import GENESIS, run_command, save_upstream_checkpoint
+
+MEDFM = [sys.executable, "-m", "medfm.cli"]
+
+
+def _single_error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "nvImageCodec" not in line]
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("medfm: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_infer_by_name_writes_outputs_and_nothing_else(small_ct, tmp_path):
+    out = tmp_path / "results"
+    result = run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(small_ct), "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["ct_small_embedding.npy", "ct_small_restored.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"], "no staging folder left behind"
+    assert str(out / "ct_small_restored.nii.gz") in result.stdout
+
+
+def test_missing_input_is_one_line_and_creates_nothing(tmp_path):
+    line = _single_error_line(run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(tmp_path / "nope.nii.gz"),
+                                                   "--out", str(tmp_path / "out")]))
+    assert "nope.nii.gz: no such file or folder" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_input_is_one_line_and_leaves_no_partial_output(tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"this is not an image")
+    line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(broken), "--out", str(tmp_path / "out")]))
+    assert "broken.nii.gz: models_genesis_chest_ct inference failed:" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.nii.gz"]
+
+
+def test_unknown_bundle_lists_the_known_ones(tmp_path):
+    line = _single_error_line(run_command(MEDFM + ["infer", "no_such_bundle", str(tmp_path), "--out", str(tmp_path / "o")]))
+    assert "unknown bundle 'no_such_bundle'" in line and "models_genesis_chest_ct" in line
+
+
+def test_bundle_found_in_the_cache_directory(tmp_path, monkeypatch):
+    from medfm.bundles import find_bundle
+
+    cached = tmp_path / "home" / "bundles" / "cached_copy"
+    shutil.copytree(GENESIS / "configs", cached / "configs")
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path / "home"))
+    assert find_bundle("cached_copy") == cached.resolve()
+
+
+def test_weights_import_and_verify_from_the_command_line(genesis_bundle, tmp_path):
+    source = tmp_path / "upstream.pt"
+    save_upstream_checkpoint(source)
+    result = run_command(MEDFM + ["weights", "import", str(genesis_bundle), str(source)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "missing keys: 0, unexpected keys: 0" in result.stdout
+    result = run_command(MEDFM + ["weights", "verify", str(genesis_bundle)])
+    assert result.returncode == 0 and "loads strictly" in result.stdout
+
+
+def test_weights_errors_are_one_line(genesis_bundle, tmp_path):
+    line = _single_error_line(run_command(MEDFM + ["weights", "import", str(genesis_bundle), str(tmp_path / "absent.pt")]))
+    assert "absent.pt: no such file" in line
+    line = _single_error_line(run_command(MEDFM + ["weights", "fetch", str(genesis_bundle), "--url",
+                                                   "http://127.0.0.1:9/Genesis_Chest_CT.pt", "--progress", "false"]))
+    assert "cannot download http://127.0.0.1:9/Genesis_Chest_CT.pt" in line
+    (genesis_bundle / "models" / "model.pt").unlink()
+    line = _single_error_line(run_command(MEDFM + ["weights", "verify", str(genesis_bundle)]))
+    assert "model.pt: missing; run 'medfm weights fetch" in line
+
+
+def test_main_returns_status_instead_of_raising(capsys, tmp_path):
+    assert cli.main(["infer", "no_such_bundle", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("medfm: error: unknown bundle")

@@ -1,0 +1,34 @@
+import pytest
+import torch
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+from medfm.networks import GenesisUNet3D
+from medfm.workflows import MethodInferer
+
+
+def test_sliding_windows_stitch_every_named_output_at_its_scale():
+    net = GenesisUNet3D(norm="batch").eval()
+    inferer = MethodInferer(SlidingWindowInferer(roi_size=(32, 32, 16), sw_batch_size=2, overlap=0.25), "forward_with_bottleneck")
+    x = torch.rand(1, 1, 48, 40, 24)
+    with torch.no_grad():
+        out = inferer(x, net)
+    assert list(out) == ["restored", "bottleneck"]
+    assert out["restored"].shape == (1, 1, 48, 40, 24)
+    assert out["bottleneck"].shape == (1, 512, 6, 5, 3)
+
+
+def test_single_window_equals_a_direct_call_and_ddp_wrapper_is_unwrapped():
+    net = GenesisUNet3D(norm="batch").eval()
+    x = torch.rand(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        direct = net.forward_with_bottleneck(x)
+        windowed = MethodInferer(SlidingWindowInferer(roi_size=(32, 32, 16)), "forward_with_bottleneck")(x, net)
+        wrapped = MethodInferer(SimpleInferer(), "forward_with_bottleneck")(x, torch.nn.DataParallel(net))
+    for key in direct:
+        torch.testing.assert_close(windowed[key], direct[key])
+        torch.testing.assert_close(wrapped[key], direct[key])
+
+
+def test_unknown_method_is_reported():
+    with pytest.raises(AttributeError, match="GenesisUNet3D has no method 'embed'"):
+        MethodInferer(SimpleInferer(), "embed")(torch.rand(1, 1, 8, 8, 8), GenesisUNet3D())
