@@ -101,12 +101,14 @@ class RandLocalPixelShuffle(_GenesisArrayTransform):
         box_shapes = np.ravel_multi_index(tuple((sizes - 1).T), tuple(max_size))
         table, table_start = _box_offset_table(tuple(int(m) for m in max_size), tuple(int(s) for s in strides))
         volumes = sizes.prod(axis=1)
-        box_of_entry = np.repeat(np.arange(self.num_blocks, dtype=np.int64), volumes)
-        rank = np.arange(box_of_entry.size, dtype=np.int64) - (np.cumsum(volumes) - volumes)[box_of_entry]
-        targets = (starts @ strides)[box_of_entry] + table[table_start[box_shapes][box_of_entry] + rank]
-        # sorting by (box, random 40-bit key) gives an independent uniform permutation inside each
-        # box (a tie, which would keep two voxels in order, has odds of about 1e-9 per box)
-        keys = (box_of_entry << 40) | self.R.randint(0, 1 << 40, size=box_of_entry.size, dtype=np.int64)
+        total = int(volumes.sum())
+        # np.repeat expands per-block values to per-voxel ones sequentially (cheaper than gathers)
+        offset_index = np.repeat(table_start[box_shapes] - (np.cumsum(volumes) - volumes), volumes) + np.arange(total)
+        targets = np.repeat(starts @ strides, volumes) + table[offset_index]
+        # sorting by (block, random 32-bit key) gives an independent uniform permutation inside each
+        # block (a tie, which keeps two voxels in order, has odds of at most 1.4e-6 per block)
+        random_keys = np.frombuffer(self.R.bytes(4 * total), dtype=np.uint32).astype(np.int64)
+        keys = (np.repeat(np.arange(self.num_blocks, dtype=np.int64), volumes) << 32) | random_keys
         self.block_starts, self.block_sizes = starts, sizes
         self._targets = targets
         self._sources = targets[np.argsort(keys, kind="stable")]
