@@ -51,8 +51,12 @@ def test_inference_on_nifti_and_dicom_keeps_geometry_and_agrees(small_ct, tmp_pa
     np.testing.assert_allclose(embedding_nifti, embedding_dicom, rtol=1e-5, atol=1e-6)
 
 
-def test_restoration_reduces_error_on_a_corrupted_cube():
-    """The shipped weights restore corrupted cubes better than leaving them corrupted."""
+@pytest.mark.parametrize("corruption_name", ["non-linear intensity", "in-painting", "out-painting"])
+def test_shipped_weights_restore_corrupted_cubes(corruption_name):
+    """The bundled weights learned the pretext: restored cubes are far closer to the original.
+
+    (Local pixel shuffling is left out: it barely changes the low-contrast sample template.)
+    """
     from medfm.demo import CORRUPTIONS
     from medfm.weights.importer import bundle_network
 
@@ -62,12 +66,12 @@ def test_restoration_reduces_error_on_a_corrupted_cube():
     image = nib.load(medfm.samples.path("ct_head"))
     volume = np.clip((np.asarray(image.dataobj, dtype=np.float32) + 1000) / 2000, 0, 1)
     cube = torch.from_numpy(volume[3:67, 10:74, 20:52])[None]
-    corruption = CORRUPTIONS["local pixel shuffle"]
+    corruption = CORRUPTIONS[corruption_name]
     corruption.set_random_state(0)
     corrupted = corruption(cube.clone())
     with torch.no_grad():
         restored = network(corrupted[None])[0]
-    assert float(((restored - cube) ** 2).mean()) < float(((corrupted - cube) ** 2).mean())
+    assert float(((restored - cube) ** 2).mean()) < float(((corrupted - cube) ** 2).mean()) / 5
 
 
 def _fine_tune(bundle, dataset, output_dir, *extra):

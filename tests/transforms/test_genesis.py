@@ -148,6 +148,9 @@ def test_out_paint_keeps_only_its_windows(cube):
         assert not np.allclose(out[0][~mask], cube[0][~mask])
         assert 1 <= len(paint.windows) <= 5
         assert 0 <= out.min() and out.max() <= 1
+        for axis_windows, dim in zip(zip(*paint.windows), SHAPE[1:]):
+            for start, size in axis_windows:
+                assert dim - 4 * dim // 7 <= size <= dim - 3 * dim // 7 and 3 <= start and start + size <= dim - 3
 
 
 def test_dictionary_versions_apply_one_draw_to_all_keys_and_match_array_versions(cube):
