@@ -81,3 +81,22 @@ def test_weights_errors_are_one_line(genesis_bundle, tmp_path):
 def test_main_returns_status_instead_of_raising(capsys, tmp_path):
     assert cli.main(["infer", "no_such_bundle", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("medfm: error: unknown bundle")
+
+
+def test_non_strict_import_lists_what_did_not_match(genesis_bundle, tmp_path):
+    import torch
+
+    from medfm.weights import load_checkpoint
+
+    partial = tmp_path / "encoder_only.pt"
+    state = load_checkpoint(genesis_bundle / "models" / "model.pt")
+    torch.save({k: v for k, v in state.items() if k.startswith("down_tr")}, partial)
+    strict = run_command(MEDFM + ["weights", "import", str(genesis_bundle), str(partial)])
+    assert "keys do not match the bundle network" in _single_error_line(strict)
+    result = run_command(MEDFM + ["weights", "import", str(genesis_bundle), str(partial), "--strict", "False"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert "missing keys: 44, unexpected keys: 0" in lines
+    missing = next(line for line in lines if line.startswith("missing: "))
+    assert "up_tr256.up_conv.weight" in missing and "down_tr64" not in missing
+    assert not any(line.startswith("unexpected: ") for line in lines)

@@ -130,10 +130,18 @@ def _weights_commands() -> dict:
             print(line)
 
     def import_(bundle: str, file: str, weights: str | None = None, in_channels: int | None = None,
-                dtype: str = "float32") -> None:
-        """Import a checkpoint (upstream layout or plain state dict) into BUNDLE/models/model.pt."""
-        for line in import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype).lines():
+                dtype: str = "float32", strict: bool = True) -> None:
+        """Import a checkpoint (upstream layout or plain state dict) into BUNDLE/models/model.pt.
+
+        ``--strict False`` imports a partial match (missing keys keep their fresh values) and
+        lists what did not match.
+        """
+        report = import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype, strict=strict)
+        for line in report.lines():
             print(line)
+        for kind, keys in (("missing", report.missing_keys), ("unexpected", report.unexpected_keys)):
+            if keys:
+                print(f"{kind}: {', '.join(keys)}")
 
     def verify(bundle: str) -> None:
         """Check that BUNDLE/models/model.pt loads strictly and say which weights it holds."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medfm.io import SaveEmbeddingd, input_stem
+from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem
 from medfm.transforms import GlobalAveragePool, GlobalAveragePoold
 
 
@@ -29,3 +29,8 @@ def test_errors():
         GlobalAveragePool()(torch.zeros(3))
     with pytest.raises(ValueError, match="carries no filename_or_obj"):
         SaveEmbeddingd("f", "/tmp")({"f": torch.zeros(2), "image": torch.zeros(1)})
+
+
+def test_array_saver_returns_the_path(tmp_path):
+    path = SaveEmbedding(tmp_path, postfix="vec")(np.arange(3), "/scans/series_12/")
+    assert path == tmp_path / "series_12_vec.npy" and np.load(path).dtype == np.float32

@@ -1,5 +1,5 @@
 """Reading scans and writing results that line up with them."""
 
-from .embeddings import SaveEmbeddingd, input_stem
+from .embeddings import SaveEmbedding, SaveEmbeddingd, input_stem
 
-__all__ = ["SaveEmbeddingd", "input_stem"]
+__all__ = ["SaveEmbedding", "SaveEmbeddingd", "input_stem"]
