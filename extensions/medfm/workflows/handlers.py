@@ -1,0 +1,67 @@
+"""Ignite handlers that the bundle configs attach to MONAI engines."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+from ignite.engine import Engine, Events
+
+from ..errors import WeightsError
+from ..weights.checkpoint import load_checkpoint
+
+__all__ = ["PretrainedWeightsLoader"]
+
+
+class PretrainedWeightsLoader:
+    """Load pretrained weights into a network when training starts, keeping new layers fresh.
+
+    Tensors whose name and shape match the network are loaded; the rest (typically a new output
+    head with another class count) keep their initial values. What was loaded and skipped is
+    logged, and a checkpoint that matches nothing (or less than ``min_fraction`` of the network)
+    is an error: fine-tuning must not silently start from scratch.
+
+    (MONAI's ``CheckpointLoader(strict_shape=False)`` loads nothing from a plain state dict while
+    logging "Restored all variables" in monai 1.6.1, hence this handler.)
+
+    Args:
+        load_path: a plain state dict, or ``{"model": ...}`` / ``{"state_dict": ...}``; read with
+            ``weights_only``.
+        network: the module to load into (for DDP, pass the wrapped module).
+        min_fraction: smallest fraction of the network's tensors that must be loaded.
+    """
+
+    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module, min_fraction: float = 0.5) -> None:
+        self.load_path = load_path
+        self.network = network
+        self.min_fraction = min_fraction
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> dict[str, list[str]]:
+        checkpoint = load_checkpoint(self.load_path)
+        for wrapper in ("model", "state_dict"):
+            if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
+                checkpoint = checkpoint[wrapper]
+        own = self.network.state_dict()
+        loaded = {k: v for k, v in checkpoint.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+        report = {
+            "loaded": list(loaded),
+            "shape_differs": [k for k in checkpoint if k in own and k not in loaded],
+            "missing": [k for k in own if k not in checkpoint],
+            "unexpected": [k for k in checkpoint if k not in own],
+        }
+        if len(loaded) < max(1, self.min_fraction * len(own)):
+            raise WeightsError(f"{self.load_path}: only {len(loaded)} of {len(own)} network tensors match "
+                               f"(first unexpected: {report['unexpected'][:3]}); is this the right checkpoint?")
+        self.network.load_state_dict(loaded, strict=False)
+        self.logger.info(
+            f"pretrained weights {self.load_path}: loaded {len(loaded)} of {len(own)} tensors; "
+            f"kept fresh (shape differs): {report['shape_differs'] or 'none'}; "
+            f"missing: {report['missing'] or 'none'}; unexpected: {report['unexpected'] or 'none'}"
+        )
+        return report
