@@ -28,6 +28,21 @@ def test_network_input_and_output_match_the_metadata():
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr
 
 
+def test_checkpoint_exports_to_torchscript(tmp_path):
+    exported = tmp_path / "model.ts"
+    result = run_command([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+                          "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
+                          "--config_file", "configs/inference.json"], cwd=GENESIS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from medfm.weights.importer import bundle_network
+
+    eager = bundle_network(GENESIS)
+    eager.load_state_dict(load_checkpoint(GENESIS / "models" / "model.pt"))
+    x = torch.rand(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(exported))(x), eager.eval()(x))
+
+
 def _inference(bundle, source, output_dir):
     bundle_run(bundle, ["configs/inference.json"], "--input_image", str(source), "--output_dir", str(output_dir))
     stem = medfm.io.input_stem(source)

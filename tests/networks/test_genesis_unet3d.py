@@ -122,3 +122,14 @@ def test_input_channel_adaptation_preserves_response_to_repeated_image():
     with torch.no_grad():
         torch.testing.assert_close(three(x.repeat(1, 3, 1, 1, 1)), one(x), atol=1e-5, rtol=1e-4)
     assert adapt_input_channels(one.state_dict(), 1) is not None
+
+
+@pytest.mark.parametrize("norm", ["cont_batch", "batch"])
+def test_torchscript_matches_eager_and_keeps_the_size_check(norm):
+    net = GenesisUNet3D(norm=norm).eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+    with pytest.raises(Exception, match="divisible by 8"):
+        scripted(torch.rand(1, 1, 12, 16, 8))

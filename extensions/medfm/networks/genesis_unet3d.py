@@ -16,8 +16,6 @@ __all__ = ["ContBatchNorm3d", "GenesisUNet3D", "checkpoint_filter_fn", "adapt_in
 
 #: Channel width of the first encoder convolution; every other width is a power-of-two multiple.
 BASE_WIDTH = 32
-#: Three 2x max-pools between the four encoder levels: spatial sizes must be multiples of this.
-SIZE_DIVISOR = 8
 NORMS = ("cont_batch", "batch")
 FIRST_CONV = "down_tr64.ops.0.conv1.weight"
 
@@ -154,13 +152,13 @@ class GenesisUNet3D(nn.Module):
     def check_input_size(x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(N, C, H, W, D)`` with H, W, D multiples of 8."""
         if x.dim() != 5:
-            raise ValueError(f"GenesisUNet3D expects a 5D (N, C, H, W, D) tensor, got shape {tuple(x.shape)}")
-        bad = [s for s in x.shape[2:] if s % SIZE_DIVISOR]
-        if bad:
-            raise ValueError(
-                f"GenesisUNet3D needs spatial sizes divisible by {SIZE_DIVISOR} (three 2x poolings), "
-                f"got {tuple(x.shape[2:])}; pad or crop first (e.g. monai.transforms.DivisiblePad(k=8))"
-            )
+            raise ValueError("GenesisUNet3D expects a 5D (N, C, H, W, D) tensor, got shape " + str(x.shape))
+        for size in x.shape[2:]:
+            if size % 8 != 0:  # three 2x max-pools (a literal: TorchScript cannot read module globals)
+                raise ValueError(
+                    "GenesisUNet3D needs spatial sizes divisible by 8 (three 2x poolings), got "
+                    + str(x.shape[2:]) + "; pad or crop first (e.g. monai.transforms.DivisiblePad(k=8))"
+                )
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Run the encoder only.
@@ -189,7 +187,8 @@ class GenesisUNet3D(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x))
+        skips, bottleneck = self.encode(x)
+        return self.decode(skips, bottleneck)
 
     def forward_with_bottleneck(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"restored": output, "bottleneck": 512-channel 1/8-resolution features}`` in one pass."""
