@@ -84,9 +84,12 @@ def pretext_montage(bundle_dir: Path, image_path: str, target: Path, seed: int =
 
     low, high = np.percentile(cube.numpy(), [1, 99])
     scale, label_height = 3, 14
-    tile = lambda t: Image.fromarray(  # noqa: E731 - middle slice, shared display window, enlarged
-        (np.clip((t[0, :, :, t.shape[-1] // 2].numpy().T - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
-    ).resize((patch[0] * scale, patch[1] * scale), Image.NEAREST)
+
+    def tile(volume: torch.Tensor) -> Image.Image:
+        """Middle slice in the input's display window, enlarged without smoothing."""
+        middle = volume[0, :, :, volume.shape[-1] // 2].numpy().T
+        grey = np.clip((middle - low) / max(high - low, 1e-6), 0, 1) * 255
+        return Image.fromarray(grey.astype(np.uint8)).resize((patch[0] * scale, patch[1] * scale), Image.NEAREST)
     width, height = patch[0] * scale, patch[1] * scale + label_height
     sheet = Image.new("L", (3 * width, label_height + len(rows) * height), color=0)
     draw = ImageDraw.Draw(sheet)
