@@ -75,12 +75,13 @@ def _box_offset_table(max_size: tuple[int, ...], strides: tuple[int, ...]) -> tu
 
 
 class RandLocalPixelShuffle(_GenesisArrayTransform):
-    """Permute the voxels inside many small random boxes (upstream: 10,000 boxes, p=0.5).
+    """Permute the voxels inside many small random blocks (upstream: 10,000 blocks, p=0.5).
 
-    Box edge lengths are drawn per axis from ``[1, dim // 10]`` and box origins from
-    ``[0, dim - size]`` (both inclusive, as upstream). Each box is read from the *unshuffled* input; where boxes
-    overlap the later box wins. All boxes are drawn, permuted and written in a few vectorised
-    numpy calls (no Python loop over boxes); every channel gets the same permutation.
+    Block edge lengths are drawn per axis from ``[1, dim // 10]`` and block origins from
+    ``[0, dim - size]`` (both inclusive, as upstream). Each block is read from the *unshuffled*
+    input; where blocks overlap the later block wins. All blocks are drawn, permuted and written
+    in a few vectorised numpy calls (no Python loop over blocks); every channel gets the same
+    permutation. ``block_starts`` and ``block_sizes`` hold the last draw.
     """
 
     def __init__(self, prob: float = 0.5, num_blocks: int = 10_000, max_block_fraction: float = 0.1) -> None:
@@ -116,7 +117,7 @@ class RandLocalPixelShuffle(_GenesisArrayTransform):
     def _apply(self, img: np.ndarray) -> np.ndarray:
         flat = img.reshape(img.shape[0], -1)
         out = flat.copy()
-        # numpy assigns repeated indices in order, so the last box written wins as upstream
+        # numpy assigns repeated indices in order, so the last block written wins as upstream
         out[:, self._targets] = flat[:, self._sources]
         return out.reshape(img.shape)
 
