@@ -39,7 +39,7 @@ def test_unreadable_input_is_one_line_and_leaves_no_partial_output(tmp_path):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"this is not an image")
     line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(broken), "--out", str(tmp_path / "out")]))
-    assert "broken.nii.gz: models_genesis_chest_ct inference failed:" in line
+    assert "broken.nii.gz: cannot be read as an image" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.nii.gz"]
 
 
@@ -100,3 +100,15 @@ def test_non_strict_import_lists_what_did_not_match(genesis_bundle, tmp_path):
     missing = next(line for line in lines if line.startswith("missing: "))
     assert "up_tr256.up_conv.weight" in missing and "down_tr64" not in missing
     assert not any(line.startswith("unexpected: ") for line in lines)
+
+
+def test_folder_with_several_series_lists_them_in_one_line(tmp_path):
+    import medfm
+
+    study = tmp_path / "study"
+    medfm.samples.write_dicom_series("ct_head", study / "a")
+    medfm.samples.write_dicom_series("mr_head_t1", study / "b")
+    line = _single_error_line(run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(study), "--out", str(tmp_path / "o")]))
+    assert f"{study}: 2 DICOM series, choose one with series_uid: " in line and "(CT, " in line and "(MR, " in line
+    assert "inference failed" not in line, "the reader's own message, not a wrapper"
+    assert not (tmp_path / "o").exists()

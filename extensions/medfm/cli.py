@@ -59,7 +59,8 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
                 workflow.finalize()
             except Exception as error:
                 log.keep = True
-                message = str(error) if isinstance(error, MedfmError) else (
+                cause = innermost(error)
+                message = str(cause) if isinstance(cause, MedfmError) else (
                     f"{source}: {bundle_dir.name} inference failed: {describe(error)}")
                 raise MedfmError(f"{message} (full log: {log.path})") from error
         written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
@@ -167,10 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def describe(error: BaseException) -> str:
-    """One line for an unexpected exception: the innermost cause (MONAI wraps config errors)."""
+def innermost(error: BaseException) -> BaseException:
+    """The original exception under MONAI's and ignite's wrappers."""
     while error.__cause__ is not None:
         error = error.__cause__
+    return error
+
+
+def describe(error: BaseException) -> str:
+    """One line for an unexpected exception: the innermost cause (MONAI wraps config errors)."""
+    error = innermost(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else 'no details'}"
 

@@ -1,0 +1,183 @@
+"""LoadScan on real files, folders and archives, and the bad-input corpus with its messages."""
+
+import os
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from monai.transforms import LoadImage
+from pydicom.data import get_testdata_file
+
+import medfm
+from medfm.io import LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
+
+PYDICOM_CT_SERIES = os.path.join(os.path.dirname(get_testdata_file("CT_small.dcm")), "dicomdirtests", "98892001", "CT5N")
+
+
+@pytest.fixture
+def series(small_ct, tmp_path):
+    """A real CT crop (64x48x40) written as a 40-file DICOM series."""
+    folder = tmp_path / "series"
+    medfm.samples.write_dicom_series(str(small_ct), folder, modality="CT")
+    return folder
+
+
+def _edit(path, **changes):
+    dataset = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(path)
+
+
+def _positions(folder):
+    return sorted(folder.iterdir())
+
+
+def test_nifti_and_its_dicom_series_load_identically(small_ct, series):
+    from_nifti = LoadScan()(str(small_ct))
+    from_dicom = LoadScan()(str(series))
+    np.testing.assert_array_equal(from_nifti.numpy(), from_dicom.numpy())
+    np.testing.assert_allclose(from_nifti.affine.numpy(), from_dicom.affine.numpy(), atol=1e-4)
+    assert from_dicom.meta["filename_or_obj"] == str(series)
+    assert from_dicom.meta["SeriesInstanceUID"] == pydicom.dcmread(_positions(series)[0]).SeriesInstanceUID
+
+
+def test_real_ct_series_shipped_with_pydicom():
+    image = LoadScan()(PYDICOM_CT_SERIES)
+    reference = LoadImage(reader="ITKReader", image_only=True)(PYDICOM_CT_SERIES)
+    assert image.shape == (16, 16, 5)
+    np.testing.assert_array_equal(image.numpy(), reference.numpy())
+    assert abs(float(image.affine[2, 2]) - 2.5) < 1e-6
+
+
+def test_zip_of_a_series_loads_and_leaves_nothing_behind(series, small_ct, tmp_path):
+    archive = tmp_path / "scan.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in _positions(series):
+            bundle.write(path, f"export/{path.name}")
+    image = LoadScan()(str(archive))
+    np.testing.assert_array_equal(image.numpy(), LoadScan()(str(small_ct)).numpy())
+    assert image.meta["filename_or_obj"] == str(archive)
+
+
+@pytest.mark.parametrize("member", ["../escaped.dcm", "/tmp/absolute_escape.dcm", "a/../../escaped.dcm"])
+def test_archive_members_escaping_the_folder_are_refused(tmp_path, member):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr(member, b"payload")
+    target = tmp_path / "extract"
+    target.mkdir()
+    with pytest.raises(ScanError, match=r"evil\.zip: refused: archive member .* would be written outside"):
+        safe_extract_zip(archive, target)
+    assert not (tmp_path / "escaped.dcm").exists() and list(target.iterdir()) == []
+    with pytest.raises(ScanError, match="refused"):
+        LoadScan()(str(archive))
+
+
+def test_symlink_members_are_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        info = zipfile.ZipInfo("series/link.dcm")
+        info.external_attr = (0o120777 << 16)
+        bundle.writestr(info, "/etc/passwd")
+    with pytest.raises(ScanError, match="is a symbolic link"):
+        safe_extract_zip(archive, tmp_path / "out")
+
+
+def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
+    folder = tmp_path / "study"
+    medfm.samples.write_dicom_series("ct_head", folder / "ct")
+    medfm.samples.write_dicom_series("mr_head_t1", folder / "mr")
+    found = {s.modality: s for s in list_dicom_series(folder)}
+    assert {m: len(s.files) for m, s in found.items()} == {"CT": 75, "MR": 62}
+    with pytest.raises(ScanError) as info:
+        LoadScan()(str(folder))
+    message = str(info.value)
+    assert message.startswith(f"{folder}: 2 DICOM series, choose one with series_uid: ")
+    assert found["CT"].uid in message and "(MR, " in message and "62 files" in message and "\n" not in message
+    chosen = LoadScand("image", series_uid=found["MR"].uid)({"image": str(folder)})["image"]
+    assert chosen.shape == (128, 128, 62)
+    with pytest.raises(ScanError, match=r"no series 1\.2\.3; found: "):
+        LoadScan(series_uid="1.2.3")(str(folder))
+
+
+def test_folder_without_dicom_and_unreadable_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ScanError, match="no DICOM files found in the folder"):
+        LoadScan()(str(tmp_path))
+    broken = tmp_path / "scan.nii.gz"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ScanError, match=r"scan\.nii\.gz: cannot be read as an image"):
+        LoadScan()(str(broken))
+    with pytest.raises(ScanError, match="no such file or folder"):
+        LoadScan()(str(tmp_path / "absent.nii.gz"))
+
+
+def test_duplicated_slice_positions(series):
+    files = _positions(series)
+    duplicate = series / "slice_dup.dcm"
+    dataset = pydicom.dcmread(files[5])
+    dataset.SOPInstanceUID = pydicom.uid.generate_uid()
+    dataset.save_as(duplicate)
+    with pytest.raises(ScanError, match=r"series: 1 duplicated slice position\(s\)"):
+        LoadScan()(str(series))
+
+
+def test_missing_slices(series):
+    for path in _positions(series)[10:12]:
+        path.unlink()
+    with pytest.raises(ScanError, match=r"series: 2 missing slice\(s\): gaps of up to 6 mm where the spacing is 2 mm"):
+        LoadScan()(str(series))
+
+
+def test_non_uniform_spacing(series):
+    path = _positions(series)[7]
+    position = list(pydicom.dcmread(path).ImagePositionPatient)
+    _edit(path, ImagePositionPatient=[position[0], position[1], position[2] + 0.6])
+    with pytest.raises(ScanError, match=r"non-uniform slice spacing \(1\.4 to 2\.6 mm\)"):
+        LoadScan()(str(series))
+
+
+def test_gantry_tilt(series):
+    for index, path in enumerate(_positions(series)):
+        position = list(pydicom.dcmread(path).ImagePositionPatient)
+        _edit(path, ImagePositionPatient=[position[0], position[1] + 0.35 * index, position[2]])
+    with pytest.raises(ScanError, match=r"gantry tilt of about 9\.9 degrees"):
+        LoadScan()(str(series))
+
+
+def test_mixed_orientations(series):
+    _edit(_positions(series)[3], ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    with pytest.raises(ScanError, match="mixes 2 slice orientations"):
+        LoadScan()(str(series))
+
+
+def test_2d_4d_and_non_finite_inputs(tmp_path):
+    flat = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), np.int16), np.eye(4)), flat)
+    with pytest.raises(ScanError, match=r"slice\.nii\.gz: is a 2D image \(shape \(64, 64, 1\)\); this model needs a 3D volume"):
+        LoadScan()(str(flat))
+    series = tmp_path / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), series)
+    with pytest.raises(ScanError, match=r"fmri\.nii\.gz: has 4 dimensions \(shape \(8, 8, 8, 3\)\)"):
+        LoadScan()(str(series))
+    holes = np.ones((8, 8, 8), np.float32)
+    holes[0, 0, :3] = np.nan
+    holes[1, 1, 1] = np.inf
+    path = tmp_path / "holes.nii.gz"
+    nib.save(nib.Nifti1Image(holes, np.eye(4)), path)
+    with pytest.raises(ScanError, match=r"holes\.nii\.gz: contains 4 NaN or infinite voxel\(s\)"):
+        LoadScan()(str(path))
+
+
+def test_memory_is_estimated_before_loading(small_ct, series, monkeypatch):
+    with pytest.raises(ScanError, match=r"needs about 0\.0 GiB as float32 \(122,880 voxels\), over the 0\.0001 GiB limit; "
+                                        r"set MEDFM_MAX_INPUT_GIB to raise it"):
+        LoadScan(max_gib=0.0001)(str(small_ct))
+    monkeypatch.setenv("MEDFM_MAX_INPUT_GIB", "0.0001")
+    with pytest.raises(ScanError, match="over the 0.0001 GiB limit"):
+        LoadScan()(str(series))
+    monkeypatch.setenv("MEDFM_MAX_INPUT_GIB", "1")
+    assert LoadScan()(str(series)).shape == (64, 48, 40)
