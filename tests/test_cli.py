@@ -23,9 +23,18 @@ def test_infer_by_name_writes_outputs_and_nothing_else(small_ct, tmp_path):
     out = tmp_path / "results"
     result = run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(small_ct), "--out", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["ct_small_embedding.npy", "ct_small_restored.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["ct_small_embedding.npy", "ct_small_restored.nii.gz", "embeddings.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"], "no staging folder left behind"
     assert str(out / "ct_small_restored.nii.gz") in result.stdout
+    # a second scan into the same folder adds a row to the index instead of replacing it
+    renamed = tmp_path / "second.nii.gz"
+    renamed.write_bytes(small_ct.read_bytes())
+    assert run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(renamed), "--out", str(out)]).returncode == 0
+    from medfm.io import read_index_rows
+
+    rows = read_index_rows(out / "embeddings.csv")
+    assert [r["embedding"] for r in rows] == ["ct_small_embedding.npy", "second_embedding.npy"]
+    assert {r["model"] for r in rows} == {"models_genesis_chest_ct"} and {r["weights"] for r in rows} == {"medfm_genesis_demo"}
 
 
 def test_missing_input_is_one_line_and_creates_nothing(tmp_path):

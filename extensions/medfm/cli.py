@@ -16,6 +16,7 @@ import fire
 
 from .bundles import find_bundle
 from .errors import MedfmError
+from .io.embeddings import INDEX_COLUMNS, append_index_rows, read_index_rows
 
 __all__ = ["main", "infer", "demo"]
 
@@ -70,11 +71,23 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
         results = []
         for path in written:
             target = out_dir / path.name
-            path.replace(target)
+            if target.exists() and _is_embedding_index(path):  # one index accumulates across runs
+                append_index_rows(target, read_index_rows(path))
+            else:
+                path.replace(target)
             results.append(str(target))
         return results
+
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_embedding_index(path: Path) -> bool:
+    """A CSV written by SaveEmbeddingd (appended to, not replaced, when infer writes into a folder again)."""
+    if path.suffix != ".csv":
+        return False
+    with open(path, newline="") as stream:
+        return stream.readline().strip().split(",") == list(INDEX_COLUMNS)
 
 
 class _CapturedLog:

@@ -4,6 +4,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -64,6 +65,9 @@ def test_inference_on_nifti_and_dicom_keeps_geometry_and_agrees(small_ct, tmp_pa
     assert embedding_nifti.shape == (512,) and embedding_nifti.dtype == np.float32
     assert np.isfinite(embedding_nifti).all()
     np.testing.assert_allclose(embedding_nifti, embedding_dicom, rtol=1e-5, atol=1e-6)
+    [row] = medfm.io.read_index_rows(tmp_path / "out_dicom" / "embeddings.csv")
+    assert row["series_uid"] == pydicom.dcmread(next(dicom_dir.iterdir())).SeriesInstanceUID
+    assert (row["model"], row["weights"], row["dimension"]) == ("models_genesis_chest_ct", "medfm_genesis_demo", "512")
 
 
 def test_inference_output_is_the_network_with_the_bundle_weights(small_ct, tmp_path):

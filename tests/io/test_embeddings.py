@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem
+from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem, read_index_rows
 from medfm.transforms import GlobalAveragePool, GlobalAveragePoold
 
 
@@ -18,10 +18,22 @@ def test_pool_and_save_embedding(tmp_path):
     torch.testing.assert_close(pooled, torch.tensor([5.5, 17.5]))
     assert not isinstance(pooled, MetaTensor)
     image = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": "/data/case_7.nii.gz"})
-    SaveEmbeddingd("f", tmp_path / "out")({"f": pooled, "image": image})
+    SaveEmbeddingd("f", tmp_path / "out", index_file=None)({"f": pooled, "image": image})
     saved = np.load(tmp_path / "out" / "case_7_embedding.npy")
     assert saved.dtype == np.float32 and saved.tolist() == [5.5, 17.5]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["case_7_embedding.npy"]
+
+
+def test_index_gets_one_row_per_saved_embedding(tmp_path):
+    saver = SaveEmbeddingd("f", tmp_path, model="some_bundle", weights="w1")
+    for name, uid in (("a.nii.gz", None), ("series_dir", "1.2.3")):
+        meta = {"filename_or_obj": f"/data/{name}"} | ({"SeriesInstanceUID": uid} if uid else {})
+        saver({"f": torch.ones(4), "image": MetaTensor(torch.zeros(1, 2, 2, 2), meta=meta)})
+    rows = read_index_rows(tmp_path / "embeddings.csv")
+    assert rows == [
+        {"input": "/data/a.nii.gz", "series_uid": "", "model": "some_bundle", "weights": "w1", "embedding": "a_embedding.npy", "dimension": "4"},
+        {"input": "/data/series_dir", "series_uid": "1.2.3", "model": "some_bundle", "weights": "w1", "embedding": "series_dir_embedding.npy", "dimension": "4"},
+    ]
 
 
 def test_errors():

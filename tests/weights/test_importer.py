@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from medfm.errors import WeightsError
-from medfm.weights import fetch_weights, import_weights, load_checkpoint, registry, sha256_of, verify_bundle_weights
+from medfm.weights import (
+    fetch_weights,
+    import_weights,
+    installed_weights_id,
+    load_checkpoint,
+    registry,
+    sha256_of,
+    verify_bundle_weights,
+)
 from tests.conftest import save_upstream_checkpoint
 
 
@@ -111,3 +119,13 @@ def test_fetch_refuses_weights_of_another_bundle_and_unknown_names(genesis_bundl
         fetch_weights(genesis_bundle, weights="nope")
     with pytest.raises(WeightsError, match="have no download URL"):
         fetch_weights(genesis_bundle, weights="medfm_genesis_demo")
+
+
+def test_installed_weights_id(genesis_bundle, tmp_path):
+    assert installed_weights_id(genesis_bundle) == "medfm_genesis_demo"
+    source = tmp_path / "upstream.pt"
+    save_upstream_checkpoint(source)
+    import_weights(genesis_bundle, source)
+    assert installed_weights_id(genesis_bundle) == f"unregistered:{sha256_of(genesis_bundle / 'models' / 'model.pt')[:16]}"
+    (genesis_bundle / "models" / "model.pt").unlink()
+    assert installed_weights_id(genesis_bundle) == "none"

@@ -1,6 +1,6 @@
 """Reading scans and writing results that line up with them."""
 
-from .embeddings import SaveEmbedding, SaveEmbeddingd, input_stem
+from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, input_stem, read_index_rows
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
 
 __all__ = [
@@ -10,7 +10,9 @@ __all__ = [
     "SaveEmbedding",
     "SaveEmbeddingd",
     "ScanError",
+    "append_index_rows",
     "input_stem",
     "list_dicom_series",
+    "read_index_rows",
     "safe_extract_zip",
 ]

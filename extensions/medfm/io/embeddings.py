@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from monai.utils.type_conversion import convert_data_type
 
 from .atomic import atomic_path
 
-__all__ = ["SaveEmbedding", "SaveEmbeddingd", "input_stem"]
+__all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_stem", "read_index_rows"]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip")
 
@@ -49,15 +50,23 @@ class SaveEmbedding:
 
 
 class SaveEmbeddingd(MapTransform):
-    """Dictionary version of :class:`SaveEmbedding`: the input path is the ``filename_or_obj`` meta
-    entry of ``source_key`` (the loaded image), whatever produced the vector.
+    """Dictionary version of :class:`SaveEmbedding`, which also indexes what it wrote.
+
+    The input path is the ``filename_or_obj`` meta entry of ``source_key`` (the loaded image),
+    whatever produced the vector. With ``index_file`` set, each saved vector adds a row to
+    ``<output_dir>/<index_file>`` (CSV: input, series_uid, model, weights, embedding, dimension),
+    so embeddings of many scans can be joined with other tables later.
     """
 
     def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, source_key: str = "image",
-                 postfix: str = "embedding", allow_missing_keys: bool = False) -> None:
+                 postfix: str = "embedding", index_file: str | None = "embeddings.csv", model: str = "",
+                 weights: str = "", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.source_key = source_key
         self.saver = SaveEmbedding(output_dir, postfix)
+        self.index = Path(output_dir) / index_file if index_file else None
+        self.model = model
+        self.weights = weights
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -65,5 +74,31 @@ class SaveEmbeddingd(MapTransform):
         if not isinstance(source, MetaTensor) or "filename_or_obj" not in source.meta:
             raise ValueError(f"SaveEmbeddingd: '{self.source_key}' carries no filename_or_obj to name the output after")
         for key in self.key_iterator(d):
-            self.saver(d[key], source.meta["filename_or_obj"])
+            path = self.saver(d[key], source.meta["filename_or_obj"])
+            if self.index is not None:
+                row = {"input": str(source.meta["filename_or_obj"]), "series_uid": str(source.meta.get("SeriesInstanceUID", "")),
+                       "model": self.model, "weights": self.weights, "embedding": path.name,
+                       "dimension": int(np.load(path, mmap_mode="r").size)}
+                append_index_rows(self.index, [row])
         return d
+
+
+INDEX_COLUMNS = ("input", "series_uid", "model", "weights", "embedding", "dimension")
+
+
+def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
+    """Append rows to an embeddings index CSV, writing the header when the file is new."""
+    index = Path(index)
+    new = not index.exists()
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with open(index, "a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=INDEX_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_index_rows(index: str | os.PathLike) -> list[dict]:
+    """Rows of an embeddings index CSV as dictionaries."""
+    with open(index, newline="") as stream:
+        return list(csv.DictReader(stream))

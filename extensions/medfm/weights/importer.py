@@ -17,7 +17,7 @@ from . import registry
 from .checkpoint import load_checkpoint, save_state_dict, sha256_of
 from .download import download
 
-__all__ = ["ImportReport", "bundle_network", "fetch_weights", "import_weights", "verify_bundle_weights"]
+__all__ = ["ImportReport", "bundle_network", "fetch_weights", "import_weights", "installed_weights_id", "verify_bundle_weights"]
 
 MODEL_FILE = Path("models") / "model.pt"
 #: Written beside model.pt: which weights these are, from which file, imported when.
@@ -167,3 +167,18 @@ def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: st
     if not (cached.is_file() and entry.matches(sha256_of(cached))):
         download(source, cached, sha256=entry.sha256, size=entry.size, progress=progress)
     return import_weights(bundle_dir, cached, weights=entry.name)
+
+
+def installed_weights_id(bundle: str | os.PathLike) -> str:
+    """Which weights ``models/model.pt`` holds: a registry name, ``unregistered:<sha256 prefix>``, or ``none``."""
+    model_file = Path(bundle) / MODEL_FILE
+    if not model_file.is_file():
+        return "none"
+    digest = sha256_of(model_file)
+    provenance = Path(bundle) / PROVENANCE_FILE
+    if provenance.is_file():
+        record = json.loads(provenance.read_text())
+        if record.get("output_sha256") == digest and record.get("weights"):
+            return str(record["weights"])
+    entry = registry.match_sha256(digest)
+    return entry.name if entry else f"unregistered:{digest[:16]}"
