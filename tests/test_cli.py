@@ -121,3 +121,13 @@ def test_folder_with_several_series_lists_them_in_one_line(tmp_path):
     assert f"{study}: 2 DICOM series, choose one with series_uid: " in line and "(CT, " in line and "(MR, " in line
     assert "inference failed" not in line, "the reader's own message, not a wrapper"
     assert not (tmp_path / "o").exists()
+
+
+def test_contract_deviations_are_printed_as_warnings(tmp_path):
+    import medfm
+
+    result = run_command(MEDFM + ["infer", "models_genesis_chest_ct", medfm.samples.path("mr_head_t1"), "--out", str(tmp_path / "o")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("medfm: warning: ")]
+    assert len(warnings) == 2
+    assert "are not CT Hounsfield units" in warnings[0] and "outside the pre-training range" in warnings[1]

@@ -64,6 +64,9 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
                 message = str(cause) if isinstance(cause, MedfmError) else (
                     f"{source}: {bundle_dir.name} inference failed: {describe(error)}")
                 raise MedfmError(f"{message} (full log: {log.path})") from error
+        if not verbose:
+            for warning in dict.fromkeys(log.contract_warnings()):
+                print(f"medfm: warning: {warning}", file=sys.stderr)
         written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
         if not written:
             raise MedfmError(f"{source}: the {bundle_dir.name} inference wrote no output")
@@ -96,6 +99,12 @@ class _CapturedLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.keep = False
+        self.text = ""
+
+    def contract_warnings(self) -> list[str]:
+        """The input-contract warnings the workflow logged (see medfm.transforms.contract)."""
+        marker = " - medfm.contract - WARNING - "
+        return [line.split(marker, 1)[1] for line in self.text.splitlines() if marker in line]
 
 
 @contextlib.contextmanager
@@ -121,9 +130,10 @@ def _output_captured(verbose: bool):
             os.dup2(original, fd)
             os.close(original)
         os.close(handle)
+        log.text = log.path.read_text(errors="replace")
         if not log.keep:
             if verbose:
-                sys.stdout.write(log.path.read_text(errors="replace"))
+                sys.stdout.write(log.text)
             log.path.unlink(missing_ok=True)
 
 

@@ -108,7 +108,8 @@ class LoadScan(Transform):
     missing slices or non-uniform spacing, mixed orientations and gantry tilt.
 
     Returns the array without a channel axis, as ``LoadImage(image_only=True)`` does, with the
-    input path in ``meta["filename_or_obj"]`` and, for DICOM, ``meta["SeriesInstanceUID"]``.
+    input path in ``meta["filename_or_obj"]`` and, for DICOM, ``meta["SeriesInstanceUID"]`` and
+    ``meta["Modality"]``.
     """
 
     def __init__(self, series_uid: str | None = None, max_gib: float | None = None) -> None:
@@ -160,6 +161,7 @@ class LoadScan(Transform):
         self._check_memory(source, int(headers[0].Rows) * int(headers[0].Columns) * len(headers))
         image = self._read(str(series.files[0].parent), source, series.uid)
         image.meta["SeriesInstanceUID"] = series.uid
+        image.meta["Modality"] = series.modality
         return self._validated(image, source)
 
     @staticmethod

@@ -1,5 +1,6 @@
 """MONAI-style transforms (array + dictionary pairs), grouped by method."""
 
+from .contract import CheckInputContract, CheckInputContractd, contract_deviations, read_contract
 from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .genesis import (
     GenesisCorruptiond,
@@ -14,6 +15,8 @@ from .genesis import (
 )
 
 __all__ = [
+    "CheckInputContract",
+    "CheckInputContractd",
     "GenesisCorruptiond",
     "GlobalAveragePool",
     "GlobalAveragePoold",
@@ -25,4 +28,6 @@ __all__ = [
     "RandNonlinearIntensityd",
     "RandOutPaint",
     "RandOutPaintd",
+    "contract_deviations",
+    "read_contract",
 ]
