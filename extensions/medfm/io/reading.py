@@ -56,6 +56,7 @@ class DicomSeries:
     description: str
     modality: str
     files: list[Path] = field(default_factory=list)
+    headers: list = field(default_factory=list, repr=False)  # pydicom datasets without pixel data
 
     def summary(self) -> str:
         return f"{self.uid} ({self.modality or '?'}, {self.description or 'no description'!r}, {len(self.files)} files)"
@@ -74,6 +75,7 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
             continue
         entry = series.setdefault(uid, DicomSeries(uid, str(header.get("SeriesDescription", "")), str(header.get("Modality", ""))))
         entry.files.append(path)
+        entry.headers.append(header)
     return list(series.values())
 
 
@@ -107,7 +109,7 @@ class LoadScan(Transform):
     2D images, 4D inputs and NaN/Inf voxels; DICOM series are checked for duplicated positions,
     missing slices or non-uniform spacing, mixed orientations and gantry tilt.
 
-    Returns the array without a channel axis, as ``LoadImage(image_only=True)`` does, with the
+    Returns the array without a channel axis, in the file's own dtype, with the
     input path in ``meta["filename_or_obj"]`` and, for DICOM, ``meta["SeriesInstanceUID"]`` and
     ``meta["Modality"]``.
     """
@@ -134,7 +136,9 @@ class LoadScan(Transform):
         nifti = target.lower().endswith((".nii", ".nii.gz"))
         reader = NibabelReader() if nifti else ITKReader(series_name=series_uid)
         try:
-            image = LoadImage(reader=reader, image_only=True)(target)
+            # native dtype: a float32 copy of a large int16 series doubles memory and load time,
+            # and the bundles' intensity scaling converts to float anyway
+            image = LoadImage(reader=reader, image_only=True, dtype=None)(target)
         except Exception as error:
             cause = error.__cause__ or error
             lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
@@ -156,7 +160,7 @@ class LoadScan(Transform):
                             f"{'; '.join(s.summary() for s in found)}")
         else:
             series = found[0]
-        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+        headers = series.headers
         self._check_series_geometry(headers, source)
         self._check_memory(source, int(headers[0].Rows) * int(headers[0].Columns) * len(headers))
         image = self._read(str(series.files[0].parent), source, series.uid)
