@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from monai.bundle import ConfigParser
+
 from .errors import BundleNotFoundError
 
-__all__ = ["cache_dir", "repository_bundles_dir", "find_bundle", "list_bundle_dirs"]
+__all__ = ["bundle_config", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
 
 #: Environment variable naming medfm's cache folder (downloaded bundles and weights).
 CACHE_ENV = "MEDFM_HOME"
@@ -52,3 +55,19 @@ def find_bundle(name_or_path: str | os.PathLike) -> Path:
     known = ", ".join(d.name for d in list_bundle_dirs()) or "none"
     searched = ", ".join(str(d) for d in _search_dirs()) or f"no bundle folders (set {CACHE_ENV})"
     raise BundleNotFoundError(f"unknown bundle {str(name_or_path)!r}: known bundles: {known} (searched {searched})")
+
+
+def bundle_config(bundle_dir: str | os.PathLike, config: str = "inference.json") -> ConfigParser:
+    """A parser for one of the bundle's configs, with ``bundle_root`` set to the bundle folder."""
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_dir) / "configs" / config))
+    parser["bundle_root"] = str(bundle_dir)
+    return parser
+
+
+def bundle_network(bundle_dir: str | os.PathLike, **network_overrides) -> torch.nn.Module:
+    """Instantiate ``network_def`` from the bundle's ``configs/inference.json`` (CPU, fresh weights)."""
+    parser = bundle_config(bundle_dir)
+    for key, value in network_overrides.items():
+        parser[f"network_def#{key}"] = value
+    return parser.get_parsed_content("network_def")

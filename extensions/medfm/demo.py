@@ -12,11 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image, ImageDraw
 
 from . import samples
-from .bundles import find_bundle
+from .bundles import bundle_config, find_bundle
 from .transforms import RandInPaint, RandLocalPixelShuffle, RandNonlinearIntensity, RandOutPaint
 from .weights.checkpoint import load_checkpoint
 
@@ -62,9 +61,7 @@ def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
 
 def pretext_montage(bundle_dir: Path, image_path: str, target: Path, seed: int = 0) -> Path:
     """PNG with one row per corruption: input, corrupted and restored middle slice of a 64x64x32 cube."""
-    parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle_dir)
+    parser = bundle_config(bundle_dir)
     preprocessing = parser.get_parsed_content("preprocessing")
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(load_checkpoint(bundle_dir / "models" / "model.pt"))

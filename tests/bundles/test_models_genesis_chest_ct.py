@@ -35,7 +35,7 @@ def test_checkpoint_exports_to_torchscript(tmp_path):
                           "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
                           "--config_file", "configs/inference.json"], cwd=GENESIS)
     assert result.returncode == 0, result.stderr[-2000:]
-    from medfm.weights.importer import bundle_network
+    from medfm.bundles import bundle_network
 
     eager = bundle_network(GENESIS)
     eager.load_state_dict(load_checkpoint(GENESIS / "models" / "model.pt"))
@@ -72,13 +72,12 @@ def test_inference_on_nifti_and_dicom_keeps_geometry_and_agrees(small_ct, tmp_pa
 
 def test_inference_output_is_the_network_with_the_bundle_weights(small_ct, tmp_path):
     """Recompute the restoration in-process from models/model.pt: the workflow really loads it."""
-    from monai.bundle import ConfigParser
     from monai.inferers import sliding_window_inference
 
+    from medfm.bundles import bundle_config
+
     restored, _ = _inference(GENESIS, small_ct, tmp_path / "out")
-    parser = ConfigParser()
-    parser.read_config(str(GENESIS / "configs" / "inference.json"))
-    parser["bundle_root"] = str(GENESIS)
+    parser = bundle_config(GENESIS)
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(load_checkpoint(GENESIS / "models" / "model.pt"))
     network.eval()
@@ -97,7 +96,7 @@ def test_shipped_weights_restore_corrupted_cubes(corruption_name):
     (Local pixel shuffling is left out: it barely changes the low-contrast sample template.)
     """
     from medfm.demo import CORRUPTIONS
-    from medfm.weights.importer import bundle_network
+    from medfm.bundles import bundle_network
 
     network = bundle_network(GENESIS)
     network.load_state_dict(load_checkpoint(GENESIS / "models" / "model.pt"))

@@ -9,15 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
 
-from ..bundles import cache_dir, find_bundle
+from ..bundles import bundle_network, cache_dir, find_bundle
 from ..errors import WeightsError
 from . import registry
 from .checkpoint import load_checkpoint, save_state_dict, sha256_of
 from .download import download
 
-__all__ = ["ImportReport", "bundle_network", "fetch_weights", "import_weights", "installed_weights_id", "verify_bundle_weights"]
+__all__ = ["ImportReport", "fetch_weights", "import_weights", "installed_weights_id", "verify_bundle_weights"]
 
 MODEL_FILE = Path("models") / "model.pt"
 #: Written beside model.pt: which weights these are, from which file, imported when.
@@ -45,16 +44,6 @@ class ImportReport:
             f"wrote  {self.output} ({self.dtype}, input channels: {self.in_channels})",
             f"missing keys: {len(self.missing_keys)}, unexpected keys: {len(self.unexpected_keys)}",
         ]
-
-
-def bundle_network(bundle_dir: str | os.PathLike, **network_overrides) -> torch.nn.Module:
-    """Instantiate ``network_def`` from the bundle's ``configs/inference.json`` (CPU)."""
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle_dir) / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in network_overrides.items():
-        parser[f"network_def#{key}"] = value
-    return parser.get_parsed_content("network_def")
 
 
 def _network_module(bundle_name: str):
