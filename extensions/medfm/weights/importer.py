@@ -122,20 +122,32 @@ def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
         raise WeightsError(f"{model_file}: does not load into the bundle network: {str(error).splitlines()[0]}") from None
     digest = sha256_of(model_file)
     lines = [f"{model_file}: loads strictly ({len(state)} tensors, sha256 {digest})"]
-    provenance = bundle_dir / PROVENANCE_FILE
-    entry = registry.match_sha256(digest)
-    if provenance.is_file():
-        record = json.loads(provenance.read_text())
-        if record.get("output_sha256") != digest:
-            lines.append(f"{provenance}: describes another file (sha256 {record.get('output_sha256')}); provenance unknown")
-        else:
-            name = record.get("weights")
-            lines.append(f"imported from {record.get('source')} as "
-                         f"{f'registered weights {name!r}' if name else 'unregistered weights'}")
-            entry = registry.REGISTRY.get(name) or entry
+    name, note = _identify_weights(bundle_dir, digest)
+    if note:
+        lines.append(note)
+    entry = registry.REGISTRY.get(name) if name else None
     if entry:
         lines.append(f"registered weights {entry.name!r}: {entry.title}; licence: {entry.license}")
     return lines
+
+
+def _identify_weights(bundle_dir: Path, digest: str) -> tuple[str | None, str | None]:
+    """Registry name of the model file with sha256 ``digest`` (from its import record, else its
+    hash), and a line saying where the record says it came from."""
+    provenance = bundle_dir / PROVENANCE_FILE
+    note, name = None, None
+    if provenance.is_file():
+        record = json.loads(provenance.read_text())
+        if record.get("output_sha256") != digest:
+            note = f"{provenance}: describes another file (sha256 {record.get('output_sha256')}); provenance unknown"
+        else:
+            name = record.get("weights")
+            note = (f"imported from {record.get('source')} as "
+                    f"{f'registered weights {name!r}' if name else 'unregistered weights'}")
+    if name is None:
+        entry = registry.match_sha256(digest)
+        name = entry.name if entry else None
+    return name, note
 
 
 def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: str | None = None,
@@ -164,10 +176,5 @@ def installed_weights_id(bundle: str | os.PathLike) -> str:
     if not model_file.is_file():
         return "none"
     digest = sha256_of(model_file)
-    provenance = Path(bundle) / PROVENANCE_FILE
-    if provenance.is_file():
-        record = json.loads(provenance.read_text())
-        if record.get("output_sha256") == digest and record.get("weights"):
-            return str(record["weights"])
-    entry = registry.match_sha256(digest)
-    return entry.name if entry else f"unregistered:{digest[:16]}"
+    name, _ = _identify_weights(Path(bundle), digest)
+    return name or f"unregistered:{digest[:16]}"
