@@ -15,7 +15,7 @@ from pathlib import Path
 import fire
 
 from .bundles import find_bundle
-from .errors import MedfmError
+from .errors import MedfmError, first_line, innermost
 from .io.embeddings import INDEX_COLUMNS, append_index_rows, read_index_rows
 
 __all__ = ["main", "infer", "demo"]
@@ -191,18 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def innermost(error: BaseException) -> BaseException:
-    """The original exception under MONAI's and ignite's wrappers."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
 def describe(error: BaseException) -> str:
     """One line for an unexpected exception: the innermost cause (MONAI wraps config errors)."""
-    error = innermost(error)
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else 'no details'}"
+    cause = innermost(error)
+    return f"{type(cause).__name__}: {first_line(cause) if str(cause).strip() else 'no details'}"
 
 
 if __name__ == "__main__":

@@ -11,3 +11,16 @@ class BundleNotFoundError(MedfmError):
 
 class WeightsError(MedfmError):
     """Weights missing, unreadable, unsafe, or not matching their registered hash."""
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The original exception under the wrappers MONAI and ignite put around it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -78,7 +78,7 @@ class SaveEmbeddingd(MapTransform):
             if self.index is not None:
                 row = {"input": str(source.meta["filename_or_obj"]), "series_uid": str(source.meta.get("SeriesInstanceUID", "")),
                        "model": self.model, "weights": self.weights, "embedding": path.name,
-                       "dimension": int(np.load(path, mmap_mode="r").size)}
+                       "dimension": int(np.prod(np.shape(d[key])))}
                 append_index_rows(self.index, [row])
         return d
 

@@ -23,7 +23,7 @@ from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform, Transform
 
-from ..errors import MedfmError
+from ..errors import MedfmError, first_line, innermost
 
 __all__ = [
     "ScanError",
@@ -140,9 +140,7 @@ class LoadScan(Transform):
             # and the bundles' intensity scaling converts to float anyway
             image = LoadImage(reader=reader, image_only=True, dtype=None)(target)
         except Exception as error:
-            cause = error.__cause__ or error
-            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-            raise ScanError(f"{source}: cannot be read as an image ({lines[0] if lines else type(cause).__name__})") from None
+            raise ScanError(f"{source}: cannot be read as an image ({first_line(innermost(error))})") from None
         image.meta["filename_or_obj"] = str(source)
         return image
 

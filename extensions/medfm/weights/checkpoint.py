@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from ..io.atomic import atomic_path
 
 __all__ = ["sha256_of", "load_checkpoint", "save_state_dict"]
@@ -39,7 +39,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         try:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
-            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(error)})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({first_line(error)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -54,7 +54,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
             "it once to a plain state dict or safetensors in an isolated environment"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from None
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -62,7 +62,3 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     with atomic_path(path) as temporary:
         torch.save(state_dict, temporary)
     return Path(path)
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
