@@ -6,6 +6,7 @@ Errors a user can fix are printed as one line on stderr with exit status 1, with
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -17,6 +18,7 @@ import fire
 from .bundles import find_bundle
 from .errors import MedfmError, first_line, innermost
 from .io.embeddings import INDEX_COLUMNS, append_index_rows, read_index_rows
+from .transforms.contract import logger as contract_logger
 
 __all__ = ["main", "infer", "demo"]
 
@@ -43,6 +45,8 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        warnings = _Collector()
+        contract_logger.addHandler(warnings)
         with _output_captured(verbose) as log:
             try:
                 workflow = ConfigWorkflow(
@@ -64,8 +68,10 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
                 message = str(cause) if isinstance(cause, MedfmError) else (
                     f"{source}: {bundle_dir.name} inference failed: {describe(error)}")
                 raise MedfmError(f"{message} (full log: {log.path})") from error
-        if not verbose:
-            for warning in dict.fromkeys(log.contract_warnings()):
+            finally:
+                contract_logger.removeHandler(warnings)
+        if not verbose:  # verbose output already holds them
+            for warning in dict.fromkeys(warnings.messages):
                 print(f"medfm: warning: {warning}", file=sys.stderr)
         written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
         if not written:
@@ -99,12 +105,17 @@ class _CapturedLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.keep = False
-        self.text = ""
 
-    def contract_warnings(self) -> list[str]:
-        """The input-contract warnings the workflow logged (see medfm.transforms.contract)."""
-        marker = " - medfm.contract - WARNING - "
-        return [line.split(marker, 1)[1] for line in self.text.splitlines() if marker in line]
+
+class _Collector(logging.Handler):
+    """Keeps the messages of the warnings logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @contextlib.contextmanager
@@ -130,10 +141,9 @@ def _output_captured(verbose: bool):
             os.dup2(original, fd)
             os.close(original)
         os.close(handle)
-        log.text = log.path.read_text(errors="replace")
         if not log.keep:
             if verbose:
-                sys.stdout.write(log.text)
+                sys.stdout.write(log.path.read_text(errors="replace"))
             log.path.unlink(missing_ok=True)
 
 
