@@ -31,6 +31,14 @@ def _box_mask(boxes, shape=SHAPE):
     return mask
 
 
+def _assert_box_bounds(boxes, size_range):
+    """Each box edge lies in ``size_range(dim)`` and keeps the upstream 3-voxel margin."""
+    for box in boxes:
+        for (start, size), dim in zip(box, SHAPE[1:]):
+            low, high = size_range(dim)
+            assert low <= size <= high and 3 <= start and start + size <= dim - 3
+
+
 def test_shuffle_single_block_permutes_its_voxels_only(cube):
     for seed in range(20):
         shuffle = RandLocalPixelShuffle(prob=1.0, num_blocks=1)
@@ -133,9 +141,7 @@ def test_in_paint_changes_only_its_boxes(cube):
         if paint.boxes:
             assert not np.allclose(out[0][mask], cube[0][mask])
         assert len(paint.boxes) <= 5
-        for box, dim in zip(zip(*paint.boxes), SHAPE[1:]) if paint.boxes else []:
-            for start, size in box:
-                assert dim // 6 <= size <= dim // 3 and 3 <= start and start + size <= dim - 3
+        _assert_box_bounds(paint.boxes, lambda dim: (dim // 6, dim // 3))
 
 
 def test_out_paint_keeps_only_its_windows(cube):
@@ -148,9 +154,7 @@ def test_out_paint_keeps_only_its_windows(cube):
         assert not np.allclose(out[0][~mask], cube[0][~mask])
         assert 1 <= len(paint.windows) <= 5
         assert 0 <= out.min() and out.max() <= 1
-        for axis_windows, dim in zip(zip(*paint.windows), SHAPE[1:]):
-            for start, size in axis_windows:
-                assert dim - 4 * dim // 7 <= size <= dim - 3 * dim // 7 and 3 <= start and start + size <= dim - 3
+        _assert_box_bounds(paint.windows, lambda dim: (dim - 4 * dim // 7, dim - 3 * dim // 7))
 
 
 def test_dictionary_versions_apply_one_draw_to_all_keys_and_match_array_versions(cube):
