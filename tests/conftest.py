@@ -19,6 +19,8 @@ import torch
 import medfm
 from medfm.networks import GenesisUNet3D
 
+from . import testdata
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 GENESIS = BUNDLES / "models_genesis_chest_ct"
@@ -58,6 +60,22 @@ def crop_nifti(source: str, target: Path, size: tuple[int, int, int], offset=(0,
     affine[:3, 3] = image.affine[:3, :3] @ np.asarray(offset) + image.affine[:3, 3]
     nib.save(nib.Nifti1Image(data[window], affine), target)
     return target
+
+
+@pytest.fixture(scope="session")
+def real_file():
+    """``real_file(name)``: path of a real image from tests/testdata.py (skips or fails when absent)."""
+
+    def get(name: str) -> Path:
+        item = testdata.FILES[name]
+        if not item.path.exists():
+            message = f"real test image {name!r} ({item.registry} package {item.package}) is missing: run `make test-data`"
+            if os.environ.get("MEDFM_REQUIRE_TEST_DATA") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        return item.path
+
+    return get
 
 
 @pytest.fixture(scope="session")

