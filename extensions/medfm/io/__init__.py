@@ -2,6 +2,7 @@
 
 from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, input_stem, read_index_rows
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
+from .segmentation import SaveSegmentation, SaveSegmentationd, SegmentationWriteError
 
 __all__ = [
     "DicomSeries",
@@ -9,6 +10,9 @@ __all__ = [
     "LoadScand",
     "SaveEmbedding",
     "SaveEmbeddingd",
+    "SaveSegmentation",
+    "SaveSegmentationd",
+    "SegmentationWriteError",
     "ScanError",
     "append_index_rows",
     "input_stem",

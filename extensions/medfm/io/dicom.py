@@ -29,6 +29,7 @@ __all__ = [
     "read_multiframe",
     "read_mosaic",
     "is_mosaic",
+    "frame_positions",
     "LPS_TO_RAS",
 ]
 
@@ -208,6 +209,18 @@ def read_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray, pydicom.Dataset
                                  or dataset.get("RescaleIntercept", 0) or 0) for i in order])
     volume = _rescaled(stored, slopes, intercepts).transpose(2, 1, 0)
     return volume, _ras_affine(orientations[0], geometry[0][2], positions[order[0]], step), dataset
+
+
+def frame_positions(dataset: pydicom.Dataset) -> np.ndarray:
+    """ImagePositionPatient (mm, LPS) of each frame: (frames, 3); one row for a single-frame image."""
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        positions = [_frame_attribute(dataset, i, "PlanePositionSequence", "ImagePositionPatient") for i in range(frames)]
+    else:
+        positions = [dataset.get("ImagePositionPatient")]
+    if any(position is None for position in positions):
+        raise DicomGeometryError("a frame has no ImagePositionPatient")
+    return np.array([np.asarray(position, float) for position in positions])
 
 
 def is_mosaic(header: pydicom.Dataset) -> bool:
