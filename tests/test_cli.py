@@ -1,5 +1,6 @@
 """The ``medfm`` command line as a user runs it."""
 
+import re
 import shutil
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 from medfm import cli
 from tests.conftest import GENESIS, run_command, save_upstream_checkpoint
+from tests.io.bad_inputs import CORPUS
 
 MEDFM = [sys.executable, "-m", "medfm.cli"]
 
@@ -44,12 +46,13 @@ def test_missing_input_is_one_line_and_creates_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_input_is_one_line_and_leaves_no_partial_output(tmp_path):
-    broken = tmp_path / "broken.nii.gz"
-    broken.write_bytes(b"this is not an image")
-    line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(broken), "--out", str(tmp_path / "out")]))
-    assert "broken.nii.gz: cannot be read as an image" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.nii.gz"]
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_bad_inputs_give_their_message_in_one_line_and_no_output(case, small_ct, tmp_path, real_file):
+    path, expected = CORPUS[case](small_ct, tmp_path, real_file)
+    before = set(tmp_path.iterdir())
+    line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(path), "--out", str(tmp_path / "out")]))
+    assert re.search(expected, line), line
+    assert set(tmp_path.iterdir()) == before, "no output or staging folder left behind"
 
 
 def test_unknown_bundle_lists_the_known_ones(tmp_path):
