@@ -17,7 +17,7 @@ import fire
 
 from .bundles import find_bundle
 from .errors import MedfmError, first_line, innermost
-from .io.embeddings import INDEX_COLUMNS, append_index_rows, read_index_rows
+from .io.embeddings import append_index_rows, is_index_file, read_index_rows
 from .transforms.contract import logger as contract_logger
 
 __all__ = ["main", "infer", "demo"]
@@ -80,7 +80,7 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
         results = []
         for path in written:
             target = out_dir / path.name
-            if target.exists() and _is_embedding_index(path):  # one index accumulates across runs
+            if target.exists() and is_index_file(path):  # one index accumulates across runs
                 append_index_rows(target, read_index_rows(path))
             else:
                 path.replace(target)
@@ -89,14 +89,6 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _is_embedding_index(path: Path) -> bool:
-    """A CSV written by SaveEmbeddingd (appended to, not replaced, when infer writes into a folder again)."""
-    if path.suffix != ".csv":
-        return False
-    with open(path, newline="") as stream:
-        return stream.readline().strip().split(",") == list(INDEX_COLUMNS)
 
 
 class _CapturedLog:

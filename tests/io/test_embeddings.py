@@ -4,6 +4,7 @@ import torch
 from monai.data import MetaTensor
 
 from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem, read_index_rows
+from medfm.io.embeddings import INDEX_COLUMNS, append_index_rows, is_index_file
 from medfm.transforms import GlobalAveragePool, GlobalAveragePoold
 
 
@@ -46,3 +47,21 @@ def test_errors():
 def test_array_saver_returns_the_path(tmp_path):
     path = SaveEmbedding(tmp_path, postfix="vec")(np.arange(3), "/scans/series_12/")
     assert path == tmp_path / "series_12_vec.npy" and np.load(path).dtype == np.float32
+
+
+def test_parquet_index_appends_typed_rows(tmp_path):
+    saver = SaveEmbeddingd("f", tmp_path, index_file="embeddings.parquet", model="m", weights="w")
+    for name in ("a.nii.gz", "b.nii.gz"):
+        saver({"f": torch.ones(3), "image": MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": f"/d/{name}"})})
+    rows = read_index_rows(tmp_path / "embeddings.parquet")
+    assert [(r["input"], r["embedding"], r["dimension"]) for r in rows] == [
+        ("/d/a.nii.gz", "a_embedding.npy", 3), ("/d/b.nii.gz", "b_embedding.npy", 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_embedding.npy", "b_embedding.npy", "embeddings.parquet"]
+
+
+@pytest.mark.parametrize("name", ["embeddings.csv", "embeddings.parquet"])
+def test_index_files_are_recognised_by_their_columns(tmp_path, name):
+    append_index_rows(tmp_path / name, [dict.fromkeys(INDEX_COLUMNS, "x") | {"dimension": 2}])
+    assert is_index_file(tmp_path / name)
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert not is_index_file(tmp_path / "other.csv") and not is_index_file(tmp_path / "scan.nii.gz")

@@ -13,9 +13,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils.type_conversion import convert_data_type
 
+from ..errors import MedfmError
 from .atomic import atomic_path
 
-__all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_stem", "read_index_rows"]
+__all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_stem", "is_index_file", "read_index_rows"]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip")
 
@@ -54,8 +55,8 @@ class SaveEmbeddingd(MapTransform):
 
     The input path is the ``filename_or_obj`` meta entry of ``source_key`` (the loaded image),
     whatever produced the vector. With ``index_file`` set, each saved vector adds a row to
-    ``<output_dir>/<index_file>`` (CSV: input, series_uid, model, weights, embedding, dimension),
-    so embeddings of many scans can be joined with other tables later.
+    ``<output_dir>/<index_file>`` (columns input, series_uid, model, weights, embedding, dimension;
+    CSV, or Parquet when the name ends in ``.parquet``), so embeddings of many scans can be joined with other tables later.
     """
 
     def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, source_key: str = "image",
@@ -86,11 +87,36 @@ class SaveEmbeddingd(MapTransform):
 INDEX_COLUMNS = ("input", "series_uid", "model", "weights", "embedding", "dimension")
 
 
+def _is_parquet(index: Path) -> bool:
+    return index.suffix.lower() == ".parquet"
+
+
+def _parquet():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise MedfmError("a .parquet embeddings index needs pyarrow: pip install 'medfm[parquet]', "
+                         "or name the index .csv") from None
+    return pyarrow
+
+
 def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
-    """Append rows to an embeddings index CSV, writing the header when the file is new."""
+    """Append rows to an embeddings index: CSV, or Parquet when the name ends in ``.parquet``.
+
+    A CSV gets its header when new; a Parquet file is rewritten whole (atomically) with the rows added.
+    """
     index = Path(index)
-    new = not index.exists()
     index.parent.mkdir(parents=True, exist_ok=True)
+    if _is_parquet(index):
+        pyarrow = _parquet()
+        table = pyarrow.Table.from_pylist([{column: row[column] for column in INDEX_COLUMNS} for row in rows])
+        if index.exists():
+            table = pyarrow.concat_tables([pyarrow.parquet.read_table(index), table.cast(pyarrow.parquet.read_schema(index))])
+        with atomic_path(index) as temporary:
+            pyarrow.parquet.write_table(table, temporary)
+        return
+    new = not index.exists()
     with open(index, "a", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=INDEX_COLUMNS)
         if new:
@@ -98,7 +124,21 @@ def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def is_index_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an embeddings index written by :func:`append_index_rows` (CSV or Parquet)."""
+    path = Path(path)
+    if _is_parquet(path):
+        return list(_parquet().parquet.read_schema(path).names) == list(INDEX_COLUMNS)
+    if path.suffix.lower() != ".csv":
+        return False
+    with open(path, newline="") as stream:
+        return stream.readline().strip().split(",") == list(INDEX_COLUMNS)
+
+
 def read_index_rows(index: str | os.PathLike) -> list[dict]:
-    """Rows of an embeddings index CSV as dictionaries."""
+    """Rows of an embeddings index (CSV values as strings, Parquet values typed) as dictionaries."""
+    index = Path(index)
+    if _is_parquet(index):
+        return _parquet().parquet.read_table(index).to_pylist()
     with open(index, newline="") as stream:
         return list(csv.DictReader(stream))
