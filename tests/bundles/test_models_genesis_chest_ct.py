@@ -1,7 +1,10 @@
 """Every workflow of the Models Genesis bundle, driven through ``python -m monai.bundle``."""
 
+import json
+import shutil
 import sys
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -138,6 +141,32 @@ def test_fine_tuning_from_pretrained_then_evaluation(tiny_segmentation_dataset, 
     assert segmentation.shape == source.shape
     np.testing.assert_allclose(segmentation.affine, source.affine, atol=1e-4)
     assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1}
+
+    # the same validation scans as DICOM series: DICOM-SEG beside the NIfTI, referring to the series
+    dicom_dataset = _as_dicom_dataset(tiny_segmentation_dataset, tmp_path / "dicom_dataset")
+    bundle_run(GENESIS, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir", str(dicom_dataset),
+               "--output_dir", str(tmp_path / "ft"), "--eval_dir", str(tmp_path / "eval_dicom"),
+               "--patch_size", "[32,32,16]", "--val_fraction", "0.25")
+    seg = hd.seg.segread(tmp_path / "eval_dicom" / "ct_3_seg.dcm")
+    series_uid = pydicom.dcmread(next((dicom_dataset / "ct_3").iterdir())).SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["tissue above 25 HU (synthetic)"]
+    from_dicom = nib.load(tmp_path / "eval_dicom" / "ct_3_seg.nii.gz")
+    np.testing.assert_allclose(from_dicom.affine, source.affine, atol=1e-4)
+    assert int(seg.NumberOfFrames) == source.shape[2]
+
+
+def _as_dicom_dataset(dataset, target):
+    """The Decathlon dataset with each image written as a DICOM series folder (labels stay NIfTI)."""
+    description = json.loads((dataset / "dataset.json").read_text())
+    target.mkdir()
+    for item in description["training"]:
+        folder = item["image"].replace(".nii.gz", "")
+        medfm.samples.write_dicom_series(str(dataset / item["image"]), target / folder, modality="CT")
+        shutil.copy(dataset / item["label"], target / item["label"])
+        item["image"] = folder
+    (target / "dataset.json").write_text(json.dumps(description))
+    return target
 
 
 def test_scratch_baseline_switch_skips_the_pretrained_weights(tiny_segmentation_dataset, tmp_path):
