@@ -16,7 +16,7 @@ from monai.utils.type_conversion import convert_data_type
 from ..errors import MedfmError
 from .atomic import atomic_path
 
-__all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_stem", "is_index_file", "read_index_rows"]
+__all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_meta", "input_stem", "is_index_file", "read_index_rows"]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip")
 
@@ -28,6 +28,14 @@ def input_stem(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def input_meta(data: Mapping[Hashable, object], source_key: str, owner: str) -> dict:
+    """Metadata of the loaded input under ``source_key``, which outputs are named after."""
+    source = data.get(source_key)
+    if not isinstance(source, MetaTensor) or "filename_or_obj" not in source.meta:
+        raise ValueError(f"{owner}: '{source_key}' carries no filename_or_obj to name the output after")
+    return source.meta
 
 
 class SaveEmbedding:
@@ -71,13 +79,11 @@ class SaveEmbeddingd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        source = d.get(self.source_key)
-        if not isinstance(source, MetaTensor) or "filename_or_obj" not in source.meta:
-            raise ValueError(f"SaveEmbeddingd: '{self.source_key}' carries no filename_or_obj to name the output after")
+        meta = input_meta(d, self.source_key, type(self).__name__)
         for key in self.key_iterator(d):
-            path = self.saver(d[key], source.meta["filename_or_obj"])
+            path = self.saver(d[key], meta["filename_or_obj"])
             if self.index is not None:
-                row = {"input": str(source.meta["filename_or_obj"]), "series_uid": str(source.meta.get("SeriesInstanceUID", "")),
+                row = {"input": str(meta["filename_or_obj"]), "series_uid": str(meta.get("SeriesInstanceUID", "")),
                        "model": self.model, "weights": self.weights, "embedding": path.name,
                        "dimension": int(np.prod(np.shape(d[key])))}
                 append_index_rows(self.index, [row])

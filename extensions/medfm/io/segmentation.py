@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import MedfmError
 from .atomic import atomic_path
 from .dicom import LPS_TO_RAS, frame_positions, is_mosaic, list_dicom_series
-from .embeddings import input_stem
+from .embeddings import input_meta, input_stem
 from .reading import safe_extract_zip
 
 __all__ = ["SegmentationWriteError", "SaveSegmentation", "SaveSegmentationd", "source_datasets"]
@@ -203,9 +203,7 @@ class SaveSegmentationd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        source = d.get(self.source_key)
-        if not isinstance(source, MetaTensor) or "filename_or_obj" not in source.meta:
-            raise ValueError(f"SaveSegmentationd: '{self.source_key}' carries no filename_or_obj to name the output after")
+        meta = input_meta(d, self.source_key, type(self).__name__)
         for key in self.key_iterator(d):
-            self.saver(d[key], source.meta)
+            self.saver(d[key], meta)
         return d
