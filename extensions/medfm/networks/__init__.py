@@ -1,5 +1,7 @@
 """Networks of the published foundation models, one architecture per file."""
 
 from .genesis_unet3d import GenesisUNet3D
+from .layers import GradientReversal
+from .universal_model_sar import UniversalModelSAR
 
-__all__ = ["GenesisUNet3D"]
+__all__ = ["GenesisUNet3D", "GradientReversal", "UniversalModelSAR"]

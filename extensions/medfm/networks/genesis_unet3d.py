@@ -122,6 +122,9 @@ class GenesisUNet3D(nn.Module):
         bottleneck.shape                                          # (2, 512, 8, 8, 4)
     """
 
+    #: Channels of the bottleneck (1/8 resolution) features, the per-volume embedding size.
+    BOTTLENECK_CHANNELS = 512
+
     def __init__(
         self,
         in_channels: int = 1,

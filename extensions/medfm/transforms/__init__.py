@@ -2,6 +2,8 @@
 
 from .contract import CheckInputContract, CheckInputContractd, contract_deviations, read_contract
 from .embedding import GlobalAveragePool, GlobalAveragePoold
+from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
+from .sar import RandMultiScaleCrop, RandMultiScaleCropd
 from .genesis import (
     GenesisCorruptiond,
     RandInPaint,
@@ -20,6 +22,12 @@ __all__ = [
     "GenesisCorruptiond",
     "GlobalAveragePool",
     "GlobalAveragePoold",
+    "ModalityIntensity",
+    "ModalityIntensityd",
+    "RandMultiScaleCrop",
+    "RandMultiScaleCropd",
+    "RestoreIntensity",
+    "RestoreIntensityd",
     "RandInPaint",
     "RandInPaintd",
     "RandLocalPixelShuffle",
@@ -30,4 +38,5 @@ __all__ = [
     "RandOutPaintd",
     "contract_deviations",
     "read_contract",
+    "resolve_modality",
 ]

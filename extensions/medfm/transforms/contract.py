@@ -2,7 +2,7 @@
 
 A bundle's ``configs/metadata.json`` declares the contract under ``input_contract``::
 
-    {"modality": "CT", "orientation": "LPS",
+    {"modality": "CT", "orientation": "LPS",           # or a list, e.g. ["CT", "MR"]
      "spacing_mm": {"min": [0.4, 0.4, 0.5], "max": [1.0, 1.0, 2.5]},
      "intensity": {"method": "hu_window", "window": [-1000, 1000]},
      "patch_size": [64, 64, 32], "divisible_by": 8, "channels": 1,
@@ -46,10 +46,11 @@ def read_contract(bundle_root: str | os.PathLike) -> dict:
 
 def _modality_deviation(image: MetaTensor, contract: dict) -> str | None:
     expected = contract.get("modality")
+    accepted = [expected] if isinstance(expected, str) else list(expected or [])
     declared = str(image.meta.get("Modality", "")) if isinstance(image, MetaTensor) else ""
     if declared:
-        return None if declared == expected else f"DICOM modality {declared}, model pre-trained on {expected}"
-    if expected == "CT":
+        return None if declared in accepted else f"DICOM modality {declared}, model pre-trained on {' and '.join(accepted)}"
+    if accepted == ["CT"]:
         low, high = float(image.min()), float(image.max())
         if low >= 0:  # CT in Hounsfield units always has negative values (air, fat)
             return (f"intensities {low:g} to {high:g} have no negative values, so they are not CT Hounsfield "

@@ -1,6 +1,7 @@
 """Pieces that MONAI's bundle workflows call but do not provide themselves."""
 
-from .handlers import PretrainedWeightsLoader
+from .handlers import LossComponentsLogger, PretrainedWeightsLoader
 from .inferers import MethodInferer
+from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 
-__all__ = ["MethodInferer", "PretrainedWeightsLoader"]
+__all__ = ["LossComponentsLogger", "MethodInferer", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss"]

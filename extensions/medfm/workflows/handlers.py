@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
@@ -12,7 +14,7 @@ from ignite.engine import Engine, Events
 from ..errors import WeightsError
 from ..weights.checkpoint import load_checkpoint
 
-__all__ = ["PretrainedWeightsLoader"]
+__all__ = ["LossComponentsLogger", "PretrainedWeightsLoader"]
 
 
 class PretrainedWeightsLoader:
@@ -65,3 +67,43 @@ class PretrainedWeightsLoader:
             f"missing: {report['missing'] or 'none'}; unexpected: {report['unexpected'] or 'none'}"
         )
         return report
+
+
+class LossComponentsLogger:
+    """Log the epoch means of a loss's ``components`` (a dict of floats it refreshes on each call).
+
+    Each epoch adds one line to the log and, with ``output_file``, one row to a CSV (epoch, then
+    one column per component), so multi-task losses can be followed and plotted per task.
+    """
+
+    def __init__(self, loss_function: torch.nn.Module, output_file: str | os.PathLike | None = None) -> None:
+        self.loss_function = loss_function
+        self.output_file = output_file
+        self.logger = logging.getLogger(__name__)
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _accumulate(self, engine: Engine) -> None:
+        for name, value in getattr(self.loss_function, "components", {}).items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._count += 1
+
+    def _write(self, engine: Engine) -> None:
+        if not self._count:
+            return
+        means = {name: total / self._count for name, total in self._sums.items()}
+        self.logger.info("epoch %d: %s", engine.state.epoch, ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
+        if self.output_file is not None:
+            path = Path(self.output_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            with open(path, "a", newline="") as stream:
+                writer = csv.DictWriter(stream, fieldnames=["epoch", *means])
+                if new:
+                    writer.writeheader()
+                writer.writerow({"epoch": engine.state.epoch, **{k: f"{v:.6g}" for k, v in means.items()}})
+        self._sums, self._count = {}, 0
