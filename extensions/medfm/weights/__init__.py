@@ -2,7 +2,7 @@
 
 from .checkpoint import load_checkpoint, sha256_of
 from .download import download
-from .importer import fetch_weights, import_weights, installed_weights_id, verify_bundle_weights
+from .importer import fetch_weights, import_weights, installed_weights_id, installed_weights_path, verify_bundle_weights
 from .registry import REGISTRY, WeightsEntry, default_for_bundle, for_bundle, get
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "get",
     "import_weights",
     "installed_weights_id",
+    "installed_weights_path",
     "load_checkpoint",
     "sha256_of",
     "verify_bundle_weights",

@@ -16,7 +16,8 @@ from . import registry
 from .checkpoint import load_checkpoint, save_state_dict, sha256_of
 from .download import download
 
-__all__ = ["ImportReport", "fetch_weights", "import_weights", "installed_weights_id", "verify_bundle_weights"]
+__all__ = ["ImportReport", "fetch_weights", "import_weights", "installed_weights_id", "installed_weights_path",
+           "verify_bundle_weights"]
 
 MODEL_FILE = Path("models") / "model.pt"
 #: Written beside model.pt: which weights these are, from which file, imported when.
@@ -107,13 +108,24 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
     return report
 
 
-def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
-    """Check that ``models/model.pt`` loads strictly into the bundle network; report what it is."""
-    bundle_dir = find_bundle(bundle)
+def installed_weights_path(bundle: str | os.PathLike) -> str:
+    """Path of the bundle's ``models/model.pt``; a :class:`WeightsError` saying how to get it when absent.
+
+    Bundles whose weights may not be redistributed ship without them; their inference configs
+    ask for the file through this, so a missing download is one clear line, not a traceback.
+    """
+    bundle_dir = Path(bundle).resolve()
     model_file = bundle_dir / MODEL_FILE
     if not model_file.is_file():
         raise WeightsError(f"{model_file}: missing; run 'medfm weights fetch {bundle_dir.name}' or "
                            f"'medfm weights import {bundle_dir.name} FILE'")
+    return str(model_file)
+
+
+def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
+    """Check that ``models/model.pt`` loads strictly into the bundle network; report what it is."""
+    bundle_dir = find_bundle(bundle)
+    model_file = Path(installed_weights_path(bundle_dir))
     state = load_checkpoint(model_file)
     network = bundle_network(bundle_dir)
     try:

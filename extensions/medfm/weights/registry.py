@@ -107,6 +107,30 @@ REGISTRY: dict[str, WeightsEntry] = {
             notes="A demonstration that the pre-training runs end to end and that the quick start works "
             "offline; far weaker than the official weights.",
         ),
+        WeightsEntry(
+            name="universal_model",
+            bundle="universal_model_sar",
+            title="Universal Model (Zhang et al. 2020), official weights (Universal_model.pt)",
+            file_name="Universal_model.pt",
+            sha256="bc7960eb31af5883468efb35b776993fe664250f98eca84244d4921dc3f7e3a5",
+            size=152_640_882,
+            url="https://media.githubusercontent.com/media/xm-cmic/Universal-Model/master/Universal_model.pt",
+            license="none published: the authors' repository has no licence file, so all rights are reserved; "
+            "downloaded on request for research, never redistributed",
+            commercial_use=False,
+            redistributable=False,
+            source="https://github.com/xm-cmic/Universal-Model (git-LFS object; mirror CV-IP/Universal-Model)",
+            paper="Zhang X, Zhang S, Zhang C, Wang Y. Universal Model for 3D Medical Image Analysis, arXiv "
+            "2010.06107 v1 (2020); v2: SAR: Scale-Aware Restoration Learning for 3D Tumor Segmentation, MICCAI 2021",
+            trained_on="several unlabelled CT and MRI datasets of different body regions (exact list unpublished); "
+            "self-restoration + scale classification + modality-invariant adversarial learning",
+            preprocessing="as Models Genesis (the README loads it exactly like Genesis_Chest_CT.pt): CT HU "
+            "[-1000, 1000] to [0, 1], MRI per-image min-max to [0, 1]; 64x64x32 cubes",
+            network_module="medfm.networks.genesis_unet3d",
+            notes="The same 106 U-Net tensors as Models Genesis, saved from nn.DataParallel under "
+            "'state_dict'; the pre-training heads are not in the file. The media URL assumes the "
+            "repository's default branch 'master' (the mirror's); the sha256 pins the file either way.",
+        ),
     )
 }
 
