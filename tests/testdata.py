@@ -23,6 +23,8 @@ CACHE = Path(os.environ.get("MEDFM_TEST_DATA", REPO / ".cache" / "test-data"))
 HEUDICONV = "heudiconv==1.5.1"
 ITK_EXAMPLES = "insighttoolkit5-examples"
 ITK_DATA = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+MRICRON_DATA = "mricron-data"
+TOTALSEGMENTATOR = "totalsegmentator==2.18.0"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,14 @@ FILES: dict[str, RealFile] = {
         "debian", ITK_EXAMPLES, f"{ITK_DATA}/KmeansTest_T1KmeansPrelimSegmentation.nii.gz",
         "8f48a7ced6d27644489b8a2fc8084bf6594560d05f8997ad4327b6353d11f342", "Apache-2.0",
         "7-class k-means segmentation of the ITK head T1 (medfm.samples mr_head_t1)"),
+    "colin27_t1": RealFile(
+        "debian", MRICRON_DATA, "usr/share/mricron/templates/ch2.nii.gz",
+        "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309", "BSD-3-clause (mricron-data)",
+        "Colin27 single-subject T1 brain MRI, 181x217x181 at 1 mm (MNI space)"),
+    "ct_brain_template_1mm": RealFile(
+        "pypi", TOTALSEGMENTATOR, "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz",
+        "e6964149f62ae88b9973cec43ed80974368a24c922ff8b62d946e7c855eae265", "Apache-2.0",
+        "head-CT brain template, 202x202x179 at 1 mm (the 2 mm crop in medfm.samples comes from it)"),
 }
 
 

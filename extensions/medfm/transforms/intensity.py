@@ -14,7 +14,8 @@ from monai.utils import TransformBackends
 __all__ = ["resolve_modality", "ModalityIntensity", "ModalityIntensityd", "RestoreIntensity", "RestoreIntensityd",
            "INTENSITY_RANGE_KEY"]
 
-logger = logging.getLogger(__name__)
+# the guess is reported with the input-contract deviations, which ``medfm infer`` prints
+logger = logging.getLogger("medfm.contract")
 
 #: Meta key holding (low, high): input value = low + scaled value * (high - low).
 INTENSITY_RANGE_KEY = "intensity_range"
@@ -31,7 +32,8 @@ def resolve_modality(image: torch.Tensor, modality: str = "auto") -> str:
         return declared
     guessed = "CT" if float(image.min()) < CT_AIR_THRESHOLD else "MR"
     source = image.meta.get("filename_or_obj", "input") if isinstance(image, MetaTensor) else "input"
-    logger.info("%s: no modality given, treated as %s (minimum %g)", source, guessed, float(image.min()))
+    logger.warning("%s: no modality given, treated as %s (minimum %g); set modality if that is wrong",
+                   source, guessed, float(image.min()))
     return guessed
 
 

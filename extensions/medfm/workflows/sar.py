@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
@@ -53,6 +54,9 @@ class PrepareSARBatch(PrepareBatch):
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         def moved(value) -> torch.Tensor:
-            return torch.as_tensor(value).to(device=device, non_blocking=non_blocking)
+            # plain tensors: crops carry no geometry worth tracking, and MetaTensor bookkeeping on
+            # every operation of the U-Net costs time
+            value = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+            return value.to(device=device, non_blocking=non_blocking)
 
         return moved(batchdata[self.image_key]), {name: moved(batchdata[key]) for name, key in self.target_keys.items()}

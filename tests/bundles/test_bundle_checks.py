@@ -1,0 +1,84 @@
+"""The checks every bundle passes (the model zoo's, plus this project's layout rules), one row per bundle."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from medfm.bundles import bundle_network
+from medfm.weights import load_checkpoint, registry
+from tests.conftest import BUNDLES, SCHEMA, run_command
+
+pytestmark = pytest.mark.slow
+
+BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+REQUIRED_FILES = ["configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
+                  "configs/multi_gpu_train.json", "configs/pretrain.json", "configs/logging.conf", "docs/README.md",
+                  "LICENSE", "large_files.yml"]
+#: Keys every inference.json / train.json defines, so the bundles read as rows of one table.
+SHARED_KEYS = {
+    "inference.json": {"bundle_root", "output_dir", "ckpt_path", "input_image", "series_uid", "input_contract",
+                       "embeddings_index", "datalist", "device", "patch_size", "network_def", "network", "preprocessing",
+                       "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "initialize", "run"},
+    "train.json": {"bundle_root", "output_dir", "ckpt_dir", "pretrained", "pretrained_path", "dataset_dir", "dataset_json",
+                   "datalist", "val_fraction", "device", "seed", "num_classes", "label_names", "patch_size", "network_def",
+                   "network", "loss", "optimizer", "train", "validate", "initialize", "run"},
+    "pretrain.json": {"bundle_root", "output_dir", "datalist", "device", "seed", "patch_size", "network_def", "network",
+                      "loss", "optimizer", "train", "initialize", "run"},
+}
+
+
+def test_every_bundle_is_found():
+    assert {p.name for p in BUNDLE_DIRS} >= {"models_genesis_chest_ct", "universal_model_sar"}
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_required_files_and_shared_config_keys(bundle):
+    assert [f for f in REQUIRED_FILES if not (bundle / f).is_file()] == []
+    for config, keys in SHARED_KEYS.items():
+        assert keys - set(json.loads((bundle / "configs" / config).read_text())) == set(), config
+    assert json.loads((bundle / "configs" / "metadata.json").read_text())["name"] == bundle.name
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_large_files_are_the_registered_downloadable_weights(bundle):
+    listed = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    registered = {(e.url, e.sha256) for e in registry.for_bundle(bundle.name) if e.url}
+    assert {(f["url"], f["hash_val"]) for f in listed} == registered
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_metadata_is_valid_against_the_schema(bundle):
+    if not SCHEMA.is_file():
+        pytest.skip(f"schema copy not found at {SCHEMA}; verify_metadata would download it")
+    result = run_command([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                          "configs/metadata.json", "--filepath", str(SCHEMA)], cwd=bundle)
+    assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_network_input_and_output_match_the_metadata(bundle):
+    result = run_command([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
+                          "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"], cwd=bundle)
+    assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_checkpoint_exports_to_torchscript(bundle, tmp_path):
+    """The shipped weights, or (for bundles that ship none) freshly initialised ones."""
+    weights = bundle / "models" / "model.pt"
+    if not weights.is_file():
+        weights = tmp_path / "model.pt"
+        torch.save(bundle_network(bundle).state_dict(), weights)
+    exported = tmp_path / "model.ts"
+    result = run_command([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+                          "--ckpt_file", str(weights), "--meta_file", "configs/metadata.json",
+                          "--config_file", "configs/inference.json"], cwd=bundle)
+    assert result.returncode == 0, result.stderr[-2000:]
+    eager = bundle_network(bundle)
+    eager.load_state_dict(load_checkpoint(weights))
+    x = torch.rand(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(exported))(x), eager.eval()(x))
