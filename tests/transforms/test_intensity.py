@@ -21,10 +21,10 @@ def test_ct_uses_the_hu_window_and_mr_its_own_range():
 def test_modality_comes_from_dicom_then_from_the_values(caplog):
     assert resolve_modality(_image([[0.0, 5.0]], Modality="CT")) == "CT"
     assert resolve_modality(_image([[-1000.0, 5.0]]), "mr") == "MR"
-    with caplog.at_level(logging.INFO, logger="medfm.transforms.intensity"):
+    with caplog.at_level(logging.WARNING, logger="medfm.contract"):
         assert resolve_modality(_image([[-1024.0, 300.0]])) == "CT"
         assert resolve_modality(_image([[0.0, 300.0]])) == "MR"
-    assert "scan.nii.gz: no modality given, treated as MR (minimum 0)" in caplog.text
+    assert "scan.nii.gz: no modality given, treated as MR (minimum 0); set modality if that is wrong" in caplog.text
 
 
 def test_per_item_modality_and_restoration_to_input_units():
