@@ -5,10 +5,9 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from medfm.bundles import bundle_network
-from medfm.weights import load_checkpoint, registry
+from medfm.weights import load_checkpoint
 from tests.conftest import BUNDLES, SCHEMA, run_command
 
 pytestmark = pytest.mark.slow
@@ -40,13 +39,6 @@ def test_required_files_and_shared_config_keys(bundle):
     for config, keys in SHARED_KEYS.items():
         assert keys - set(json.loads((bundle / "configs" / config).read_text())) == set(), config
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["name"] == bundle.name
-
-
-@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
-def test_large_files_are_the_registered_downloadable_weights(bundle):
-    listed = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
-    registered = {(e.url, e.sha256) for e in registry.for_bundle(bundle.name) if e.url}
-    assert {(f["url"], f["hash_val"]) for f in listed} == registered
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)

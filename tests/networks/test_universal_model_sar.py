@@ -8,10 +8,22 @@ from tests.conftest import save_upstream_checkpoint
 
 def test_outputs_and_shapes():
     model = UniversalModelSAR(num_scales=3, num_domains=2)
-    out = model(torch.rand(2, 1, 32, 32, 16))
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 32, 32, 16))
     assert out["restored"].shape == (2, 1, 32, 32, 16) and 0 <= float(out["restored"].min()) <= float(out["restored"].max()) <= 1
     assert out["scale_logits"].shape == (2, 3) and out["domain_logits"].shape == (2, 2)
     assert out["bottleneck"].shape == (2, 512, 4, 4, 2)
+
+
+def test_heads_read_the_clean_crop_when_given():
+    torch.manual_seed(0)
+    model = UniversalModelSAR().eval()
+    corrupted, clean = torch.rand(2, 1, 16, 16, 8), torch.rand(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        both, alone, clean_only = model(corrupted, clean=clean), model(corrupted), model(clean)
+    torch.testing.assert_close(both["restored"], alone["restored"])
+    torch.testing.assert_close(both["scale_logits"], clean_only["scale_logits"])
+    torch.testing.assert_close(both["domain_logits"], clean_only["domain_logits"])
 
 
 def test_unet_weights_are_the_genesis_layout_and_heads_are_apart():

@@ -21,6 +21,14 @@ def test_official_genesis_facts_as_published():
     assert default_for_bundle("models_genesis_chest_ct") is entry
 
 
+def test_official_universal_model_facts_as_published():
+    entry = get("universal_model")
+    assert entry.sha256 == "bc7960eb31af5883468efb35b776993fe664250f98eca84244d4921dc3f7e3a5"
+    assert entry.size == 152_640_882 and not entry.redistributable and not entry.commercial_use
+    assert entry.network_module == "medfm.networks.genesis_unet3d"  # the released file is the Genesis U-Net
+    assert default_for_bundle("universal_model_sar") is entry
+
+
 def test_large_files_yml_lists_the_downloadable_registry_entries():
     for bundle in {e.bundle for e in REGISTRY.values()}:
         listed = yaml.safe_load((BUNDLES / bundle / "large_files.yml").read_text())["large_files"]

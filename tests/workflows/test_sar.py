@@ -24,9 +24,10 @@ def test_weighted_sum_and_components():
 
 def test_prepare_batch_splits_input_and_targets():
     batch = {"image": torch.rand(2, 1, 4, 4, 2), "label": torch.rand(2, 1, 4, 4, 2), "scale": [0, 1], "domain": [1, 1]}
-    inputs, targets = PrepareSARBatch()(batch, "cpu")
-    assert torch.equal(inputs, batch["image"])
+    inputs, targets, args, kwargs = PrepareSARBatch()(batch, "cpu")
+    assert torch.equal(inputs, batch["image"]) and args == ()
     assert torch.equal(targets["image"], batch["label"]) and targets["scale"].tolist() == [0, 1]
+    assert kwargs["clean"] is targets["image"], "the heads see the uncorrupted crop"
 
 
 def test_loss_components_are_logged_per_epoch(tmp_path):

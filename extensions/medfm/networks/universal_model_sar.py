@@ -35,9 +35,11 @@ class UniversalModelSAR(nn.Module):
         head_hidden: hidden width of both heads.
         norm: U-Net normalisation (``"cont_batch"`` as upstream, or ``"batch"``).
 
-    ``forward(x)`` with ``x`` of shape (B, 1, H, W, D), each side divisible by 8, returns
-    ``{"restored": (B, 1, H, W, D) in [0, 1], "scale_logits": (B, num_scales),
-    "domain_logits": (B, num_domains), "bottleneck": (B, 512, H/8, W/8, D/8)}``.
+    ``forward(x, clean=None)`` with ``x`` (the corrupted crop) of shape (B, 1, H, W, D), each side
+    divisible by 8, returns ``{"restored": (B, 1, H, W, D) in [0, 1], "scale_logits": (B, num_scales),
+    "domain_logits": (B, num_domains), "bottleneck": (B, 512, H/8, W/8, D/8)}``. With ``clean``
+    (the uncorrupted crop, same shape) the heads classify its encoding instead of ``x``'s, at the
+    cost of a second encoder pass.
     ``unet.state_dict()`` is the bundle weight file; ``heads_state_dict()`` the rest.
     """
 
@@ -50,12 +52,15 @@ class UniversalModelSAR(nn.Module):
         self.gradient_reversal = GradientReversal(adversarial_weight)
         self.domain_head = _pooled_mlp(features, head_hidden, num_domains)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         skips, bottleneck = self.unet.encode(x)
+        # the heads read the uncorrupted crop when it is given: out-painting and noise erase most
+        # of the scale and modality cues they are meant to learn from
+        head_features = bottleneck if clean is None else self.unet.encode(clean)[1]
         return {
             "restored": self.unet.decode(skips, bottleneck),
-            "scale_logits": self.scale_head(bottleneck),
-            "domain_logits": self.domain_head(self.gradient_reversal(bottleneck)),
+            "scale_logits": self.scale_head(head_features),
+            "domain_logits": self.domain_head(self.gradient_reversal(head_features)),
             "bottleneck": bottleneck,
         }
 

@@ -44,7 +44,10 @@ class ScaleAwareRestorationLoss(nn.Module):
 
 
 class PrepareSARBatch(PrepareBatch):
-    """Network input from ``image_key`` (the corrupted crop); targets: clean crop, scale and domain indices."""
+    """Network input from ``image_key`` (the corrupted crop); targets: clean crop, scale and domain indices.
+
+    The clean crop is also passed to the network as ``clean``, for the scale and modality heads.
+    """
 
     def __init__(self, image_key: str = "image", clean_key: str = "label", scale_key: str = "scale",
                  domain_key: str = "domain") -> None:
@@ -52,11 +55,13 @@ class PrepareSARBatch(PrepareBatch):
         self.target_keys = {"image": clean_key, "scale": scale_key, "domain": domain_key}
 
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
-                 **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
         def moved(value) -> torch.Tensor:
             # plain tensors: crops carry no geometry worth tracking, and MetaTensor bookkeeping on
             # every operation of the U-Net costs time
             value = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
             return value.to(device=device, non_blocking=non_blocking)
 
-        return moved(batchdata[self.image_key]), {name: moved(batchdata[key]) for name, key in self.target_keys.items()}
+        targets = {name: moved(batchdata[key]) for name, key in self.target_keys.items()}
+        # (inputs, targets, args, kwargs): MONAI's trainer calls network(inputs, clean=...)
+        return moved(batchdata[self.image_key]), targets, (), {"clean": targets["image"]}
