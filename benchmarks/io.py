@@ -6,7 +6,7 @@ The series is written once from the embedded real head CT, resampled to 512x512x
 one file per slice). Each measurement runs in a fresh Python process, so its peak resident memory
 (VmHWM) is its own. Both sides end with the voxels in a numpy-backed array: ITK's series reader
 plus ``itk.array_from_image``, and medfm's ``LoadScan``, which reads every header once with pydicom
-to choose and check the series, then lets ITK read the pixels. Nothing here is asserted.
+to choose and check the series, then hands ITK the sorted file list. Nothing here is asserted.
 """
 
 from __future__ import annotations

@@ -33,9 +33,11 @@ def _positions(folder):
     return sorted(folder.iterdir())
 
 
-def test_nifti_and_its_dicom_series_load_identically(small_ct, series):
+def test_nifti_and_its_dicom_series_load_identically(small_ct, series, caplog):
     from_nifti = LoadScan()(str(small_ct))
-    from_dicom = LoadScan()(str(series))
+    with caplog.at_level("WARNING", logger="medfm.io.reading"):
+        from_dicom = LoadScan()(str(series))
+    assert "pydicom instead" not in caplog.text, "ITK reads an ordinary series itself"
     np.testing.assert_array_equal(from_nifti.numpy(), from_dicom.numpy())
     np.testing.assert_allclose(from_nifti.affine.numpy(), from_dicom.affine.numpy(), atol=1e-4)
     assert from_dicom.meta["filename_or_obj"] == str(series)
@@ -97,6 +99,7 @@ def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
     assert found["CT"].uid in message and "(MR, " in message and "62 files" in message and "\n" not in message
     chosen = LoadScand("image", series_uid=found["MR"].uid)({"image": str(folder)})["image"]
     assert chosen.shape == (128, 128, 62)
+    np.testing.assert_array_equal(chosen.numpy(), LoadScan()(str(folder / "mr")).numpy())
     with pytest.raises(ScanError, match=r"no series 1\.2\.3; found: "):
         LoadScan(series_uid="1.2.3")(str(folder))
 
@@ -157,7 +160,7 @@ def test_series_itk_cannot_read_falls_back_to_pydicom(monkeypatch, caplog):
     expected = LoadScan()(PYDICOM_CT_SERIES)
 
     class BrokenITKReader(ITKReader):
-        def read(self, data, **kwargs):
+        def get_data(self, img):
             raise RuntimeError("GDCM could not decode the pixel data")
 
     monkeypatch.setattr(medfm.io.reading, "ITKReader", BrokenITKReader)

@@ -126,13 +126,14 @@ def _ras_affine(orientation: np.ndarray, pixel_spacing, origin: np.ndarray, slic
 
 def _rescaled(stored: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> np.ndarray:
     """Stored values (slices first) to modality values; integers stay integers where they are exact."""
+    if np.all(slopes == 1) and np.all(intercepts == 0):
+        return stored
     slopes = slopes.reshape(-1, *([1] * (stored.ndim - 1)))
     intercepts = intercepts.reshape(slopes.shape)
     if np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)):
-        values = stored.astype(np.int64) * slopes.astype(np.int64) + intercepts.astype(np.int64)
-        for dtype in (np.int16, np.int32):
-            if values.min() >= np.iinfo(dtype).min and values.max() <= np.iinfo(dtype).max:
-                return values.astype(dtype)
+        values = stored.astype(np.int32) * slopes.astype(np.int32) + intercepts.astype(np.int32)
+        if values.min() >= np.iinfo(np.int16).min and values.max() <= np.iinfo(np.int16).max:
+            return values.astype(np.int16)
         return values
     return (stored * slopes + intercepts).astype(np.float32)
 

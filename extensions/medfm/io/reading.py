@@ -104,16 +104,23 @@ class LoadScan(Transform):
         self._check_memory(source, self._file_voxels(source))
         return self._validated(self._read(str(source), source), source)
 
-    def _read(self, target: str, source: Path, series_uid: str = "") -> MetaTensor:
+    def _read(self, target: str | list[str], source: Path) -> MetaTensor:
+        """Read a NIfTI file (nibabel), another image file, or a DICOM series given as its sorted files (ITK)."""
         # ITK's NIfTI reader silently turns NaN and Inf into 0; nibabel, the reference
         # implementation, keeps them (and gives the same voxels and affine otherwise)
-        nifti = target.lower().endswith((".nii", ".nii.gz"))
-        reader = NibabelReader() if nifti else ITKReader(series_name=series_uid)
+        nifti = isinstance(target, str) and target.lower().endswith((".nii", ".nii.gz"))
+        reader = NibabelReader() if nifti else ITKReader()
         try:
             # the reader is called directly: LoadImage would quietly retry with other readers
-            # (whose geometry handling differs) when this one fails. The file's own dtype is kept:
-            # a float32 copy of a large int16 series doubles memory and load time
-            volume, meta = reader.get_data(reader.read(target))
+            # (whose geometry handling differs) when this one fails. A series goes to ITK as the
+            # file list already chosen and sorted, so GDCM does not scan the folder again. The
+            # file's own dtype is kept: a float32 copy of a large int16 series doubles memory
+            if isinstance(target, list):
+                import itk
+
+                volume, meta = reader.get_data(itk.imread(target))
+            else:
+                volume, meta = reader.get_data(reader.read(target))
         except Exception as error:
             raise ScanError(f"{source}: cannot be read as an image ({first_line(innermost(error))})") from None
         meta["filename_or_obj"] = str(source)
@@ -138,9 +145,9 @@ class LoadScan(Transform):
         headers = series.headers
         self._check_memory(source, int(headers[0].Rows) * int(headers[0].Columns) * len(headers))
         with _geometry_errors(source):
-            series_geometry(headers)  # ITK would read a broken series without complaint
+            _, order, _, _ = series_geometry(headers)  # ITK would read a broken series without complaint
         try:
-            image = self._read(str(series.files[0].parent), source, series.uid)
+            image = self._read([str(series.files[i]) for i in order], source)
         except ScanError as error:
             logger.warning("%s; reading it with pydicom instead", error)
             with _geometry_errors(source):
