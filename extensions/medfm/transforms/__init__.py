@@ -4,6 +4,7 @@ from .contract import CheckInputContract, CheckInputContractd, contract_deviatio
 from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
 from .sar import RandMultiScaleCrop, RandMultiScaleCropd
+from .vdt import VariableDimensionTransform, VariableDimensionTransformd
 from .genesis import (
     GenesisCorruptiond,
     RandInPaint,
@@ -28,6 +29,8 @@ __all__ = [
     "RandMultiScaleCropd",
     "RestoreIntensity",
     "RestoreIntensityd",
+    "VariableDimensionTransform",
+    "VariableDimensionTransformd",
     "RandInPaint",
     "RandInPaintd",
     "RandLocalPixelShuffle",

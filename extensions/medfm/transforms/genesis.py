@@ -16,6 +16,8 @@ from monai.transforms import Flip, MapTransform, Randomizable, RandomizableTrans
 from monai.utils import TransformBackends
 from monai.utils.type_conversion import convert_data_type, convert_to_dst_type
 
+from .wrapping import SeedsWrappedTransform
+
 __all__ = [
     "RandLocalPixelShuffle",
     "RandNonlinearIntensity",
@@ -253,7 +255,7 @@ class RandOutPaint(_GenesisArrayTransform):
         return out
 
 
-class _KeyedGenesisTransform(RandomizableTransform, MapTransform):
+class _KeyedGenesisTransform(SeedsWrappedTransform, RandomizableTransform, MapTransform):
     """Dictionary wrapper: one draw per call, applied with the same parameters to every key."""
 
     backend = _GenesisArrayTransform.backend
@@ -263,11 +265,6 @@ class _KeyedGenesisTransform(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, prob)
         transform.prob = 1.0  # this wrapper's own ``prob`` decides
         self.transform = transform
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
-        return self
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)

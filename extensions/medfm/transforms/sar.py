@@ -8,10 +8,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable, Transform
 from monai.data.meta_obj import get_track_meta
+from monai.transforms import MapTransform, Randomizable, Transform
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import convert_to_tensor
+
+from .wrapping import SeedsWrappedTransform
 
 __all__ = ["RandMultiScaleCrop", "RandMultiScaleCropd"]
 
@@ -67,28 +69,23 @@ class RandMultiScaleCrop(Randomizable, Transform, MultiSampleTrait):
         return crops
 
 
-class RandMultiScaleCropd(Randomizable, MapTransform, MultiSampleTrait):
+class RandMultiScaleCropd(SeedsWrappedTransform, MapTransform, MultiSampleTrait):
     """Dictionary version: one item per crop, the scale index under ``scale_key``; other entries are shared."""
 
     def __init__(self, keys: KeysCollection, crop_sizes: Sequence[Sequence[int]], output_size: Sequence[int],
                  num_samples: int = 1, scale_key: str = "scale", allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.cropper = RandMultiScaleCrop(crop_sizes, output_size, num_samples)
+        self.transform = RandMultiScaleCrop(crop_sizes, output_size, num_samples)
         self.scale_key = scale_key
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.cropper.set_random_state(seed, state)
-        return self
-
     def randomize(self, data=None) -> None:
-        self.cropper.randomize()
+        self.transform.randomize()
 
     def __call__(self, data: Mapping[Hashable, object]) -> list[dict[Hashable, object]]:
         self.randomize()
-        items = [dict(data) for _ in range(self.cropper.num_samples)]
+        items = [dict(data) for _ in range(self.transform.num_samples)]
         for key in self.key_iterator(dict(data)):
-            for item, (crop, scale) in zip(items, self.cropper(data[key], randomize=False)):
+            for item, (crop, scale) in zip(items, self.transform(data[key], randomize=False)):
                 item[key] = crop
                 item[self.scale_key] = scale
         return items
