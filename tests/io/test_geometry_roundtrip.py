@@ -53,7 +53,7 @@ def _nrrd(small_ct, tmp_path):
 
 def _mosaic(real_file):
     path = real_file("siemens_mosaic_mr")
-    volume, affine, _ = read_mosaic(path)  # nibabel's unpacking, checked against its own affine below
+    volume, affine = read_mosaic(path)  # nibabel's unpacking, checked against its own affine below
     from nibabel.nicom import dicomwrappers
 
     wrapper = dicomwrappers.wrapper_from_file(str(path))

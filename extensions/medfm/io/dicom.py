@@ -160,9 +160,13 @@ def series_geometry(headers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return orientations[0], order, positions[order[0]], step
 
 
-def stack_series(files: list[Path], headers: list) -> tuple[np.ndarray, np.ndarray]:
-    """Read a single-frame series with pydicom: (column, row, slice) array and its RAS affine."""
-    orientation, order, origin, step = series_geometry(headers)
+def stack_series(files: list[Path], geometry: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Read a single-frame series with pydicom: (column, row, slice) array and its RAS affine.
+
+    ``geometry`` is what :func:`series_geometry` returned for the files' headers.
+    """
+    orientation, order, origin, step = geometry
     datasets = [pydicom.dcmread(files[i]) for i in order]
     stored = np.stack([_pixels(d) for d in datasets])
     slopes = np.array([float(d.get("RescaleSlope", 1) or 1) for d in datasets])
@@ -180,8 +184,8 @@ def _frame_attribute(dataset: pydicom.Dataset, frame: int, sequence: str, keywor
     return None
 
 
-def read_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray, pydicom.Dataset]:
-    """Read an Enhanced (multi-frame) DICOM file: array, RAS affine and the dataset.
+def read_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an Enhanced (multi-frame) DICOM file: (column, row, slice) array and its RAS affine.
 
     Geometry comes from the functional groups: PlanePositionSequence per frame,
     PlaneOrientationSequence and PixelMeasuresSequence per frame or shared.
@@ -209,7 +213,7 @@ def read_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray, pydicom.Dataset
     intercepts = np.array([float(_frame_attribute(dataset, i, "PixelValueTransformationSequence", "RescaleIntercept")
                                  or dataset.get("RescaleIntercept", 0) or 0) for i in order])
     volume = _rescaled(stored, slopes, intercepts).transpose(2, 1, 0)
-    return volume, _ras_affine(orientations[0], geometry[0][2], positions[order[0]], step), dataset
+    return volume, _ras_affine(orientations[0], geometry[0][2], positions[order[0]], step)
 
 
 def frame_positions(dataset: pydicom.Dataset) -> np.ndarray:
@@ -229,8 +233,8 @@ def is_mosaic(header: pydicom.Dataset) -> bool:
     return "MOSAIC" in [str(value).upper() for value in header.get("ImageType", [])]
 
 
-def read_mosaic(path: Path) -> tuple[np.ndarray, np.ndarray, pydicom.Dataset]:
-    """Read a Siemens mosaic with nibabel's CSA-header support: array, RAS affine and the dataset."""
+def read_mosaic(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Siemens mosaic with nibabel's CSA-header support: (column, row, slice) array and RAS affine."""
     dataset = pydicom.dcmread(path)
     with warnings.catch_warnings():
         # nibabel flags all its DICOM wrappers as experimental; its mosaic support is the mature part
@@ -244,4 +248,4 @@ def read_mosaic(path: Path) -> tuple[np.ndarray, np.ndarray, pydicom.Dataset]:
         except Exception as error:
             raise DicomGeometryError(f"Siemens mosaic cannot be unpacked ({first_line(error)})") from None
     # nibabel indexes (row, column, slice); MONAI's layout is (column, row, slice)
-    return volume.transpose(1, 0, 2), LPS_TO_RAS @ affine[:, [1, 0, 2, 3]], dataset
+    return volume.transpose(1, 0, 2), LPS_TO_RAS @ affine[:, [1, 0, 2, 3]]

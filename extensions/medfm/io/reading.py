@@ -140,25 +140,28 @@ class LoadScan(Transform):
                             f"{'; '.join(s.summary() for s in found)}")
         else:
             series = found[0]
-        if len(series.files) == 1:
-            return self._load_dicom_file(series.files[0], source)
         headers = series.headers
+        if len(series.files) == 1:
+            return self._load_dicom_file(series.files[0], headers[0], source)
         self._check_memory(source, int(headers[0].Rows) * int(headers[0].Columns) * len(headers))
         with _geometry_errors(source):
-            _, order, _, _ = series_geometry(headers)  # ITK would read a broken series without complaint
+            geometry = series_geometry(headers)  # ITK would read a broken series without complaint
         try:
-            image = self._read([str(series.files[i]) for i in order], source)
+            image = self._read([str(series.files[i]) for i in geometry[1]], source)
         except ScanError as error:
             logger.warning("%s; reading it with pydicom instead", error)
             with _geometry_errors(source):
-                volume, affine = stack_series(series.files, headers)
+                volume, affine = stack_series(series.files, geometry)
             image = _meta_tensor(volume, affine, source)
         return self._validated(_with_dicom_meta(image, headers[0]), source)
 
-    def _load_dicom_file(self, path: Path, source: Path | None = None) -> MetaTensor:
-        """One DICOM file: a multi-frame (Enhanced) volume or a Siemens mosaic; one plain slice is 2D."""
+    def _load_dicom_file(self, path: Path, header: pydicom.Dataset | None = None, source: Path | None = None) -> MetaTensor:
+        """One DICOM file: a multi-frame (Enhanced) volume or a Siemens mosaic; one plain slice is 2D.
+
+        ``header``: the file's header when a folder scan already read it.
+        """
         source = source or path
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+        header = header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
         frames = int(header.get("NumberOfFrames", 1) or 1)
         mosaic = is_mosaic(header)
         if frames == 1 and not mosaic:
@@ -167,7 +170,7 @@ class LoadScan(Transform):
         # a mosaic tiles all its slices into one frame, so its voxel count is the frame's
         self._check_memory(source, int(header.Rows) * int(header.Columns) * frames)
         with _geometry_errors(source):
-            volume, affine, _ = read_mosaic(path) if mosaic else read_multiframe(path)
+            volume, affine = read_mosaic(path) if mosaic else read_multiframe(path)
         return self._validated(_with_dicom_meta(_meta_tensor(volume, affine, source), header), source)
 
     @staticmethod
