@@ -17,8 +17,8 @@ from pydicom.data import get_testdata_file
 import medfm
 
 
-def _series(small_ct: Path, tmp_path: Path) -> list[Path]:
-    """A real CT crop (64x48x40) written as a 40-file DICOM series, files in slice order."""
+def ct_series(small_ct: Path, tmp_path: Path) -> list[Path]:
+    """A real CT crop (64x48x40) written as a 40-file DICOM series in ``tmp_path/series``, files in slice order."""
     return medfm.samples.write_dicom_series(str(small_ct), tmp_path / "series", modality="CT")
 
 
@@ -35,7 +35,7 @@ def _shift(path: Path, dx: float = 0.0, dy: float = 0.0, dz: float = 0.0) -> Non
 
 
 def duplicated_slice(small_ct, tmp_path, real_file):
-    files = _series(small_ct, tmp_path)
+    files = ct_series(small_ct, tmp_path)
     dataset = pydicom.dcmread(files[5])
     dataset.SOPInstanceUID = pydicom.uid.generate_uid()
     dataset.save_as(files[0].parent / "slice_dup.dcm")
@@ -43,27 +43,27 @@ def duplicated_slice(small_ct, tmp_path, real_file):
 
 
 def missing_slices(small_ct, tmp_path, real_file):
-    files = _series(small_ct, tmp_path)
+    files = ct_series(small_ct, tmp_path)
     for path in files[10:12]:
         path.unlink()
     return files[0].parent, r"series: 2 missing slice\(s\): gaps of up to 6 mm where the spacing is 2 mm"
 
 
 def non_uniform_spacing(small_ct, tmp_path, real_file):
-    files = _series(small_ct, tmp_path)
+    files = ct_series(small_ct, tmp_path)
     _shift(files[7], dz=0.6)
     return files[0].parent, r"series: non-uniform slice spacing \(1\.4 to 2\.6 mm\)"
 
 
 def gantry_tilt(small_ct, tmp_path, real_file):
-    files = _series(small_ct, tmp_path)
+    files = ct_series(small_ct, tmp_path)
     for index, path in enumerate(files):
         _shift(path, dy=0.35 * index)
     return files[0].parent, r"series: gantry tilt of about 9\.9 degrees"
 
 
 def mixed_orientations(small_ct, tmp_path, real_file):
-    files = _series(small_ct, tmp_path)
+    files = ct_series(small_ct, tmp_path)
     _edit(files[3], ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
     return files[0].parent, r"series: mixes 2 slice orientations"
 

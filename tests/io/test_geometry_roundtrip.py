@@ -13,6 +13,9 @@ from pydicom.data import get_testdata_file
 import medfm
 from medfm.io import LoadScand, SaveSegmentation, SaveSegmentationd, SegmentationWriteError
 from medfm.io.dicom import LPS_TO_RAS, read_mosaic
+from medfm.io.segmentation import corner_offset_mm
+
+from .bad_inputs import ct_series
 
 TOLERANCE_MM = 1e-4
 
@@ -29,8 +32,7 @@ def _nibabel_reference(path):
 
 
 def _series_folder(small_ct, tmp_path):
-    folder = tmp_path / "series"
-    medfm.samples.write_dicom_series(str(small_ct), folder, modality="CT")
+    folder = ct_series(small_ct, tmp_path)[0].parent
     return folder, _itk_reference(folder)
 
 
@@ -74,11 +76,6 @@ INPUTS = {
 }
 
 
-def _corner_offset_mm(affine, reference, shape):
-    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
-    return float(np.abs((affine - reference) @ corners).max())
-
-
 def _run_round_trip(path, output_dir, threshold=None, labels=("background", "bright")):
     """Preprocess like a bundle, threshold in model space, invert, save; returns the written paths."""
     preprocess = Compose([
@@ -106,7 +103,7 @@ def test_segmentation_lands_on_the_input_grid(reader, small_ct, tmp_path, real_f
     assert len(nifti) == 1
     label = nib.load(nifti[0])
     assert label.shape == reference_volume.shape
-    assert _corner_offset_mm(label.affine, reference_affine, label.shape) < TOLERANCE_MM
+    assert corner_offset_mm(label.affine, reference_affine, label.shape) < TOLERANCE_MM
     # the content lines up too: the mask made in model space matches the threshold applied to the input
     direct = reference_volume > threshold
     mask = np.asarray(label.dataobj) == 1

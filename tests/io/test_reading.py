@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 import medfm
 from medfm.io import LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
 
-from .bad_inputs import CORPUS
+from .bad_inputs import CORPUS, ct_series
 
 PYDICOM_CT_SERIES = os.path.join(os.path.dirname(get_testdata_file("CT_small.dcm")), "dicomdirtests", "98892001", "CT5N")
 
@@ -24,9 +24,7 @@ PYDICOM_CT_SERIES = os.path.join(os.path.dirname(get_testdata_file("CT_small.dcm
 @pytest.fixture
 def series(small_ct, tmp_path):
     """A real CT crop (64x48x40) written as a 40-file DICOM series."""
-    folder = tmp_path / "series"
-    medfm.samples.write_dicom_series(str(small_ct), folder, modality="CT")
-    return folder
+    return ct_series(small_ct, tmp_path)[0].parent
 
 
 def _positions(folder):

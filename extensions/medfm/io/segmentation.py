@@ -24,7 +24,7 @@ from .dicom import LPS_TO_RAS, frame_positions, is_mosaic, list_dicom_series
 from .embeddings import input_meta, input_stem
 from .reading import safe_extract_zip
 
-__all__ = ["SegmentationWriteError", "SaveSegmentation", "SaveSegmentationd", "source_datasets"]
+__all__ = ["SegmentationWriteError", "SaveSegmentation", "SaveSegmentationd", "corner_offset_mm", "source_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ def _labels_by_value(labels: Mapping[int | str, str] | Sequence[str]) -> dict[in
     if not named:
         raise ValueError("a segmentation needs at least one non-background label")
     return named
+
+
+def corner_offset_mm(affine: np.ndarray, reference: np.ndarray, shape: Sequence[int]) -> float:
+    """Largest distance (mm) between where two affines put the 8 corner voxels of a grid of ``shape``."""
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
+    return float(np.abs((np.asarray(affine, float) - np.asarray(reference, float)) @ corners).max())
 
 
 class SaveSegmentation:
@@ -110,8 +116,7 @@ class SaveSegmentation:
     def _check_on_input_grid(volume: np.ndarray, affine: np.ndarray, image_meta: Mapping, source: str) -> None:
         shape = tuple(int(s) for s in np.asarray(image_meta.get("spatial_shape", volume.shape)).ravel())
         original = np.asarray(convert_data_type(image_meta.get("original_affine", affine), np.ndarray)[0], float)
-        corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
-        offset = float(np.abs((affine - original) @ corners).max())
+        offset = corner_offset_mm(affine, original, shape)
         if volume.ndim != 3 or tuple(volume.shape) != shape or offset > GRID_TOLERANCE_MM:
             raise SegmentationWriteError(
                 f"{source}: the segmentation (shape {tuple(volume.shape)}) is not on the input's grid (shape {shape}, "
