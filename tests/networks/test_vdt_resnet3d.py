@@ -35,3 +35,12 @@ def test_checkpoint_filter_accepts_mmcls_layouts():
     other_head = vdt_resnet18(num_classes=2)
     converted = checkpoint_filter_fn(checkpoint, other_head)
     assert "fc.weight" not in converted and len(converted) == 120  # a head of another size is dropped
+
+
+def test_checkpoint_filter_drops_a_head_the_network_does_not_have():
+    source = vdt_resnet18()
+    embedding_network = vdt_resnet18(feed_forward=False)
+    converted = checkpoint_filter_fn({"state_dict": source.state_dict()}, embedding_network)
+    embedding_network.load_state_dict(converted, strict=True)
+    with torch.no_grad():
+        assert embedding_network.eval()(torch.rand(1, 1, 32, 32, 32)).shape == (1, 512)

@@ -30,9 +30,11 @@ def vdt_resnet18(num_classes: int = 1000, pretraining_geometry: bool = False, **
         pretraining_geometry: strides (1, 2, 2) everywhere, for (B, 1, 3, H, W) inputs made by
             :class:`medfm.transforms.VariableDimensionTransform`: a 3x224x224 input ends as
             (512, 3, 7, 7) features. Off: isotropic strides, as for fine-tuning on 3D scans.
-        kwargs: further ``monai.networks.nets.resnet18`` arguments.
+        kwargs: further ``monai.networks.nets.resnet18`` arguments (they override
+            :data:`RESNET18_ARGS`, e.g. ``feed_forward=False`` for a network without ``fc`` that
+            returns the pooled 512-d embedding).
     """
-    network = resnet18(**RESNET18_ARGS, num_classes=num_classes, **kwargs)
+    network = resnet18(**{**RESNET18_ARGS, "num_classes": num_classes, **kwargs})
     if pretraining_geometry:
         network.conv1.stride = DEPTH_KEEPING_STRIDE
         network.maxpool.stride = DEPTH_KEEPING_STRIDE
@@ -46,8 +48,10 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module) -> dict[st
     """Turn an upstream (mmcls-style) checkpoint into ``model``'s state dict keys.
 
     Accepts ``{"state_dict": ..., "meta": ...}`` or a bare state dict; strips ``module.`` and
-    ``backbone.`` prefixes; maps an mmcls classification head (``head.fc.*``) onto ``fc.*`` when
-    the shapes agree and drops it otherwise. Other keys are kept, so a strict load reports them.
+    ``backbone.`` prefixes; maps an mmcls classification head (``head.fc.*``) onto ``fc.*``. A
+    classification head is kept only where ``model`` has one of the same shape (a network with
+    another class count, none, or a segmentation decoder starts its head fresh). Other keys are
+    kept, so a strict load reports them.
     """
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     expected = model.state_dict()
@@ -56,7 +60,7 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module) -> dict[st
         key = key.removeprefix("module.").removeprefix("backbone.")
         if key.startswith("head."):
             key = "fc." + key.rsplit(".", 1)[-1]
-            if key not in expected or expected[key].shape != value.shape:
-                continue
+        if key.startswith("fc.") and (key not in expected or expected[key].shape != value.shape):
+            continue
         converted[key] = value
     return converted
