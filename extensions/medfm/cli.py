@@ -156,13 +156,16 @@ def _weights_commands() -> dict:
             print(line)
 
     def import_(bundle: str, file: str, weights: str | None = None, in_channels: int | None = None,
-                dtype: str = "float32", strict: bool = True) -> None:
+                dtype: str = "float32", strict: bool = True, strip_objects: bool = False) -> None:
         """Import a checkpoint (upstream layout or plain state dict) into BUNDLE/models/model.pt.
 
         ``--strict False`` imports a partial match (missing keys keep their fresh values) and
-        lists what did not match.
+        lists what did not match. ``--strip_objects`` imports a file that pickles objects beyond
+        tensors (e.g. an mmcv config in its meta) by keeping only its tensors; none of the
+        objects' code runs.
         """
-        report = import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype, strict=strict)
+        report = import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype, strict=strict,
+                                strip_objects=strip_objects)
         for line in report.lines():
             print(line)
         for kind, keys in (("missing", report.missing_keys), ("unexpected", report.unexpected_keys)):

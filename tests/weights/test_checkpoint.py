@@ -1,6 +1,7 @@
 import os
 import pickle
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -30,14 +31,41 @@ def test_upstream_checkpoint_loads_with_weights_only(tmp_path, legacy):
     torch.testing.assert_close(checkpoint["state_dict"]["module.out_tr.final_conv.weight"], weights["out_tr.final_conv.weight"])
 
 
-def test_checkpoint_with_pickled_callable_is_refused_and_not_executed(tmp_path):
+@pytest.mark.parametrize("strip_objects", [False, True])
+def test_checkpoint_with_pickled_callable_is_refused_and_not_executed(tmp_path, strip_objects):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _Payload(marker)}, path)
-    with pytest.raises(WeightsError, match=r"evil\.pt: refused: the checkpoint holds pickled Python objects") as info:
-        load_checkpoint(path)
+    with pytest.raises(WeightsError, match=r"evil\.pt: refused: the checkpoint would call posix\.system") as info:
+        load_checkpoint(path, strip_objects=strip_objects)
     assert "\n" not in str(info.value)
     assert not marker.exists()
+
+
+class _TrainingConfig:
+    """A class only the training code knows (like an mmcv Config in a checkpoint's meta)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __setstate__(self, state):
+        open(state["marker"], "w").close()  # would run if the real class were used
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_foreign_objects_are_refused_or_dropped_without_running_their_code(tmp_path, legacy, caplog):
+    marker = tmp_path / "executed"
+    path = tmp_path / "mmcls.pth"
+    weights = {"conv.weight": torch.rand(2, 3)}
+    meta = {"config": _TrainingConfig(str(marker)), "mean": numpy.arange(3), "CLASSES": ["a", "b"], "epoch": 100}
+    torch.save({"meta": meta, "state_dict": weights}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(WeightsError, match=r"mmcls\.pth: refused: .*_TrainingConfig.*--strip_objects"):
+        load_checkpoint(path)
+    checkpoint = load_checkpoint(path, strip_objects=True)
+    assert checkpoint["meta"] == {"CLASSES": ["a", "b"], "epoch": 100}
+    torch.testing.assert_close(checkpoint["state_dict"]["conv.weight"], weights["conv.weight"])
+    assert not marker.exists()
+    assert "dropped pickled objects of" in caplog.text and "_TrainingConfig" in caplog.text
 
 
 def test_unreadable_and_missing_files(tmp_path):

@@ -55,13 +55,16 @@ def _network_module(bundle_name: str):
 
 
 def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike, weights: str | None = None,
-                   in_channels: int | None = None, dtype: str = "float32", strict: bool = True) -> ImportReport:
+                   in_channels: int | None = None, dtype: str = "float32", strict: bool = True,
+                   strip_objects: bool = False) -> ImportReport:
     """Convert ``checkpoint_file`` with the network's ``checkpoint_filter_fn`` and write ``models/model.pt``.
 
     The file is read with ``weights_only`` (never unpickled). Its sha256 is compared with the
     registry: a file named like a registered checkpoint, or imported as ``weights``, must match
     that entry's hash. Input channels are adapted to the bundle network's (or ``in_channels``).
     With ``strict``, any missing or unexpected key is an error and nothing is written.
+    ``strip_objects`` reads a file that pickles objects beyond tensors by dropping them (see
+    :func:`medfm.weights.load_checkpoint`).
     """
     bundle_dir = find_bundle(bundle)
     if dtype not in DTYPES:
@@ -81,7 +84,7 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
     network = bundle_network(bundle_dir, **overrides)
     filter_fn = _network_module(bundle_dir.name).checkpoint_filter_fn
     try:
-        state = filter_fn(load_checkpoint(source), network)
+        state = filter_fn(load_checkpoint(source, strip_objects=strip_objects), network)
     except ValueError as error:
         raise WeightsError(f"{source}: {error}") from None
     try:
