@@ -1,6 +1,9 @@
 import importlib
 
+import pytest
 import yaml
+
+from medfm.errors import WeightsError
 
 from medfm.weights import REGISTRY, default_for_bundle, get, sha256_of
 from tests.conftest import BUNDLES
@@ -29,6 +32,15 @@ def test_official_universal_model_facts_as_published():
     assert default_for_bundle("universal_model_sar") is entry
 
 
+def test_vdt_weights_are_import_only_and_say_where_to_get_them():
+    entry = get("vdt_resnet3d18_imagenet")
+    assert entry.url is None and entry.sha256 == "5ff2ecb7" and not entry.redistributable
+    assert entry.matches("5ff2ecb7" + "0" * 56) and not entry.matches("5ff2ecb8" + "0" * 56)
+    with pytest.raises(WeightsError, match=r"download res3d18_imagenet_BN_73\.07-5ff2ecb7\.pth yourself .*CSPR.*"
+                                           r"medfm weights import vdt_resnet3d18"):
+        default_for_bundle("vdt_resnet3d18")
+
+
 def test_large_files_yml_lists_the_downloadable_registry_entries():
     for bundle in {e.bundle for e in REGISTRY.values()}:
         listed = yaml.safe_load((BUNDLES / bundle / "large_files.yml").read_text())["large_files"]
@@ -39,7 +51,7 @@ def test_large_files_yml_lists_the_downloadable_registry_entries():
 
 def test_committed_weights_are_the_registered_project_weights():
     for entry in REGISTRY.values():
-        if entry.url is None:  # shipped with the bundle
+        if entry.url is None and entry.redistributable:  # shipped with the bundle
             path = BUNDLES / entry.bundle / "models" / entry.file_name
             assert sha256_of(path) == entry.sha256, f"{path} changed: update the registry entry {entry.name!r}"
             assert path.stat().st_size == entry.size

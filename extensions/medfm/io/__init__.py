@@ -1,6 +1,7 @@
 """Reading scans and writing results that line up with them."""
 
 from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, input_stem, read_index_rows
+from .image_folder import image_folder_classes, image_folder_datalist
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
 from .segmentation import SaveSegmentation, SaveSegmentationd, SegmentationWriteError
 
@@ -15,6 +16,8 @@ __all__ = [
     "SegmentationWriteError",
     "ScanError",
     "append_index_rows",
+    "image_folder_classes",
+    "image_folder_datalist",
     "input_stem",
     "list_dicom_series",
     "read_index_rows",

@@ -131,6 +131,37 @@ REGISTRY: dict[str, WeightsEntry] = {
             "'state_dict'; the pre-training heads are not in the file. The media URL assumes the "
             "repository's default branch 'master' (the mirror's); the sha256 pins the file either way.",
         ),
+        WeightsEntry(
+            name="vdt_resnet3d18_imagenet",
+            bundle="vdt_resnet3d18",
+            title="VDT supervised 3D pre-training, 3D ResNet-18 on ImageNet (res3d18_imagenet_BN_73.07-5ff2ecb7.pth)",
+            file_name="res3d18_imagenet_BN_73.07-5ff2ecb7.pth",
+            sha256="5ff2ecb7",
+            size=None,
+            url=None,
+            license="not stated for the weights (the CSPR code is Apache-2.0); trained on ImageNet, whose terms "
+            "allow non-commercial research only; imported from your own download, never redistributed",
+            commercial_use=False,
+            redistributable=False,
+            source="https://github.com/urmagicsmine/CSPR (README links: Google Drive file id "
+            "1TlaGFA154RfunoLFzvP8SRjzVL8zGTOI, and Baidu Pan); no stable direct URL, so import only",
+            paper="Zhang J, Li Y, Zhou Z, Ma K, Yu Y. Advancing 3D Medical Image Analysis with Variable Dimension "
+            "Transform based Supervised 3D Pre-training. Neurocomputing 529 (2023); arXiv 2201.01426",
+            trained_on="ImageNet-1k training set (1.28 M images, 1000 classes), each RGB image read as a one-channel "
+            "3-slice volume with shuffled slice order; RandomResizedCrop 224, flip, label smoothing 0.1, SGD lr 0.1 "
+            "cosine, 100 epochs; strides (1, 2, 2) throughout",
+            preprocessing="pre-training: 0-255 images normalised with mean 114.495, std 57.63 (all slices). "
+            "Fine-tuning in this bundle: CT HU [-1000, 1000] or MRI min-max to [0, 1], times 255, same normalisation",
+            network_module="medfm.networks.vdt_resnet3d",
+            metrics={
+                "ImageNet top-1 of the 3D network (from the file name)": "73.07",
+                "annotation saving vs training from scratch (paper's claim)": "up to 60%",
+            },
+            notes="Only the first 8 hex digits of the sha256 are published (in the file name, as mmcls' "
+            "publish tool writes them). Layout expected from mmcls: {'meta', 'state_dict'}; keys may carry "
+            "'backbone.' and a 'head.fc' classifier (both handled by checkpoint_filter_fn). A file whose meta "
+            "pickles foreign objects imports with --strip_objects.",
+        ),
     )
 }
 
@@ -151,9 +182,12 @@ def for_bundle(bundle: str) -> list[WeightsEntry]:
 
 def default_for_bundle(bundle: str) -> WeightsEntry:
     """The weights ``medfm weights fetch`` downloads for ``bundle`` (the first with a URL)."""
-    downloadable = [e for e in for_bundle(bundle) if e.url]
+    entries = for_bundle(bundle)
+    downloadable = [e for e in entries if e.url]
     if not downloadable:
-        raise WeightsError(f"no downloadable weights registered for bundle {bundle!r}")
+        hint = "".join(f"; download {e.file_name} yourself ({e.source}) and run 'medfm weights import {bundle} "
+                       f"{e.file_name}'" for e in entries[:1])
+        raise WeightsError(f"no downloadable weights registered for bundle {bundle!r}{hint}")
     return downloadable[0]
 
 

@@ -46,3 +46,37 @@ class MethodInferer(Inferer):
         # a lower-resolution output sorts first; a tuple keeps the method's full-resolution-first order
         result = self.inferer(inputs, predictor, *args, **kwargs)
         return dict(zip(names, result)) if names else result
+
+
+class FeatureTapInferer(Inferer):
+    """Run a network once on the whole input and return named intermediate outputs beside its own.
+
+    For networks built elsewhere (MONAI's ``ResNet``) whose ``forward`` returns only the final
+    output: forward hooks on the named submodules capture their outputs, flattened per item,
+    e.g. ``taps={"embedding": "avgpool"}`` gives the 512-d pooled features of a ResNet-18.
+
+    Args:
+        taps: output name -> dotted submodule name (``network.get_submodule``).
+        output_key: name for the network's own output; ``None`` leaves it out (when the tapped
+            features are all that is wanted).
+    """
+
+    def __init__(self, taps: Mapping[str, str], output_key: str | None = "pred") -> None:
+        super().__init__()
+        self.taps = dict(taps)
+        self.output_key = output_key
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> dict:
+        module = getattr(network, "module", network)
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [
+            module.get_submodule(target).register_forward_hook(
+                lambda _module, _inputs, output, name=name: captured.__setitem__(name, output.flatten(1)))
+            for name, target in self.taps.items()
+        ]
+        try:
+            output = network(inputs, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {**({self.output_key: output} if self.output_key else {}), **captured}

@@ -1,0 +1,138 @@
+"""Every workflow of the VDT 3D ResNet-18 bundle, driven through ``python -m monai.bundle``."""
+
+import csv
+import json
+import shutil
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medfm
+from medfm.networks import VDTResNetUNet, vdt_resnet18
+from medfm.weights import load_checkpoint
+from tests.conftest import BUNDLES, bundle_run, crop_nifti, run_command
+
+pytestmark = pytest.mark.slow
+
+VDT = BUNDLES / "vdt_resnet3d18"
+UPSTREAM_NAME = "res3d18_imagenet_BN_73.07-5ff2ecb7.pth"
+
+
+@pytest.fixture
+def vdt_bundle(tmp_path):
+    target = tmp_path / "vdt_resnet3d18"
+    shutil.copytree(VDT, target, ignore=shutil.ignore_patterns("eval", "finetune*", "pretrain"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """ImageFolder tree of real 2D images: axial slices of the embedded CT and MR (grey PNG), and
+    three adjacent MR slices as the colours of RGB (JPEG) and RGBA (PNG) images, so every reader path runs."""
+    root = tmp_path_factory.mktemp("image_folder")
+    for name, sample in (("ct_head", "ct_head"), ("mr_head", "mr_head_t1")):
+        volume = np.asarray(nib.load(medfm.samples.path(sample)).dataobj, dtype=np.float32)
+        volume = (volume - volume.min()) / (volume.max() - volume.min()) * 255
+        (root / name).mkdir()
+        for index, z in enumerate(np.linspace(volume.shape[2] * 0.3, volume.shape[2] * 0.7, 6).astype(int)):
+            if index < 4:
+                Image.fromarray(volume[:, :, z].astype(np.uint8)).save(root / name / f"{z}.png")
+            else:
+                rgb = np.stack([volume[:, :, z + d] for d in (-1, 0, 1)], axis=-1).astype(np.uint8)
+                image = Image.fromarray(rgb)
+                image.save(root / name / f"{z}.jpg") if index == 4 else image.convert("RGBA").save(root / name / f"{z}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def crop_classification_dataset(tmp_path_factory):
+    """Decathlon-style classification set from the real volumes: 48^3 crops of the head CT
+    (class 0) and of the head T1 MRI (class 1), each item tagged with its modality."""
+    folder = tmp_path_factory.mktemp("crops")
+    items = []
+    for label, (sample, modality) in enumerate((("ct_head", "CT"), ("mr_head_t1", "MR"))):
+        shape = nib.load(medfm.samples.path(sample)).shape
+        for index in range(4):
+            offset = tuple(int(s * (0.2 + 0.1 * index)) for s in shape)
+            crop = crop_nifti(medfm.samples.path(sample), folder / f"{modality}_{index}.nii.gz", (48, 48, 48), offset)
+            items.append({"image": crop.name, "label": label, "modality": modality})
+    order = [0, 4, 1, 5, 2, 6, 3, 7]  # both classes in the last quarter (validation)
+    (folder / "dataset.json").write_text(json.dumps({"name": "ct_vs_mr_crops", "labels": {"0": "CT", "1": "MR"},
+                                                     "training": [items[i] for i in order]}))
+    return folder
+
+
+def test_pretraining_on_an_image_folder_gives_weights_for_both_geometries(vdt_bundle, image_folder, tmp_path):
+    result = bundle_run(vdt_bundle, ["configs/pretrain.json"], "--image_dir", str(image_folder), "--output_dir",
+                        str(tmp_path / "pt"), "--patch_size", "[32,32]", "--batch_size", "4", "--max_epochs", "2",
+                        "--num_workers", "0", "--val_fraction", "0.25", "--learning_rate", "0.01")
+    log = result.stdout + result.stderr
+    assert log.count("train_loss:") == 4 and log.count("val_accuracy") >= 2  # 9 images / 4 per batch, 2 epochs
+    state = load_checkpoint(tmp_path / "pt" / "models" / "model.pt")
+    assert state["fc.weight"].shape == (2, 512)
+    vdt_resnet18(num_classes=2, pretraining_geometry=True).load_state_dict(state)
+    vdt_resnet18(num_classes=2).load_state_dict(state)  # the fine-tuning geometry shares every tensor
+
+
+def _fine_tune(bundle, dataset, output_dir, *overrides, config="configs/train.json", launcher=None):
+    configs = [config] + [o for o in overrides if o.startswith("configs/")]
+    return bundle_run(bundle, configs, "--dataset_dir", str(dataset), "--output_dir", str(output_dir),
+                      "--patch_size", "[32,32,32]", "--max_epochs", "1", "--num_workers", "0", "--val_fraction", "0.25",
+                      *[o for o in overrides if not o.startswith("configs/")], launcher=launcher)
+
+
+def test_classification_fine_tuning_evaluation_inference_and_scratch(vdt_bundle, crop_classification_dataset, tmp_path):
+    (vdt_bundle / "models").mkdir(exist_ok=True)
+    torch.save(vdt_resnet18(num_classes=1000).state_dict(), vdt_bundle / "models" / "model.pt")  # an ImageNet head
+    result = _fine_tune(vdt_bundle, crop_classification_dataset, tmp_path / "ft", "--batch_size", "3")
+    log = result.stdout + result.stderr
+    assert "loaded 120 of 122 tensors; kept fresh (shape differs): ['fc.weight', 'fc.bias']" in log
+    assert "val_auc" in log and "val_accuracy" in log
+    fine_tuned = tmp_path / "ft" / "models" / "model.pt"
+    assert load_checkpoint(fine_tuned)["fc.weight"].shape == (2, 512)
+
+    bundle_run(vdt_bundle, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir",
+               str(crop_classification_dataset), "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,32]",
+               "--val_fraction", "0.25")
+    rows = list(csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open()))
+    assert len(rows) == 2 and all(abs(float(a) + float(b) - 1) < 1e-5 for _, a, b in rows)
+    assert (tmp_path / "ft" / "eval" / "metrics.csv").read_text().startswith("val_auc")
+
+    out = tmp_path / "infer"
+    bundle_run(vdt_bundle, ["configs/inference.json"], "--ckpt_path", str(fine_tuned), "--num_classes", "2",
+               "--output_dir", str(out), "--input_image", str(crop_classification_dataset / "MR_1.nii.gz"))
+    (name, *probabilities), = csv.reader((out / "predictions.csv").open())
+    assert name.endswith("MR_1.nii.gz") and len(probabilities) == 2 and abs(sum(map(float, probabilities)) - 1) < 1e-5
+    assert np.load(out / "MR_1_embedding.npy").shape == (512,)
+
+    scratch = _fine_tune(vdt_bundle, crop_classification_dataset, tmp_path / "scratch", "--pretrained", "False")
+    assert "pretrained weights" not in scratch.stdout + scratch.stderr
+
+
+def test_segmentation_fine_tuning_loads_the_encoder_and_trains_the_decoder(vdt_bundle, tiny_segmentation_dataset, tmp_path):
+    (vdt_bundle / "models").mkdir(exist_ok=True)
+    torch.save(vdt_resnet18(feed_forward=False).state_dict(), vdt_bundle / "models" / "model.pt")
+    result = _fine_tune(vdt_bundle, tiny_segmentation_dataset, tmp_path / "seg", "--patches_per_volume", "1", "--val_interval", "1",
+                        "--modality", "CT", config="configs/train_segmentation.json")
+    encoder = len([k for k in vdt_resnet18(feed_forward=False).state_dict()])
+    total = len(VDTResNetUNet(out_channels=2).state_dict())
+    assert f"loaded {encoder} of {total} tensors" in result.stdout + result.stderr
+    assert "val_mean_dice" in result.stdout + result.stderr
+    VDTResNetUNet(out_channels=2).load_state_dict(load_checkpoint(tmp_path / "seg" / "models" / "model.pt"))
+
+
+def test_embedding_inference_on_the_sample_and_without_weights(vdt_bundle, tmp_path):
+    result = run_command([sys.executable, "-m", "medfm.cli", "infer", str(vdt_bundle), medfm.samples.path("mr_head_t1"),
+                          "--out", str(tmp_path / "none")])
+    assert result.returncode == 1 and "models/model.pt: missing" in result.stderr
+    assert "'medfm weights import vdt_resnet3d18 FILE'" in result.stderr
+    (vdt_bundle / "models").mkdir(exist_ok=True)
+    torch.save(vdt_resnet18(feed_forward=False).state_dict(), vdt_bundle / "models" / "model.pt")
+    bundle_run(vdt_bundle, ["configs/inference.json"], "--output_dir", str(tmp_path / "out"))
+    embedding = np.load(tmp_path / "out" / "mr_head_t1_itk_embedding.npy")
+    assert embedding.shape == (512,) and np.isfinite(embedding).all() and embedding.std() > 0
+    assert not (tmp_path / "out" / "predictions.csv").exists()  # no classification head: embedding only
