@@ -136,3 +136,77 @@ def test_embedding_inference_on_the_sample_and_without_weights(vdt_bundle, tmp_p
     embedding = np.load(tmp_path / "out" / "mr_head_t1_itk_embedding.npy")
     assert embedding.shape == (512,) and np.isfinite(embedding).all() and embedding.std() > 0
     assert not (tmp_path / "out" / "predictions.csv").exists()  # no classification head: embedding only
+
+
+class MmcvConfig:
+    """Stands for the mmcv Config object some mmcls checkpoints pickle into their meta."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __setstate__(self, state):
+        open(state["marker"], "w").close()  # would run only if the real class were unpickled
+
+
+def _save_mmcls_checkpoint(path, foreign_meta_marker=None, legacy=True) -> torch.nn.Module:
+    """The upstream layout: {'meta', 'state_dict'} with 'backbone.' keys and an mmcls 'head.fc'."""
+    torch.manual_seed(1)
+    network = vdt_resnet18(num_classes=1000, pretraining_geometry=True)
+    state = {f"backbone.{k}": v for k, v in network.state_dict().items() if not k.startswith("fc.")}
+    state.update({"head.fc.weight": network.fc.weight.detach(), "head.fc.bias": network.fc.bias.detach()})
+    meta = {"mmcv_version": "1.3.8", "epoch": 100, "CLASSES": ["tench", "goldfish"]}
+    if foreign_meta_marker:
+        meta["config"] = MmcvConfig(str(foreign_meta_marker))
+    torch.save({"meta": meta, "state_dict": state}, path, _use_new_zipfile_serialization=not legacy)
+    return network
+
+
+def test_import_of_upstream_layouts_through_the_cli(vdt_bundle, tmp_path):
+    upstream = tmp_path / "res3d18_downloaded.pth"
+    network = _save_mmcls_checkpoint(upstream)
+    medfm_cli = [sys.executable, "-m", "medfm.cli", "weights"]
+    result = run_command(medfm_cli + ["import", str(vdt_bundle), str(upstream)])
+    assert result.returncode == 0, result.stderr
+    assert "not a registered checkpoint" in result.stdout and "missing keys: 0, unexpected keys: 0" in result.stdout
+    imported = load_checkpoint(vdt_bundle / "models" / "model.pt")
+    assert len(imported) == 120 and "fc.weight" not in imported  # the bundle network is the 512-d encoder
+    torch.testing.assert_close(imported["layer4.1.conv2.weight"], network.layer4[1].conv2.weight.detach())
+    assert run_command(medfm_cli + ["verify", str(vdt_bundle)]).returncode == 0
+
+    marker = tmp_path / "executed"
+    pickled_config = tmp_path / "with_config.pth"
+    _save_mmcls_checkpoint(pickled_config, foreign_meta_marker=marker, legacy=False)
+    refused = run_command(medfm_cli + ["import", str(vdt_bundle), str(pickled_config)])
+    assert refused.returncode == 1 and "MmcvConfig" in refused.stderr and "--strip_objects" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    stripped = run_command(medfm_cli + ["import", str(vdt_bundle), str(pickled_config), "--strip_objects"])
+    assert stripped.returncode == 0, stripped.stderr
+    assert not marker.exists()
+
+
+def test_the_registered_file_name_must_carry_the_published_hash_prefix(vdt_bundle, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from medfm.errors import WeightsError
+    from medfm.weights import import_weights, registry, sha256_of
+
+    named = tmp_path / UPSTREAM_NAME
+    _save_mmcls_checkpoint(named)
+    with pytest.raises(WeightsError, match=r"does not match registered weights 'vdt_resnet3d18_imagenet' \(5ff2ecb7\)"):
+        import_weights(vdt_bundle, named)
+    assert not (vdt_bundle / "models" / "model.pt").exists()
+    # the same check passes a file whose digest starts with the registered prefix
+    entry = registry.REGISTRY["vdt_resnet3d18_imagenet"]
+    monkeypatch.setitem(registry.REGISTRY, entry.name, replace(entry, sha256=sha256_of(named)[:8]))
+    report = import_weights(vdt_bundle, named)
+    assert report.weights == "vdt_resnet3d18_imagenet" and report.missing_keys == []
+
+
+def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(vdt_bundle, crop_classification_dataset, tmp_path):
+    (vdt_bundle / "models").mkdir(exist_ok=True)
+    torch.save(vdt_resnet18(feed_forward=False).state_dict(), vdt_bundle / "models" / "model.pt")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = _fine_tune(vdt_bundle, crop_classification_dataset, tmp_path / "ddp", "configs/multi_gpu_train.json",
+                        "--batch_size", "2", launcher=torchrun)
+    assert (result.stdout + result.stderr).count("loaded 120 of 122 tensors") == 2
+    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
