@@ -32,3 +32,19 @@ def test_single_window_equals_a_direct_call_and_ddp_wrapper_is_unwrapped():
 def test_unknown_method_is_reported():
     with pytest.raises(AttributeError, match="GenesisUNet3D has no method 'embed'"):
         MethodInferer(SimpleInferer(), "embed")(torch.rand(1, 1, 8, 8, 8), GenesisUNet3D())
+
+
+def test_feature_tap_inferer_returns_pooled_features_beside_the_output_and_removes_its_hooks():
+    from medfm.networks import vdt_resnet18
+    from medfm.workflows import FeatureTapInferer
+
+    network = vdt_resnet18(num_classes=3).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        outputs = FeatureTapInferer(taps={"embedding": "avgpool"}, output_key="logits")(x, network)
+        reference = network(x)
+    assert set(outputs) == {"logits", "embedding"} and outputs["embedding"].shape == (2, 512)
+    torch.testing.assert_close(outputs["logits"], reference)
+    torch.testing.assert_close(network.fc(outputs["embedding"]), reference)  # the tapped vector feeds the head
+    assert not network.avgpool._forward_hooks
+    assert set(FeatureTapInferer(taps={"embedding": "avgpool"}, output_key=None)(x, network)) == {"embedding"}
