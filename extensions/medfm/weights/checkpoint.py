@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,11 @@ def load_checkpoint(path: str | os.PathLike, strip_objects: bool = False) -> Any
             with torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()]):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            name = _refused_global(path, error, strip_objects, len(stand_ins))
-            stand_ins[name] = type(name.rsplit(".", 1)[-1], (_InertObject,), {"__module__": "medfm.inert"})
+            names = [_refused_global(path, error, strip_objects, len(stand_ins))]
+            if not stand_ins and zipfile.is_zipfile(path):  # all names at once (read, not unpickled): one more load
+                names += torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            stand_ins.update((name, type(name.rsplit(".", 1)[-1], (_InertObject,), {"__module__": "medfm.inert"}))
+                             for name in names)
             continue
         except (RuntimeError, EOFError, ValueError, OSError) as error:
             raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from None
