@@ -25,6 +25,7 @@ ITK_EXAMPLES = "insighttoolkit5-examples"
 ITK_DATA = "usr/share/doc/insighttoolkit5-examples/examples/Data"
 MRICRON_DATA = "mricron-data"
 TOTALSEGMENTATOR = "totalsegmentator==2.18.0"
+NILEARN = "nilearn==0.14.1"
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,43 @@ FILES: dict[str, RealFile] = {
         "debian", MRICRON_DATA, "usr/share/mricron/templates/ch2.nii.gz",
         "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309", "BSD-3-clause (mricron-data)",
         "Colin27 single-subject T1 brain MRI, 181x217x181 at 1 mm (MNI space)"),
+    "colin27_t1_brain": RealFile(
+        "debian", MRICRON_DATA, "usr/share/mricron/templates/ch2bet.nii.gz",
+        "592a2d20abdf36eefcb540ca8958428040edffc1bc1a18ba1dcfbabac77c5dd1", "BSD-3-clause (mricron-data)",
+        "Colin27 T1, skull-stripped (BET), 181x217x181 at 1 mm"),
+    "colin27_t1_05mm": RealFile(
+        "debian", MRICRON_DATA, "usr/share/mricron/templates/ch2better.nii.gz",
+        "a094f3ccf383c495c9569625bd0c06993fd4b02d2a8d9966da5fea7d7e530e8d", "BSD-3-clause (mricron-data)",
+        "Colin27 T1 at 0.5 mm, 301x370x316 (same subject as colin27_t1)"),
+    "mni152_2009a_t1": RealFile(
+        "pypi", NILEARN, "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+        "BSD-3-clause (nilearn); ICBM 2009a template, McConnell Brain Imaging Centre, use with copyright notice",
+        "MNI152 ICBM 2009a symmetric T1 template, brain-masked, 197x233x189 at 1 mm"),
     "ct_brain_template_1mm": RealFile(
         "pypi", TOTALSEGMENTATOR, "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz",
         "e6964149f62ae88b9973cec43ed80974368a24c922ff8b62d946e7c855eae265", "Apache-2.0",
         "head-CT brain template, 202x202x179 at 1 mm (the 2 mm crop in medfm.samples comes from it)"),
 }
+
+
+def brain_t1_datalist() -> list[dict[str, str]]:
+    """Every real T1 brain MRI reachable here, as ``{"image", "subject"}`` items (fetch first).
+
+    Four subjects: Colin27 (whole head, skull-stripped, and 0.5 mm), the MNI152 2009a template,
+    the ITK example head T1 (medfm's sample) and nibabel's small anatomical test volume.
+    """
+    import medfm
+    from nibabel.testing import data_path
+
+    return [
+        {"image": str(FILES["colin27_t1"].path), "subject": "colin27"},
+        {"image": str(FILES["colin27_t1_brain"].path), "subject": "colin27"},
+        {"image": str(FILES["colin27_t1_05mm"].path), "subject": "colin27"},
+        {"image": str(FILES["mni152_2009a_t1"].path), "subject": "mni152"},
+        {"image": medfm.samples.path("mr_head_t1"), "subject": "itk_t1"},
+        {"image": str(Path(data_path) / "anatomical.nii"), "subject": "nibabel_anatomical"},
+    ]
 
 
 def sha256(path: Path) -> str:

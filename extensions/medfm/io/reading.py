@@ -124,6 +124,8 @@ class LoadScan(Transform):
         except Exception as error:
             raise ScanError(f"{source}: cannot be read as an image ({first_line(innermost(error))})") from None
         meta["filename_or_obj"] = str(source)
+        if not volume.dtype.isnative:  # big-endian files (e.g. Analyze-era NIfTI): torch takes native order only
+            volume = volume.astype(volume.dtype.newbyteorder("="))
         return MetaTensor.ensure_torch_and_prune_meta(volume, meta)
 
     def _load_folder(self, folder: Path, source: Path) -> MetaTensor:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MedicalTransformer", "SliceEncoder", "SliceTransformer", "VIEWS", "checkpoint_filter_fn"]
+__all__ = ["MedicalTransformer", "SliceEncoder", "SliceTransformer", "VIEWS", "checkpoint_filter_fn",
+           "mean_embedding_baseline"]
 
 VIEWS = ("axial", "sagittal", "coronal")
 
@@ -213,6 +214,16 @@ class SegmentationDecoder(nn.Module):
         return self.head(F.interpolate(x, size=size, mode="trilinear", align_corners=False))
 
 
+def mean_embedding_baseline(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Predict every masked slice of a view by the mean of the view's visible slice embeddings.
+
+    ``target`` ``(B, S, D)``, ``mask`` ``(B, S)`` bool -> ``(B, S, D)`` predictions.
+    """
+    visible = (~mask).unsqueeze(-1).to(target.dtype)
+    mean = (target * visible).sum(dim=1, keepdim=True) / visible.sum(dim=1, keepdim=True).clamp(min=1)
+    return mean.expand_as(target)
+
+
 class MedicalTransformer(nn.Module):
     """Slice encoder + view transformer for ``(B, C, X, Y, Z)`` RAS brain MRI (MNI: 96 x 114 x 96).
 
@@ -318,6 +329,32 @@ class MedicalTransformer(nn.Module):
             predicted.append(self.transformer(corrupted, view))
             targets.append(target.detach())
         return {"predicted": predicted, "target": targets, "masks": masks}
+
+
+    @torch.no_grad()
+    def embed_with_quality(self, x: torch.Tensor, mask_every: int = 10) -> dict[str, torch.Tensor]:
+        """Volume embedding ``(B, 3 * dim)`` and a masked-slice error ratio ``(B,)`` as a quality score.
+
+        In pass ``k`` of ``mask_every`` the slices whose index is ``k`` modulo ``mask_every`` are
+        masked (10% per view by default, as in pre-training), so every slice is predicted once.
+        The score is the squared error of those predictions divided by that of
+        :func:`mean_embedding_baseline`: below 1 the volume is predictable the way the pre-training
+        volumes were; near or above 1 it is unlike them (another contrast or grid, artefacts).
+        """
+        slices = self.slice_embeddings(x)
+        embedding = self.volume_embedding(self.contextual_embeddings(slices))
+        model_error = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        baseline_error = torch.zeros_like(model_error)
+        for view, (stack, target) in enumerate(zip(self.view_stacks(x), slices)):
+            blank = self.mask_embedding(stack)
+            for offset in range(mask_every):
+                mask = (torch.arange(target.shape[1], device=x.device) % mask_every == offset).expand(target.shape[:2])
+                predicted = self.transformer(torch.where(mask[..., None], blank.expand_as(target), target), view)
+                squared = ((predicted - target) ** 2).sum(-1)
+                baseline = ((mean_embedding_baseline(target, mask) - target) ** 2).sum(-1)
+                model_error += (squared * mask).sum(1)
+                baseline_error += (baseline * mask).sum(1)
+        return {"embedding": embedding, "masked_slice_error": model_error / baseline_error.clamp(min=1e-12)}
 
 
 def checkpoint_filter_fn(checkpoint: Mapping, model: MedicalTransformer) -> dict[str, torch.Tensor]:

@@ -1,5 +1,14 @@
 """MONAI-style transforms (array + dictionary pairs), grouped by method."""
 
+from .brain_mri import (
+    AveragePool,
+    AveragePoold,
+    RandSliceMask,
+    RandSliceMaskd,
+    RandT1Augmentation,
+    RandT1Augmentationd,
+    slice_counts,
+)
 from .contract import CheckInputContract, CheckInputContractd, contract_deviations, read_contract
 from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
@@ -18,6 +27,13 @@ from .genesis import (
 )
 
 __all__ = [
+    "AveragePool",
+    "AveragePoold",
+    "RandSliceMask",
+    "RandSliceMaskd",
+    "RandT1Augmentation",
+    "RandT1Augmentationd",
+    "slice_counts",
     "CheckInputContract",
     "CheckInputContractd",
     "GenesisCorruptiond",

@@ -2,6 +2,7 @@
 
 from .handlers import LossComponentsLogger, PretrainedWeightsLoader
 from .inferers import FeatureTapInferer, MethodInferer
+from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 
-__all__ = ["FeatureTapInferer", "LossComponentsLogger", "MethodInferer", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss"]
+__all__ = ["BatchTripletLoss", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss"]

@@ -1,0 +1,114 @@
+"""Losses and batch preparation for the two Medical Transformer pre-training stages.
+
+Stage 1 (triplet): each batch item is a volume augmented twice (``image``, ``positive``) with its
+subject index; :class:`PrepareTripletBatch` stacks both copies so one forward pass embeds all,
+and :class:`BatchTripletLoss` picks each anchor's negative from the other subjects in the batch.
+Stage 2 (masked encoding-vector prediction): :class:`PrepareMaskedSliceBatch` passes the slice
+masks to ``MedicalTransformer.masked_prediction``; :class:`MaskedEmbeddingLoss` scores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.engines.utils import PrepareBatch
+from torch import nn
+
+from ..networks.medical_transformer import VIEWS, mean_embedding_baseline
+
+__all__ = ["BatchTripletLoss", "MaskedEmbeddingLoss", "PrepareMaskedSliceBatch", "PrepareTripletBatch"]
+
+
+def _plain(value, device, non_blocking: bool) -> torch.Tensor:
+    value = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+    return value.to(device=device, non_blocking=non_blocking)
+
+
+class BatchTripletLoss(nn.Module):
+    """Triplet margin loss over a batch of ``2B`` embeddings: anchors first, their positives second.
+
+    Each anchor's negative is the closest embedding (hardest negative) of another subject in the
+    batch; anchors whose batch holds no other subject are left out. ``components`` holds the
+    loss and the fraction of triplets already satisfying the margin, for logging.
+
+    Args:
+        margin: the triplet margin (1 in the paper).
+    """
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        self.margin = margin
+        self.components: dict[str, float] = {}
+
+    def forward(self, embeddings: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
+        count = embeddings.shape[0] // 2
+        anchors, positives = embeddings[:count], embeddings[count:]
+        distances = torch.cdist(anchors, embeddings)
+        other_subject = subjects[:count, None] != subjects[None, :]
+        usable = other_subject.any(dim=1)
+        if not bool(usable.any()):
+            raise ValueError("a triplet batch needs volumes of at least two subjects; raise the batch size "
+                             "or check the datalist's 'subject' entries")
+        hardest = distances.masked_fill(~other_subject, float("inf")).argmin(dim=1)
+        loss = F.triplet_margin_loss(anchors[usable], positives[usable], embeddings[hardest[usable]], margin=self.margin)
+        with torch.no_grad():
+            positive_distance = (anchors - positives).norm(dim=1)
+            negative_distance = distances.gather(1, hardest[:, None])[:, 0]
+            satisfied = (negative_distance - positive_distance > self.margin)[usable].float().mean()
+            self.components = {"triplet": float(loss), "satisfied": float(satisfied)}
+        return loss
+
+
+class PrepareTripletBatch(PrepareBatch):
+    """Inputs: ``image`` and ``positive`` stacked along the batch; targets: their subject indices."""
+
+    def __init__(self, image_key: str = "image", positive_key: str = "positive", subject_key: str = "subject") -> None:
+        self.image_key, self.positive_key, self.subject_key = image_key, positive_key, subject_key
+
+    def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.cat([_plain(batchdata[self.image_key], device, non_blocking),
+                            _plain(batchdata[self.positive_key], device, non_blocking)])
+        subjects = _plain(batchdata[self.subject_key], device, non_blocking).long()
+        return images, torch.cat([subjects, subjects])
+
+
+class MaskedEmbeddingLoss(nn.Module):
+    """Stage 2 loss: MSE between predicted and encoder embeddings of the masked slices, summed over views.
+
+    Takes ``MedicalTransformer.masked_prediction``'s output. ``components`` holds the loss, each
+    view's MSE, and the same loss of :func:`mean_embedding_baseline` for comparison.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.components: dict[str, float] = {}
+
+    @staticmethod
+    def view_errors(predicted: list[torch.Tensor], targets: list[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [F.mse_loss(p[m], t[m]) for p, t, m in zip(predicted, targets, masks)]
+
+    def forward(self, output: Mapping[str, list[torch.Tensor]], _targets=None) -> torch.Tensor:
+        errors = self.view_errors(output["predicted"], output["target"], output["masks"])
+        loss = torch.stack(errors).sum()
+        with torch.no_grad():
+            baseline = self.view_errors([mean_embedding_baseline(t, m) for t, m in zip(output["target"], output["masks"])],
+                                        output["target"], output["masks"])
+            self.components = {"masked_mse": float(loss), "mean_embedding_baseline": float(sum(baseline)),
+                               **{f"{view}_mse": float(e) for view, e in zip(VIEWS, errors)}}
+        return loss
+
+
+class PrepareMaskedSliceBatch(PrepareBatch):
+    """Inputs: the image; the slice masks go to the network as ``slice_masks`` (and as targets)."""
+
+    def __init__(self, image_key: str = "image", mask_key: str = "slice_mask") -> None:
+        self.image_key, self.mask_key = image_key, mask_key
+
+    def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
+        masks = _plain(batchdata[self.mask_key], device, non_blocking).bool()
+        return _plain(batchdata[self.image_key], device, non_blocking), masks, (), {"slice_masks": masks}
