@@ -3,6 +3,7 @@
 from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, input_stem, read_index_rows
 from .image_folder import image_folder_classes, image_folder_datalist
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
+from .target_table import target_table_datalist, target_table_labels
 from .segmentation import SaveSegmentation, SaveSegmentationd, SegmentationWriteError
 
 __all__ = [
@@ -22,4 +23,6 @@ __all__ = [
     "list_dicom_series",
     "read_index_rows",
     "safe_extract_zip",
+    "target_table_datalist",
+    "target_table_labels",
 ]

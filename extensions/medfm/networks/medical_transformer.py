@@ -274,7 +274,9 @@ class MedicalTransformer(nn.Module):
 
     def mask_embedding(self, stack: torch.Tensor) -> torch.Tensor:
         """``(1, dim)`` embedding of a constant -1 slice shaped like a slice of ``stack`` (the [MASK] token)."""
-        blank = torch.full((1, self.in_channels, stack.shape[2], stack.shape[3], 1), -1.0,
+        # two identical slices: the same instance-norm statistics as one, and never a 1x1x1 map,
+        # which instance norm refuses (small slice planes reach 1x1 at the last stage)
+        blank = torch.full((1, self.in_channels, stack.shape[2], stack.shape[3], 2), -1.0,
                            dtype=stack.dtype, device=stack.device)
         return self.encoding(blank)[:, 0]
 
@@ -333,7 +335,7 @@ class MedicalTransformer(nn.Module):
 
     @torch.no_grad()
     def embed_with_quality(self, x: torch.Tensor, mask_every: int = 10) -> dict[str, torch.Tensor]:
-        """Volume embedding ``(B, 3 * dim)`` and a masked-slice error ratio ``(B,)`` as a quality score.
+        """Volume embedding ``(B, 3 * dim)`` and a masked-slice error ratio ``(B, 1)`` as a quality score.
 
         In pass ``k`` of ``mask_every`` the slices whose index is ``k`` modulo ``mask_every`` are
         masked (10% per view by default, as in pre-training), so every slice is predicted once.
@@ -354,7 +356,7 @@ class MedicalTransformer(nn.Module):
                 baseline = ((mean_embedding_baseline(target, mask) - target) ** 2).sum(-1)
                 model_error += (squared * mask).sum(1)
                 baseline_error += (baseline * mask).sum(1)
-        return {"embedding": embedding, "masked_slice_error": model_error / baseline_error.clamp(min=1e-12)}
+        return {"embedding": embedding, "masked_slice_error": (model_error / baseline_error.clamp(min=1e-12))[:, None]}
 
 
 def checkpoint_filter_fn(checkpoint: Mapping, model: MedicalTransformer) -> dict[str, torch.Tensor]:

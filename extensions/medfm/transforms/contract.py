@@ -6,10 +6,11 @@ A bundle's ``configs/metadata.json`` declares the contract under ``input_contrac
      "spacing_mm": {"min": [0.4, 0.4, 0.5], "max": [1.0, 1.0, 2.5]},
      "intensity": {"method": "hu_window", "window": [-1000, 1000]},
      "patch_size": [64, 64, 32], "divisible_by": 8, "channels": 1,
+     "grid_shape": [193, 229, 193], "grid_note": "MNI152 1 mm, registered and skull-stripped",
      "pretraining_data": "LUNA16 chest CT, native spacing"}
 
 Deviations that still allow processing (another modality, spacing outside the pre-training
-range) are logged as one-line warnings by the ``medfm.contract`` logger, which ``medfm infer``
+range, a voxel grid other than the one the model was trained on) are logged as one-line warnings by the ``medfm.contract`` logger, which ``medfm infer``
 prints; a wrong channel count is an error.
 """
 
@@ -72,13 +73,23 @@ def _spacing_deviation(image: MetaTensor, contract: dict) -> str | None:
             f"{contract.get('pretraining_data', 'pre-training data')})")
 
 
+def _grid_deviation(image: torch.Tensor, contract: dict) -> str | None:
+    expected = contract.get("grid_shape")
+    if not expected or list(image.shape[1:]) == list(expected):
+        return None
+    shown, wanted = (" x ".join(str(int(n)) for n in shape) for shape in (image.shape[1:], expected))
+    return (f"voxel grid {shown} is not the model grid {wanted} ({contract.get('grid_note', 'see the bundle docs')}); "
+            "it is resampled and padded or cropped, not registered")
+
+
 def contract_deviations(image: MetaTensor, contract: dict) -> list[str]:
     """What about ``image`` (channel-first, after the bundle's reorientation) differs from ``contract``."""
     channels = contract.get("channels")
     if channels is not None and image.shape[0] != channels:
         source = image.meta.get("filename_or_obj", "input") if isinstance(image, MetaTensor) else "input"
         raise ScanError(f"{source}: has {image.shape[0]} channel(s), the model takes {channels}")
-    return [m for m in (_modality_deviation(image, contract), _spacing_deviation(image, contract)) if m]
+    checks = (_modality_deviation, _spacing_deviation, _grid_deviation)
+    return [message for message in (check(image, contract) for check in checks) if message]
 
 
 class CheckInputContract(Transform):

@@ -1,8 +1,8 @@
 """Pieces that MONAI's bundle workflows call but do not provide themselves."""
 
-from .handlers import LossComponentsLogger, PretrainedWeightsLoader
+from .handlers import LossComponentsLogger, PretrainedWeightsLoader, stacked_outputs
 from .inferers import FeatureTapInferer, MethodInferer
-from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch
+from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch, subject_indices
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 
-__all__ = ["BatchTripletLoss", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss"]
+__all__ = ["BatchTripletLoss", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "stacked_outputs", "subject_indices"]

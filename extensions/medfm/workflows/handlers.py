@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from ..errors import WeightsError
 from ..weights.checkpoint import load_checkpoint
 
-__all__ = ["LossComponentsLogger", "PretrainedWeightsLoader"]
+__all__ = ["LossComponentsLogger", "PretrainedWeightsLoader", "stacked_outputs"]
 
 
 class PretrainedWeightsLoader:
@@ -107,3 +107,17 @@ class LossComponentsLogger:
                     writer.writeheader()
                 writer.writerow({"epoch": engine.state.epoch, **{k: f"{v:.6g}" for k, v in means.items()}})
         self._sums, self._count = {}, 0
+
+
+def stacked_outputs(keys: list[str]):
+    """An ignite ``output_transform``: the decollated batch's ``keys`` stacked back into tensors.
+
+    MONAI engines decollate outputs into per-item lists (and plain ints for class labels);
+    ignite's own metrics (``Accuracy``, ``R2Score``, ...) want one tensor per key.
+    """
+    from monai.handlers import from_engine
+
+    def transform(output) -> list[torch.Tensor]:
+        return [torch.stack([torch.as_tensor(value) for value in values]) for values in from_engine(keys)(output)]
+
+    return transform

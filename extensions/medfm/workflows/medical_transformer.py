@@ -19,7 +19,8 @@ from torch import nn
 
 from ..networks.medical_transformer import VIEWS, mean_embedding_baseline
 
-__all__ = ["BatchTripletLoss", "MaskedEmbeddingLoss", "PrepareMaskedSliceBatch", "PrepareTripletBatch"]
+__all__ = ["BatchTripletLoss", "MaskedEmbeddingLoss", "PrepareMaskedSliceBatch", "PrepareTripletBatch",
+           "subject_indices"]
 
 
 def _plain(value, device, non_blocking: bool) -> torch.Tensor:
@@ -31,8 +32,9 @@ class BatchTripletLoss(nn.Module):
     """Triplet margin loss over a batch of ``2B`` embeddings: anchors first, their positives second.
 
     Each anchor's negative is the closest embedding (hardest negative) of another subject in the
-    batch; anchors whose batch holds no other subject are left out. ``components`` holds the
-    loss and the fraction of triplets already satisfying the margin, for logging.
+    batch; anchors whose batch holds no other subject are left out (a batch of one subject gives
+    a zero loss). ``components`` holds the loss, the fraction of triplets already satisfying the
+    margin and the fraction of anchors that had a negative, for logging.
 
     Args:
         margin: the triplet margin (1 in the paper).
@@ -50,16 +52,33 @@ class BatchTripletLoss(nn.Module):
         other_subject = subjects[:count, None] != subjects[None, :]
         usable = other_subject.any(dim=1)
         if not bool(usable.any()):
-            raise ValueError("a triplet batch needs volumes of at least two subjects; raise the batch size "
-                             "or check the datalist's 'subject' entries")
+            # a shuffled batch may hold one subject only (several scans of one brain): nothing to
+            # contrast, so the step changes nothing; the zero keeps the graph for the optimiser
+            self.components = {"triplet": 0.0, "satisfied": 0.0, "usable_anchors": 0.0}
+            return embeddings.sum() * 0.0
         hardest = distances.masked_fill(~other_subject, float("inf")).argmin(dim=1)
         loss = F.triplet_margin_loss(anchors[usable], positives[usable], embeddings[hardest[usable]], margin=self.margin)
         with torch.no_grad():
             positive_distance = (anchors - positives).norm(dim=1)
             negative_distance = distances.gather(1, hardest[:, None])[:, 0]
             satisfied = (negative_distance - positive_distance > self.margin)[usable].float().mean()
-            self.components = {"triplet": float(loss), "satisfied": float(satisfied)}
+            self.components = {"triplet": float(loss), "satisfied": float(satisfied),
+                               "usable_anchors": float(usable.float().mean())}
         return loss
+
+
+def subject_indices(datalist: list[dict], minimum: int = 2) -> list[dict]:
+    """Copies of the items with ``subject`` replaced by an index (sorted names; default: the image path).
+
+    Several scans of one brain share a subject name, so they are never each other's negatives.
+    Fewer than ``minimum`` subjects is an error: a triplet loss needs two.
+    """
+    names = [str(item.get("subject", item["image"])) for item in datalist]
+    subjects = sorted(set(names))
+    if len(subjects) < minimum:
+        raise ValueError(f"the datalist has {len(subjects)} subject(s) ({', '.join(subjects) or 'no items'}); "
+                         f"triplet pre-training needs at least {minimum}")
+    return [dict(item, subject=subjects.index(name)) for item, name in zip(datalist, names)]
 
 
 class PrepareTripletBatch(PrepareBatch):
