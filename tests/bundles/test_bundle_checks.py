@@ -21,7 +21,7 @@ SHARED_KEYS = {
     "inference.json": {"bundle_root", "output_dir", "ckpt_path", "input_image", "series_uid", "input_contract",
                        "embeddings_index", "datalist", "device", "patch_size", "network_def", "network", "preprocessing",
                        "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "initialize", "run"},
-    "train.json": {"bundle_root", "output_dir", "ckpt_dir", "pretrained", "pretrained_path", "dataset_dir", "dataset_json",
+    "train.json": {"bundle_root", "output_dir", "ckpt_dir", "pretrained", "pretrained_path", "dataset_dir",
                    "datalist", "val_fraction", "device", "seed", "num_classes", "label_names", "patch_size", "network_def",
                    "network", "loss", "optimizer", "train", "validate", "initialize", "run"},
     "pretrain.json": {"bundle_root", "output_dir", "datalist", "device", "seed", "patch_size", "network_def", "network",
