@@ -39,7 +39,7 @@ def test_masked_slices_enter_the_transformer_as_the_blank_slice_embedding(monkey
     masks[0, [2, 16 + 5, 36 + 7]] = True
     seen = []
     original = network.transformer.forward
-    monkeypatch.setattr(network.transformer, "forward", lambda s, view: seen.append(s) or original(s, view))
+    monkeypatch.setattr(network.transformer, "forward", lambda s, view, **kw: seen.append(s) or original(s, view, **kw))
     with torch.no_grad():
         output = network.masked_prediction(x, masks)
     clean = network.slice_embeddings(x)

@@ -84,7 +84,6 @@ class SliceEncoder(nn.Module):
             previous = width
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.fc = nn.Linear(widths[-1], embed_dim)
-        self.widths = tuple(widths)
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stem output (1/2 in-plane) and the four stages (1/4 .. 1/32), each ``(B, C_i, h_i, w_i, S)``."""
@@ -166,6 +165,10 @@ class SliceTransformer(nn.Module):
     """Contextual slice embeddings of one view: ``(B, S, dim)`` and the view index -> ``(B, S, dim)``.
 
     Inputs are scaled by sqrt(dim), then the view embedding and the slice-position table are added.
+    ``final_norm=False`` returns the residual stream before the closing layer norm, divided by
+    the input scale (so it starts as the input plus the layers' updates): masked prediction
+    regresses encoder embeddings from there, because a layer norm's output has the same norm for
+    every slice and cannot match targets whose magnitude varies from slice to slice.
     """
 
     def __init__(self, dim: int = 64, num_heads: int = 4, head_dim: int = 256, ff_dim: int = 128,
@@ -177,14 +180,14 @@ class SliceTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.scale = math.sqrt(dim)
 
-    def forward(self, slices: torch.Tensor, view: int) -> torch.Tensor:
+    def forward(self, slices: torch.Tensor, view: int, final_norm: bool = True) -> torch.Tensor:
         length = slices.shape[1]
         if length > self.positions.shape[0]:
             raise ValueError(f"{length} slices in one view, the position table has {self.positions.shape[0]}")
         x = slices * self.scale + self.positions[:length] + self.view_embedding.weight[view]
         for layer in self.layers:
             x = layer(x)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x / self.scale
 
 
 class SegmentationDecoder(nn.Module):
@@ -301,11 +304,8 @@ class MedicalTransformer(nn.Module):
             for view, stack in enumerate(self.view_stacks(x)):
                 maps = self.encoding.feature_maps(stack)
                 context = self.transformer(self.encoding.embed(maps[-1]), view)
-                view_logits = self.decoder(maps, context, list(stack.shape[2:]))
-                if view == 1:
-                    view_logits = view_logits.permute(0, 1, 4, 3, 2)
-                elif view == 2:
-                    view_logits = view_logits.permute(0, 1, 2, 4, 3)
+                # each view's permutation swaps two axes, so applying it again maps back to (X, Y, Z)
+                view_logits = self.view_stacks(self.decoder(maps, context, list(stack.shape[2:])))[view]
                 logits = view_logits if view == 0 else logits + view_logits
             return logits / 3.0  # the mean over the three views
         embedding = self.volume_embedding(self.contextual_embeddings(self.slice_embeddings(x)))
@@ -328,7 +328,7 @@ class MedicalTransformer(nn.Module):
         for view, (stack, mask) in enumerate(zip(stacks, masks)):
             target = self.encoding(stack)
             corrupted = torch.where(mask[..., None], self.mask_embedding(stack).expand_as(target), target)
-            predicted.append(self.transformer(corrupted, view))
+            predicted.append(self.transformer(corrupted, view, final_norm=False))
             targets.append(target.detach())
         return {"predicted": predicted, "target": targets, "masks": masks}
 
@@ -340,8 +340,9 @@ class MedicalTransformer(nn.Module):
         In pass ``k`` of ``mask_every`` the slices whose index is ``k`` modulo ``mask_every`` are
         masked (10% per view by default, as in pre-training), so every slice is predicted once.
         The score is the squared error of those predictions divided by that of
-        :func:`mean_embedding_baseline`: below 1 the volume is predictable the way the pre-training
-        volumes were; near or above 1 it is unlike them (another contrast or grid, artefacts).
+        :func:`mean_embedding_baseline`: 1 is no better than the mean of the visible slices;
+        the further below 1, the more the volume's slices follow from their context the way
+        the pre-training volumes' did.
         """
         slices = self.slice_embeddings(x)
         embedding = self.volume_embedding(self.contextual_embeddings(slices))
@@ -351,7 +352,8 @@ class MedicalTransformer(nn.Module):
             blank = self.mask_embedding(stack)
             for offset in range(mask_every):
                 mask = (torch.arange(target.shape[1], device=x.device) % mask_every == offset).expand(target.shape[:2])
-                predicted = self.transformer(torch.where(mask[..., None], blank.expand_as(target), target), view)
+                predicted = self.transformer(torch.where(mask[..., None], blank.expand_as(target), target), view,
+                                             final_norm=False)
                 squared = ((predicted - target) ** 2).sum(-1)
                 baseline = ((mean_embedding_baseline(target, mask) - target) ** 2).sum(-1)
                 model_error += (squared * mask).sum(1)
