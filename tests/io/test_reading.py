@@ -168,3 +168,13 @@ def test_series_itk_cannot_read_falls_back_to_pydicom(monkeypatch, caplog):
     np.testing.assert_array_equal(image.numpy(), expected.numpy())
     np.testing.assert_allclose(image.affine.numpy(), expected.affine.numpy(), atol=1e-4)
     assert image.meta["SeriesInstanceUID"] == expected.meta["SeriesInstanceUID"]
+
+
+def test_big_endian_nifti_loads_with_its_values(tmp_path):
+    from nibabel.testing import data_path
+
+    source = os.path.join(data_path, "anatomical.nii")  # a real big-endian file from nibabel's tests
+    expected = np.asarray(nib.load(source).dataobj)
+    assert nib.load(source).header.endianness == ">"
+    image = LoadScan()(source)
+    np.testing.assert_array_equal(image.numpy(), expected)

@@ -47,3 +47,10 @@ def test_warnings_are_logged_with_the_input_and_a_wrong_channel_count_is_an_erro
     assert out["image"].shape == (1, 4, 4, 4)
     with pytest.raises(ScanError, match=r"/data/scan.nii.gz: has 2 channel\(s\), the model takes 1"):
         check({"image": _image(torch.zeros(2, 4, 4, 4))})
+
+
+def test_a_volume_off_the_model_grid_is_reported_with_the_grid_note():
+    contract = {"modality": "MR", "grid_shape": [193, 229, 193], "grid_note": "MNI152 1 mm"}
+    assert contract_deviations(torch.zeros(1, 193, 229, 193), contract) == []
+    (message,) = contract_deviations(torch.zeros(1, 181, 217, 181), contract)
+    assert message.startswith("voxel grid 181 x 217 x 181 is not the model grid 193 x 229 x 193 (MNI152 1 mm)")

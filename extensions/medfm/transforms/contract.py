@@ -10,8 +10,8 @@ A bundle's ``configs/metadata.json`` declares the contract under ``input_contrac
      "pretraining_data": "LUNA16 chest CT, native spacing"}
 
 Deviations that still allow processing (another modality, spacing outside the pre-training
-range, a voxel grid other than the one the model was trained on) are logged as one-line warnings by the ``medfm.contract`` logger, which ``medfm infer``
-prints; a wrong channel count is an error.
+range, a voxel grid other than the model's) are logged as one-line warnings by the
+``medfm.contract`` logger, which ``medfm infer`` prints; a wrong channel count is an error.
 """
 
 from __future__ import annotations
