@@ -95,10 +95,12 @@ def main() -> int:
             image = augment(volume)[None].float()
             masks = masker(image[0])[None]
             with torch.no_grad():
-                for name, network in networks.items():
-                    embeddings[name].append(network(image)[0])
                 output = networks["weights"].masked_prediction(image, masks)
-            targets, view_masks = output["target"], output["masks"]
+                targets, view_masks = output["target"], output["masks"]
+                # the unmasked slice embeddings are the pretext targets: encode each volume once
+                trained = networks["weights"]
+                embeddings["weights"].append(trained.volume_embedding(trained.contextual_embeddings(targets))[0])
+                embeddings["random_init"].append(networks["random_init"](image)[0])
             errors = {
                 "model": MaskedEmbeddingLoss.view_errors(output["predicted"], targets, view_masks),
                 "mean_embedding": MaskedEmbeddingLoss.view_errors(

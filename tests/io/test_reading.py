@@ -178,3 +178,11 @@ def test_big_endian_nifti_loads_with_its_values(tmp_path):
     assert nib.load(source).header.endianness == ">"
     image = LoadScan()(source)
     np.testing.assert_array_equal(image.numpy(), expected)
+
+
+def test_integer_rescaling_widens_instead_of_overflowing():
+    from medfm.io.dicom import _rescaled
+
+    stored = np.array([[60000, 1]], dtype=np.uint16)
+    assert _rescaled(stored, np.array([100000.0]), np.array([0.0])).tolist() == [[6_000_000_000, 100_000]]
+    assert _rescaled(stored, np.array([1.0]), np.array([-1024.0])).dtype == np.int32

@@ -131,7 +131,10 @@ def _rescaled(stored: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) ->
     slopes = slopes.reshape(-1, *([1] * (stored.ndim - 1)))
     intercepts = intercepts.reshape(slopes.shape)
     if np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)):
-        values = stored.astype(np.int32) * slopes.astype(np.int32) + intercepts.astype(np.int32)
+        # int32 arithmetic (half the memory of int64) only where no value can overflow it
+        bound = float(np.abs(stored).max()) * float(np.abs(slopes).max()) + float(np.abs(intercepts).max())
+        wide = np.int32 if bound <= np.iinfo(np.int32).max else np.int64
+        values = stored.astype(wide) * slopes.astype(wide) + intercepts.astype(wide)
         if values.min() >= np.iinfo(np.int16).min and values.max() <= np.iinfo(np.int16).max:
             return values.astype(np.int16)
         return values

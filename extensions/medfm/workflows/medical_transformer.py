@@ -13,19 +13,14 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
 from ..networks.medical_transformer import VIEWS, mean_embedding_baseline
+from .batches import plain_tensor
 
 __all__ = ["BatchTripletLoss", "MaskedEmbeddingLoss", "PrepareMaskedSliceBatch", "PrepareTripletBatch",
            "subject_indices"]
-
-
-def _plain(value, device, non_blocking: bool) -> torch.Tensor:
-    value = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
-    return value.to(device=device, non_blocking=non_blocking)
 
 
 class BatchTripletLoss(nn.Module):
@@ -89,9 +84,9 @@ class PrepareTripletBatch(PrepareBatch):
 
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.cat([_plain(batchdata[self.image_key], device, non_blocking),
-                            _plain(batchdata[self.positive_key], device, non_blocking)])
-        subjects = _plain(batchdata[self.subject_key], device, non_blocking).long()
+        images = torch.cat([plain_tensor(batchdata[self.image_key], device, non_blocking),
+                            plain_tensor(batchdata[self.positive_key], device, non_blocking)])
+        subjects = plain_tensor(batchdata[self.subject_key], device, non_blocking).long()
         return images, torch.cat([subjects, subjects])
 
 
@@ -129,5 +124,5 @@ class PrepareMaskedSliceBatch(PrepareBatch):
 
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
-        masks = _plain(batchdata[self.mask_key], device, non_blocking).bool()
-        return _plain(batchdata[self.image_key], device, non_blocking), masks, (), {"slice_masks": masks}
+        masks = plain_tensor(batchdata[self.mask_key], device, non_blocking).bool()
+        return plain_tensor(batchdata[self.image_key], device, non_blocking), masks, (), {"slice_masks": masks}

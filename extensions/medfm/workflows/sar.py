@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from torch import nn
+
+from .batches import plain_tensor
 
 __all__ = ["ScaleAwareRestorationLoss", "PrepareSARBatch"]
 
@@ -56,12 +57,6 @@ class PrepareSARBatch(PrepareBatch):
 
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
-        def moved(value) -> torch.Tensor:
-            # plain tensors: crops carry no geometry worth tracking, and MetaTensor bookkeeping on
-            # every operation of the U-Net costs time
-            value = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
-            return value.to(device=device, non_blocking=non_blocking)
-
-        targets = {name: moved(batchdata[key]) for name, key in self.target_keys.items()}
+        targets = {name: plain_tensor(batchdata[key], device, non_blocking) for name, key in self.target_keys.items()}
         # (inputs, targets, args, kwargs): MONAI's trainer calls network(inputs, clean=...)
-        return moved(batchdata[self.image_key]), targets, (), {"clean": targets["image"]}
+        return plain_tensor(batchdata[self.image_key], device, non_blocking), targets, (), {"clean": targets["image"]}
