@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from medfm.networks import GenesisUNet3D
-from medfm.networks.genesis_unet3d import ContBatchNorm3d, adapt_input_channels, checkpoint_filter_fn
+from medfm.networks.genesis_unet3d import FIRST_CONV, ContBatchNorm3d, checkpoint_filter_fn
+from medfm.networks.layers import adapt_input_channels
 
 # shapes published for the authors' Genesis_Chest_CT.pt
 UPSTREAM_SHAPES = {
@@ -121,7 +122,7 @@ def test_input_channel_adaptation_preserves_response_to_repeated_image():
     x = torch.rand(1, 1, 16, 16, 8)
     with torch.no_grad():
         torch.testing.assert_close(three(x.repeat(1, 3, 1, 1, 1)), one(x), atol=1e-5, rtol=1e-4)
-    assert adapt_input_channels(one.state_dict(), 1) is not None
+    assert adapt_input_channels(one.state_dict(), 1, key=FIRST_CONV) is not None
 
 
 @pytest.mark.parametrize("norm", ["cont_batch", "batch"])

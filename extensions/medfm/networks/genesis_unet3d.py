@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContBatchNorm3d", "GenesisUNet3D", "checkpoint_filter_fn", "adapt_input_channels"]
+from .layers import adapt_input_channels
+
+__all__ = ["ContBatchNorm3d", "GenesisUNet3D", "checkpoint_filter_fn"]
 
 #: Channel width of the first encoder convolution; every other width is a power-of-two multiple.
 BASE_WIDTH = 32
@@ -214,20 +216,5 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module | No
     if not converted:
         raise ValueError("checkpoint state dict holds no tensors")
     if model is not None and FIRST_CONV in converted:
-        converted = adapt_input_channels(converted, model.state_dict()[FIRST_CONV].shape[1])
+        converted = adapt_input_channels(converted, model.state_dict()[FIRST_CONV].shape[1], key=FIRST_CONV)
     return converted
-
-
-def adapt_input_channels(state_dict: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
-    """Adapt the first convolution to ``in_channels`` inputs.
-
-    The pretrained kernel is summed over its input channels, divided by the new count and
-    repeated, so an input that repeats one image in every channel gets the pretrained response.
-    """
-    weight = state_dict[FIRST_CONV]
-    if weight.shape[1] == in_channels:
-        return state_dict
-    kernel = weight.float().sum(dim=1, keepdim=True) / in_channels
-    adapted = dict(state_dict)
-    adapted[FIRST_CONV] = kernel.repeat(1, in_channels, 1, 1, 1).to(weight.dtype)
-    return adapted

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["GradientReversal"]
+__all__ = ["GradientReversal", "adapt_input_channels"]
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -36,3 +36,19 @@ class GradientReversal(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
+
+
+def adapt_input_channels(state_dict: dict[str, torch.Tensor], in_channels: int, key: str) -> dict[str, torch.Tensor]:
+    """Adapt the first convolution ``state_dict[key]`` (``(out, in, ...)``) to ``in_channels`` inputs.
+
+    The pretrained kernel is summed over its input channels, divided by the new count and
+    repeated, so an input that repeats one image in every channel gets the pretrained response
+    (a gray image into an RGB-trained kernel: the plain sum over RGB).
+    """
+    weight = state_dict[key]
+    if weight.shape[1] == in_channels:
+        return state_dict
+    kernel = weight.float().sum(dim=1, keepdim=True) / in_channels
+    adapted = dict(state_dict)
+    adapted[key] = kernel.repeat(1, in_channels, *([1] * (weight.ndim - 2))).to(weight.dtype)
+    return adapted
