@@ -3,9 +3,10 @@
 from .genesis_unet3d import GenesisUNet3D
 from .layers import GradientReversal
 from .medical_transformer import MedicalTransformer
+from .spad_tokenizer import SpadTokenizer
 from .spad_vit import SpadViT
 from .universal_model_sar import UniversalModelSAR
 from .vdt_resnet3d import vdt_resnet18
 from .vdt_resnet3d_unet import VDTResNetUNet
 
-__all__ = ["GenesisUNet3D", "GradientReversal", "MedicalTransformer", "SpadViT", "UniversalModelSAR", "VDTResNetUNet", "vdt_resnet18"]
+__all__ = ["GenesisUNet3D", "GradientReversal", "MedicalTransformer", "SpadTokenizer", "SpadViT", "UniversalModelSAR", "VDTResNetUNet", "vdt_resnet18"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .layers import adapt_input_channels
 
-__all__ = ["SpadViT", "AdaptivePatchEmbed", "aniso_d_from_spacing", "depth_stride", "checkpoint_filter_fn",
+__all__ = ["SpadViT", "AdaptivePatchEmbed", "aniso_d_from_spacing", "batch_aniso_d", "depth_stride", "checkpoint_filter_fn",
            "TWO_D_ANISO_D", "MAX_ANISO_D"]
 
 #: aniso_d given to single-slice inputs (upstream sets their depth spacing huge, which clips here).
@@ -43,6 +43,24 @@ def aniso_d_from_spacing(spacing: Sequence[float] | torch.Tensor) -> int:
 def depth_stride(aniso_d: int, patch_size: int = 16) -> int:
     """Depth stride of the patch embedding: ``max(patch_size >> aniso_d, 1)``."""
     return max(patch_size >> aniso_d, 1)
+
+
+def batch_aniso_d(x: torch.Tensor, spacing: torch.Tensor | Sequence[float] | None = None, aniso_d: int | None = None) -> int:
+    """The one aniso_d of a batch ``x`` (``(N, C, H, W[, D])``) from ``aniso_d``, else ``spacing``
+    (``(3,)`` or ``(N, 3)`` mm; every item must agree), else 0 (isotropic). Single slices (no D or
+    D = 1) always get :data:`TWO_D_ANISO_D`: a 2D kernel, whatever the depth spacing says."""
+    if x.ndim == 4 or x.shape[-1] == 1:
+        return TWO_D_ANISO_D
+    if aniso_d is not None:
+        return int(aniso_d)
+    if spacing is None:
+        return 0
+    rows = torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, 3)
+    values = {aniso_d_from_spacing(row) for row in rows.tolist()}
+    if len(values) > 1:
+        raise ValueError(f"one batch mixes aniso_d values {sorted(values)}: group batches by spacing "
+                         "(medfm.workflows.AnisoGroupedBatchSampler)")
+    return values.pop()
 
 
 def reduce_kernel(weight: torch.Tensor, dim: int, taps: int) -> torch.Tensor:
@@ -330,21 +348,6 @@ class SpadViT(nn.Module):
             self.decoder = SegmentationDecoder(in_channels, decoder_channels, num_outputs)
 
     # -- geometry -----------------------------------------------------------------------------------
-    def batch_aniso_d(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float] | None, aniso_d: int | None) -> int:
-        """The one aniso_d of the batch (single slices: :data:`TWO_D_ANISO_D`)."""
-        if x.ndim == 4 or x.shape[-1] == 1:
-            return TWO_D_ANISO_D
-        if aniso_d is not None:
-            return int(aniso_d)
-        if spacing is None:
-            return 0
-        rows = torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, 3)
-        values = {aniso_d_from_spacing(row) for row in rows.tolist()}
-        if len(values) > 1:
-            raise ValueError(f"one batch mixes aniso_d values {sorted(values)}: group batches by spacing "
-                             "(medfm.workflows.AnisoGroupedBatchSampler)")
-        return values.pop()
-
     def patch_stride(self, aniso_d: int) -> tuple[int, int, int]:
         """``(h, w, d)`` voxels per token for ``aniso_d``."""
         return self.patch_size, self.patch_size, depth_stride(aniso_d, self.patch_size)
@@ -367,7 +370,7 @@ class SpadViT(nn.Module):
 
         ``mask``: ``(N, L)`` bool, True where a patch is replaced by the mask token (MIM).
         """
-        aniso = self.batch_aniso_d(x, spacing, aniso_d)
+        aniso = batch_aniso_d(x, spacing, aniso_d)
         patches = self.patch_embed(self._to_internal(x, aniso), aniso)
         grid = tuple(patches.shape[2:])
         tokens = patches.flatten(2).transpose(1, 2)
@@ -404,7 +407,7 @@ class SpadViT(nn.Module):
 
     def forward(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float] | None = None, aniso_d: int | None = None) -> torch.Tensor:
         if self.task == "segmentation":
-            aniso = self.batch_aniso_d(x, spacing, aniso_d)
+            aniso = batch_aniso_d(x, spacing, aniso_d)
             _, grid, taps = self.tokens(x, aniso_d=aniso, return_taps=self.taps)
             strides = level_strides(self.patch_stride(aniso))
             coarsest = [math.ceil(n / s) for n, s in zip(x.shape[2:], strides[-1])] if x.ndim == 5 else [2]
