@@ -66,6 +66,22 @@ FILES: dict[str, RealFile] = {
         "debian", ITK_EXAMPLES, f"{ITK_DATA}/KmeansTest_T1KmeansPrelimSegmentation.nii.gz",
         "8f48a7ced6d27644489b8a2fc8084bf6594560d05f8997ad4327b6353d11f342", "Apache-2.0",
         "7-class k-means segmentation of the ITK head T1 (medfm.samples mr_head_t1)"),
+    "itk_pd_slice_png": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/BrainProtonDensitySlice.png",
+        "f23b1322c71248617341bb41b312c60c222eb65c5d06df9d1a093b96e45e1db9", "Apache-2.0",
+        "axial proton-density brain MRI slice, 181x217 palette PNG"),
+    "itk_t1_slice_png": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/BrainT1Slice.png",
+        "43f5d1bdb8130c3327dd4496568aed8c4b5ac4229e1a7d04fad412d55fd1ca18", "Apache-2.0",
+        "axial T1 brain MRI slice, 181x217, gray stored as RGB PNG"),
+    "itk_sagittal_slice_png": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/BrainMidSagittalSlice.png",
+        "c22dc08de7101749c840c9cb142643bbb0f24cd3f363cc5c23ad5bbf70c33189", "Apache-2.0",
+        "mid-sagittal brain MRI slice, 217x180 8-bit gray PNG"),
+    "itk_fat_mri_slice_png": RealFile(
+        "debian", ITK_EXAMPLES, f"{ITK_DATA}/FatMRISlice.png",
+        "933054fb93c2e6f06451c41bffa58667f42c2b1fa515ca30aa67280b038fa4fd", "Apache-2.0",
+        "fat-weighted body MRI slice, 256x256 palette PNG"),
     "colin27_t1": RealFile(
         "debian", MRICRON_DATA, "usr/share/mricron/templates/ch2.nii.gz",
         "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309", "BSD-3-clause (mricron-data)",

@@ -186,3 +186,27 @@ def test_integer_rescaling_widens_instead_of_overflowing():
     stored = np.array([[60000, 1]], dtype=np.uint16)
     assert _rescaled(stored, np.array([100000.0]), np.array([0.0])).tolist() == [[6_000_000_000, 100_000]]
     assert _rescaled(stored, np.array([1.0]), np.array([-1024.0])).dtype == np.int32
+
+
+@pytest.mark.parametrize("name", ["itk_pd_slice_png", "itk_t1_slice_png", "itk_sagittal_slice_png"])
+def test_2d_images_load_as_one_gray_slice_when_allowed(real_file, name):
+    path = real_file(name)
+    with pytest.raises(ScanError, match=rf"{re.escape(str(path))}: is a 2D image"):
+        LoadScan()(path)
+    image = LoadScan(allow_2d=True)(path)
+    reference = LoadImage(image_only=True, reader="PILReader")(path)  # (cols, rows[, colours]) as MONAI reads it
+    expected = reference.float().mean(-1) if reference.ndim == 3 else reference.float()
+    assert image.shape == (*expected.shape, 1) and image.affine.shape == (4, 4)
+    torch.testing.assert_close(image[..., 0].float(), expected)
+
+
+def test_a_single_dicom_slice_loads_with_its_geometry_when_2d_is_allowed():
+    path = get_testdata_file("CT_small.dcm")
+    with pytest.raises(ScanError, match="single 2D DICOM slice"):
+        LoadScan()(path)
+    image = LoadScan(allow_2d=True)(path)
+    header = pydicom.dcmread(path)
+    assert image.shape == (128, 128, 1) and image.meta["Modality"] == "CT"
+    hu = header.pixel_array.astype(np.float64) * float(header.RescaleSlope) + float(header.RescaleIntercept)
+    np.testing.assert_array_equal(image[..., 0].numpy().T, hu)  # (column, row) order
+    np.testing.assert_allclose(np.abs(np.diag(image.affine.numpy()))[:2], [float(v) for v in header.PixelSpacing])

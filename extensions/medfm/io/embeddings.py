@@ -18,7 +18,7 @@ from .atomic import atomic_path
 
 __all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_meta", "input_stem", "is_index_file", "read_index_rows"]
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def input_stem(path: str | os.PathLike) -> str:

@@ -78,7 +78,9 @@ class LoadScan(Transform):
     inputs above ``max_gib`` (default ``$MEDFM_MAX_INPUT_GIB`` or 8 GiB of float32). After
     reading it rejects 2D images, 4D inputs and NaN/Inf voxels; DICOM slices are checked for
     duplicated positions, missing slices or non-uniform spacing, mixed orientations and gantry
-    tilt.
+    tilt. With ``allow_2d`` (for models that read 2D images), a single DICOM slice or a 2D
+    image file (PNG, JPEG, ...) is returned as one slice ``(X, Y, 1)``; colour channels of a 2D
+    image are averaged to gray.
 
     Returns the array without a channel axis, in (column, row, slice) order for DICOM as MONAI's
     readers do, in the file's own dtype (modality values: DICOM rescale applied), with a RAS
@@ -86,9 +88,10 @@ class LoadScan(Transform):
     ``meta["SeriesInstanceUID"]`` and ``meta["Modality"]``.
     """
 
-    def __init__(self, series_uid: str | None = None, max_gib: float | None = None) -> None:
+    def __init__(self, series_uid: str | None = None, max_gib: float | None = None, allow_2d: bool = False) -> None:
         self.series_uid = series_uid or None
         self.max_gib = max_gib
+        self.allow_2d = allow_2d
 
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
         source = Path(path)
@@ -166,6 +169,9 @@ class LoadScan(Transform):
         header = header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
         frames = int(header.get("NumberOfFrames", 1) or 1)
         mosaic = is_mosaic(header)
+        if frames == 1 and not mosaic and self.allow_2d:
+            self._check_memory(source, int(header.Rows) * int(header.Columns))
+            return self._validated(_with_dicom_meta(self._read(str(path), source), header), source)
         if frames == 1 and not mosaic:
             raise ScanError(f"{source}: is a single 2D DICOM slice ({header.get('Rows')}x{header.get('Columns')}); "
                             "give the folder that holds the whole series")
@@ -203,11 +209,15 @@ class LoadScan(Transform):
             raise ScanError(f"{source}: needs about {needed / 2**30:.1f} GiB as float32 ({voxels:,} voxels), over the "
                             f"{gib:g} GiB limit; set {MAX_INPUT_GIB_ENV} to raise it, or crop or resample the scan")
 
-    @staticmethod
-    def _validated(image: MetaTensor, source: Path) -> MetaTensor:
+    def _validated(self, image: MetaTensor, source: Path) -> MetaTensor:
         shape = tuple(image.shape)
-        if image.ndim == 2 or (image.ndim == 3 and 1 in shape):
-            raise ScanError(f"{source}: is a 2D image (shape {shape}); this model needs a 3D volume")
+        if image.ndim == 2 or _is_colour_2d(image) or (image.ndim == 3 and 1 in shape):
+            if not self.allow_2d:
+                raise ScanError(f"{source}: is a 2D image (shape {shape}); this model needs a 3D volume")
+            image = _as_single_slice(image)
+            if image.shape[-1] != 1:
+                raise ScanError(f"{source}: is a single slice along another axis than the last (shape {shape}); "
+                                "give it as (X, Y, 1)")
         if image.ndim != 3:
             raise ScanError(f"{source}: has {image.ndim} dimensions (shape {shape}); give one 3D volume "
                             "(split time series or multi-channel images first)")
@@ -215,6 +225,29 @@ class LoadScan(Transform):
         if bad:
             raise ScanError(f"{source}: contains {bad:,} NaN or infinite voxel(s)")
         return image
+
+
+def _is_colour_2d(image: MetaTensor) -> bool:
+    """ITK reads an RGB(A) 2D file as ``(X, Y, colours)`` and says so in ``original_channel_dim``."""
+    return image.ndim == 3 and image.meta.get("original_channel_dim") == -1 and image.shape[-1] in (3, 4)
+
+
+def _as_single_slice(image: MetaTensor) -> MetaTensor:
+    """A 2D image (``(X, Y)``, or ``(X, Y, colours)`` as ITK reads RGB files) as one gray slice
+    ``(X, Y, 1)`` with a 3D affine (1 mm through-plane); 3D inputs come back unchanged."""
+    colour = _is_colour_2d(image)
+    if image.ndim != 2 and not colour:
+        return image
+    plane = image.as_tensor()
+    if colour:
+        plane = plane[..., :3].float().mean(-1)
+    affine2d = torch.as_tensor(image.affine, dtype=torch.float64)
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:2, :2], affine[:2, 3] = affine2d[:2, :2], affine2d[:2, 2]
+    meta = {k: v for k, v in image.meta.items() if k != "affine"}
+    meta.update(original_channel_dim=float("nan"), spatial_shape=np.asarray([*plane.shape, 1]),
+                original_affine=affine.clone())
+    return MetaTensor(plane.unsqueeze(-1), affine=affine, meta=meta)
 
 
 @contextlib.contextmanager
@@ -249,9 +282,9 @@ class LoadScand(MapTransform):
     """Dictionary version of :class:`LoadScan` (for bundle configs, in place of ``LoadImaged``)."""
 
     def __init__(self, keys: KeysCollection, series_uid: str | None = None, max_gib: float | None = None,
-                 allow_missing_keys: bool = False) -> None:
+                 allow_2d: bool = False, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadScan(series_uid, max_gib)
+        self.loader = LoadScan(series_uid, max_gib, allow_2d)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)

@@ -13,6 +13,7 @@ from .contract import CheckInputContract, CheckInputContractd, contract_deviatio
 from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
 from .sar import RandMultiScaleCrop, RandMultiScaleCropd
+from .spad import RandTokenMask, RandTokenMaskd, SpadResample, SpadResampled, image_aniso_d, token_grid, voxel_spacing
 from .vdt import VariableDimensionTransform, VariableDimensionTransformd
 from .genesis import (
     GenesisCorruptiond,
@@ -43,8 +44,12 @@ __all__ = [
     "ModalityIntensityd",
     "RandMultiScaleCrop",
     "RandMultiScaleCropd",
+    "RandTokenMask",
+    "RandTokenMaskd",
     "RestoreIntensity",
     "RestoreIntensityd",
+    "SpadResample",
+    "SpadResampled",
     "VariableDimensionTransform",
     "VariableDimensionTransformd",
     "RandInPaint",
@@ -56,6 +61,9 @@ __all__ = [
     "RandOutPaint",
     "RandOutPaintd",
     "contract_deviations",
+    "image_aniso_d",
     "read_contract",
     "resolve_modality",
+    "token_grid",
+    "voxel_spacing",
 ]

@@ -4,5 +4,6 @@ from .handlers import LossComponentsLogger, PretrainedWeightsLoader, stacked_out
 from .inferers import FeatureTapInferer, MethodInferer
 from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch, subject_indices
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
+from .spad import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, PrepareSpadBatch, TokenizerLoss
 
-__all__ = ["BatchTripletLoss", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "stacked_outputs", "subject_indices"]
+__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "stacked_outputs", "subject_indices"]

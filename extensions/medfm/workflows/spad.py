@@ -1,0 +1,154 @@
+"""SPAD-ViT workflow pieces: spacing-carrying batches, aniso_d-grouped batches, tokenizer and MIM losses."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.engines.utils import PrepareBatch
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from ..networks.spad_tokenizer import SpadTokenizer
+from ..transforms.spad import image_aniso_d, voxel_spacing
+from .batches import plain_tensor
+
+__all__ = ["PrepareSpadBatch", "PrepareMIMBatch", "AnisoGroupedBatchSampler", "TokenizerLoss", "MaskedTokenLoss"]
+
+
+class PrepareSpadBatch(PrepareBatch):
+    """Inputs, targets and the batch's voxel spacing, which goes to the network as ``spacing``.
+
+    The spacing is read from the image's affine before the MetaTensor is made plain, so every
+    inferer (simple or sliding-window) hands SPAD-ViT the geometry it adapts to. ``label_key``
+    None gives no targets (inference).
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str | None = "label") -> None:
+        self.image_key, self.label_key = image_key, label_key
+
+    def spacing(self, batchdata: Mapping, device) -> torch.Tensor:
+        return voxel_spacing(batchdata[self.image_key]).reshape(-1, 3).to(device)
+
+    def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, torch.Tensor]]:
+        spacing = self.spacing(batchdata, device)
+        image = plain_tensor(batchdata[self.image_key], device, non_blocking)
+        label = plain_tensor(batchdata[self.label_key], device, non_blocking) if self.label_key else None
+        return image, label, (), {"spacing": spacing}
+
+
+class PrepareMIMBatch(PrepareSpadBatch):
+    """Masked image modelling: the frozen tokenizer's code distributions become the targets.
+
+    Inputs: the image in [0, 1] and its token mask (``mask_key``, from ``RandTokenMaskd``), passed to
+    ``SpadViT.mim_logits``; targets: ``(probabilities, mask)``. The tokenizer sees the image scaled
+    to [-1, 1], as it was trained.
+    """
+
+    def __init__(self, tokenizer: SpadTokenizer, image_key: str = "image", mask_key: str = "token_mask") -> None:
+        super().__init__(image_key, None)
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.mask_key = mask_key
+
+    def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple, dict[str, torch.Tensor]]:
+        image, _, _, kwargs = super().__call__(batchdata, device, non_blocking)
+        mask = plain_tensor(batchdata[self.mask_key], device, non_blocking).bool()
+        with torch.no_grad():
+            probabilities, _, _ = self.tokenizer.to(image.device).code_probabilities(image * 2 - 1, **kwargs)
+        if probabilities.shape[:2] != mask.shape:
+            raise ValueError(f"token mask {tuple(mask.shape)} does not fit the tokenizer's {tuple(probabilities.shape[:2])} codes")
+        return image, (probabilities, mask), (mask,), kwargs
+
+
+class AnisoGroupedBatchSampler(Sampler[list[int]]):
+    """Batches whose items share one aniso_d (SPAD-ViT adapts to one depth stride per batch).
+
+    Each item's aniso_d is read once from ``dataset[i][image_key]`` (spacing is unchanged by the
+    random crops, flips and intensity changes that may follow in the pipeline). Items are shuffled
+    within their group every epoch (``seed`` + epoch), and the groups' batches are interleaved.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, image_key: str = "image", shuffle: bool = True,
+                 drop_last: bool = False, seed: int = 0) -> None:
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.epoch = 0
+        self.groups: dict[int, list[int]] = {}
+        for index in range(len(dataset)):
+            self.groups.setdefault(image_aniso_d(dataset[index][image_key]), []).append(index)
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        batches = []
+        for members in self.groups.values():
+            members = list(members)
+            if self.shuffle:
+                rng.shuffle(members)
+            chunks = [members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            batches += [c for c in chunks if len(c) == self.batch_size or not self.drop_last]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class TokenizerLoss(nn.Module):
+    """SPAD-VT training loss: ``L1 + quant_weight * usage + entropy_weight * entropy [+ perceptual]``.
+
+    Takes the tokenizer's output dict and the input image ([-1, 1]). ``perceptual_weight`` > 0
+    adds MONAI's LPIPS-style ``PerceptualLoss`` on 2D slices (its network weights are downloaded
+    from torch hub the first time; that fails offline). The paper's hinge GAN term is not built.
+    ``components`` holds the last step's terms.
+    """
+
+    def __init__(self, quant_weight: float = 0.03, entropy_weight: float = 1.0, perceptual_weight: float = 0.0) -> None:
+        super().__init__()
+        self.quant_weight, self.entropy_weight, self.perceptual_weight = quant_weight, entropy_weight, perceptual_weight
+        self.perceptual = None
+        if perceptual_weight > 0:
+            from monai.losses import PerceptualLoss
+
+            self.perceptual = PerceptualLoss(spatial_dims=3, network_type="alex", is_fake_3d=True, fake_3d_ratio=0.5)
+        self.components: dict[str, float] = {}
+
+    def forward(self, output: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        reconstruction = output["reconstruction"]
+        l1 = F.l1_loss(reconstruction, target)
+        usage, entropy = SpadTokenizer.usage_and_entropy(output["probabilities"])
+        loss = l1 + self.quant_weight * usage + self.entropy_weight * entropy
+        components = {"l1": l1, "usage": usage, "entropy": entropy}
+        if self.perceptual is not None:
+            components["perceptual"] = self.perceptual(reconstruction.float(), target.float())
+            loss = loss + self.perceptual_weight * components["perceptual"]
+        self.components = {"loss": float(loss), **{k: float(v) for k, v in components.items()},
+                           "codes_used": float((output["probabilities"].argmax(-1).unique().numel()))}
+        return loss
+
+
+class MaskedTokenLoss(nn.Module):
+    """MIM loss: cross-entropy between predicted code logits and the tokenizer's soft codes, on masked tokens.
+
+    ``components``: the loss and the accuracy of the predicted most likely code.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.components: dict[str, float] = {}
+
+    def forward(self, logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        probabilities, mask = targets
+        loss = F.cross_entropy(logits[mask], probabilities[mask])
+        with torch.no_grad():
+            accuracy = (logits[mask].argmax(-1) == probabilities[mask].argmax(-1)).float().mean()
+        self.components = {"masked_ce": float(loss), "top1_code_accuracy": float(accuracy)}
+        return loss
