@@ -13,7 +13,7 @@ from .contract import CheckInputContract, CheckInputContractd, contract_deviatio
 from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
 from .sar import RandMultiScaleCrop, RandMultiScaleCropd
-from .spad import RandTokenMask, RandTokenMaskd, SpadResample, SpadResampled, image_aniso_d, token_grid, voxel_spacing
+from .spad import SpadResample, SpadResampled, image_aniso_d, voxel_spacing
 from .vdt import VariableDimensionTransform, VariableDimensionTransformd
 from .genesis import (
     GenesisCorruptiond,
@@ -44,8 +44,6 @@ __all__ = [
     "ModalityIntensityd",
     "RandMultiScaleCrop",
     "RandMultiScaleCropd",
-    "RandTokenMask",
-    "RandTokenMaskd",
     "RestoreIntensity",
     "RestoreIntensityd",
     "SpadResample",
@@ -64,6 +62,5 @@ __all__ = [
     "image_aniso_d",
     "read_contract",
     "resolve_modality",
-    "token_grid",
     "voxel_spacing",
 ]

@@ -1,21 +1,17 @@
-"""SPAD-ViT transforms: spacing-aware resampling to a token budget, and MIM token masks."""
+"""SPAD-ViT transforms: the voxel spacing it adapts to, and spacing-aware resampling to a token budget."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.data.utils import affine_to_spacing
-from monai.transforms import DivisiblePad, MapTransform, Randomizable, Spacing, Transform
+from monai.transforms import DivisiblePad, MapTransform, Spacing, Transform
 
 from ..networks.spad_vit import TWO_D_ANISO_D, aniso_d_from_spacing, depth_stride
-from .wrapping import SeedsWrappedTransform
 
-__all__ = ["voxel_spacing", "image_aniso_d", "token_grid", "SpadResample", "SpadResampled", "RandTokenMask", "RandTokenMaskd"]
+__all__ = ["voxel_spacing", "image_aniso_d", "SpadResample", "SpadResampled"]
 
 PATCH_SIZE = 16
 
@@ -24,7 +20,7 @@ def voxel_spacing(image: torch.Tensor) -> torch.Tensor:
     """``(x, y, z)`` voxel size in mm from a MetaTensor's affine: ``(3,)``, or ``(N, 3)`` for a batch."""
     if not isinstance(image, MetaTensor):
         raise ValueError("SPAD-ViT needs the voxel spacing: give a MetaTensor (as MONAI's loaders return)")
-    return affine_to_spacing(image.affine, r=3).to(torch.float64)
+    return torch.linalg.vector_norm(torch.as_tensor(image.affine, dtype=torch.float64)[..., :3, :3], dim=-2)
 
 
 def image_aniso_d(image: torch.Tensor) -> int:
@@ -32,13 +28,6 @@ def image_aniso_d(image: torch.Tensor) -> int:
     if image.shape[-1] == 1:
         return TWO_D_ANISO_D
     return aniso_d_from_spacing(voxel_spacing(image).tolist())
-
-
-def token_grid(image: torch.Tensor, patch_size: int = PATCH_SIZE) -> tuple[int, int, int]:
-    """SPAD-ViT's ``(d, h, w)`` token grid for a channel-first image ``(C, H, W, D)``."""
-    stride = depth_stride(image_aniso_d(image), patch_size)
-    h, w, d = image.shape[1:]
-    return d // stride, h // patch_size, w // patch_size
 
 
 class SpadResample(Transform):
@@ -81,48 +70,4 @@ class SpadResampled(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.resample(d[key])
-        return d
-
-
-class RandTokenMask(Randomizable, Transform):
-    """A random MIM mask over SPAD-ViT's tokens of one image: ``(L,)`` bool, exactly
-    ``round(ratio * L)`` True (at least one), L from :func:`token_grid` (PUMIT: ratio 0.55)."""
-
-    def __init__(self, ratio: float = 0.55, patch_size: int = PATCH_SIZE) -> None:
-        if not 0 < ratio < 1:
-            raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
-        self.ratio = ratio
-        self.patch_size = patch_size
-        self._order: np.ndarray | None = None
-
-    def randomize(self, tokens: int) -> None:
-        self._order = self.R.permutation(tokens)
-
-    def __call__(self, image: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        tokens = math.prod(token_grid(image, self.patch_size))
-        if randomize or self._order is None or len(self._order) != tokens:
-            self.randomize(tokens)
-        mask = torch.zeros(tokens, dtype=torch.bool)
-        mask[torch.as_tensor(self._order[: max(1, round(self.ratio * tokens))])] = True
-        return mask
-
-
-class RandTokenMaskd(SeedsWrappedTransform, MapTransform):
-    """Dictionary version of :class:`RandTokenMask`: reads ``keys`` (one image), writes ``mask_key``."""
-
-    def __init__(self, keys: KeysCollection, mask_key: str = "token_mask", ratio: float = 0.55,
-                 patch_size: int = PATCH_SIZE) -> None:
-        MapTransform.__init__(self, keys)
-        if len(self.keys) != 1:
-            raise ValueError("RandTokenMaskd takes one image key")
-        self.mask_key = mask_key
-        self.transform = RandTokenMask(ratio, patch_size)
-
-    def randomize(self, data=None) -> None:
-        pass
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.mask_key] = self.transform(d[key])
         return d

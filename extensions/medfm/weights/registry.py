@@ -20,7 +20,8 @@ class WeightsEntry:
     """Facts about one checkpoint.
 
     ``sha256`` is the full hex digest, or a prefix (at least 8 characters) where only a prefix is
-    published. ``network_module`` is the ``medfm.networks`` module whose ``checkpoint_filter_fn``
+    published, or None where none is published (then the entry cannot be downloaded: a download
+    must be verifiable; a local copy is imported and its digest recorded). ``network_module`` is the ``medfm.networks`` module whose ``checkpoint_filter_fn``
     turns this checkpoint into the bundle network's state dict.
     """
 
@@ -28,7 +29,7 @@ class WeightsEntry:
     bundle: str
     title: str
     file_name: str
-    sha256: str
+    sha256: str | None
     size: int | None
     url: str | None
     license: str
@@ -43,12 +44,15 @@ class WeightsEntry:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        if len(self.sha256) < 8 or any(c not in "0123456789abcdef" for c in self.sha256):
+        if self.sha256 is None:
+            if self.url:
+                raise ValueError(f"{self.name}: a downloadable entry needs a sha256 to verify the download")
+        elif len(self.sha256) < 8 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"{self.name}: sha256 must be lower-case hex, at least 8 characters")
 
     def matches(self, digest: str) -> bool:
         """True when ``digest`` (full sha256 hex) is this entry's hash (or starts with its prefix)."""
-        return digest.lower().startswith(self.sha256)
+        return self.sha256 is not None and digest.lower().startswith(self.sha256)
 
     def network_code(self) -> ModuleType:
         """The module holding the network and its ``checkpoint_filter_fn``."""
@@ -189,6 +193,35 @@ REGISTRY: dict[str, WeightsEntry] = {
             },
             notes="The only downloadable pretrained Medical Transformer, and a small one: 4 brains cannot teach "
             "population anatomy. Held-out numbers come from benchmarks/medical_transformer_pretext.py.",
+        ),
+        WeightsEntry(
+            name="pumit_b_v1",
+            bundle="spad_vit_base",
+            title="PUMIT SPAD-ViT-B, the authors' release v1 (pumit-b.ckpt, MIM pre-training)",
+            file_name="pumit-b.ckpt",
+            sha256=None,
+            size=None,
+            url=None,
+            license="none published: the authors' repository has no licence file, so all rights are reserved; "
+            "imported from your own download for research, never redistributed",
+            commercial_use=False,
+            redistributable=False,
+            source="https://github.com/function2-llx/PUMIT/releases/tag/v1 (the README loads ./pre-trained/pumit.ckpt, "
+            "the downstream scripts pre-trained/pumit-b.ckpt; asset names, sizes and hashes are not published in text)",
+            paper="Luo L et al. Building Universal Foundation Models for Medical Image Analysis with Spatially Adaptive "
+            "Networks. arXiv 2312.07630 (2023)",
+            trained_on="55 public medical imaging datasets (CT, MRI, X-ray, fundus, ultrasound; about 9 M 2D slices "
+            "equivalent), 2D and 3D at native spacing; masked image modelling (55% of tokens) with the soft codes of "
+            "a frozen SPAD-VT tokenizer as targets; initialised from EVA-02-B; AdamW 2e-5, 300k steps",
+            preprocessing="pre-training: through-plane axis first, foreground crop, shorter in-plane side at most 512, "
+            "0.5-99.5 percentile to [0, 1], gray repeated to RGB, ImageNet mean / std. This bundle: RAS, percentile "
+            "to [0, 1], one channel (the RGB patch kernel summed), spacing-aware resampling to whole tokens",
+            network_module="medfm.networks.spad_vit",
+            metrics={},
+            notes="A PyTorch-Lightning checkpoint: weights under 'state_dict' (no 'model.' prefix, maybe 'module.'), "
+            "tokenizer removed, 'mask_token' and 'mim_head.*' present, possibly optimizer state. A file that pickles "
+            "Lightning objects imports with --strip_objects (never unpickled). Its sha256 is recorded at import in "
+            "models/weights.json; the paper's result tables were not verified here.",
         ),
     )
 }

@@ -22,8 +22,9 @@ class PrepareSpadBatch(PrepareBatch):
     """Inputs, targets and the batch's voxel spacing, which goes to the network as ``spacing``.
 
     The spacing is read from the image's affine before the MetaTensor is made plain, so every
-    inferer (simple or sliding-window) hands SPAD-ViT the geometry it adapts to. ``label_key``
-    None gives no targets (inference).
+    inferer (simple or sliding-window) hands SPAD-ViT the geometry it adapts to. The image stays a
+    MetaTensor (evaluators' postprocessing names outputs after its source). ``label_key`` None
+    gives no targets (inference).
     """
 
     def __init__(self, image_key: str = "image", label_key: str | None = "label") -> None:
@@ -35,7 +36,7 @@ class PrepareSpadBatch(PrepareBatch):
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, torch.Tensor]]:
         spacing = self.spacing(batchdata, device)
-        image = plain_tensor(batchdata[self.image_key], device, non_blocking)
+        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking)
         label = plain_tensor(batchdata[self.label_key], device, non_blocking) if self.label_key else None
         return image, label, (), {"spacing": spacing}
 
@@ -43,24 +44,33 @@ class PrepareSpadBatch(PrepareBatch):
 class PrepareMIMBatch(PrepareSpadBatch):
     """Masked image modelling: the frozen tokenizer's code distributions become the targets.
 
-    Inputs: the image in [0, 1] and its token mask (``mask_key``, from ``RandTokenMaskd``), passed to
-    ``SpadViT.mim_logits``; targets: ``(probabilities, mask)``. The tokenizer sees the image scaled
-    to [-1, 1], as it was trained.
+    Inputs: the image in [0, 1] and a random token mask, passed to ``SpadViT.mim_logits``; targets:
+    ``(probabilities, mask)``. Each item gets exactly ``round(mask_ratio * L)`` masked tokens
+    (PUMIT: 0.55), drawn from a generator seeded with ``seed`` so runs repeat. The mask is drawn
+    here, after collation, because only then is the token grid of the batch known. The tokenizer
+    sees the image scaled to [-1, 1], as it was trained.
     """
 
-    def __init__(self, tokenizer: SpadTokenizer, image_key: str = "image", mask_key: str = "token_mask") -> None:
+    def __init__(self, tokenizer: SpadTokenizer, mask_ratio: float = 0.55, seed: int = 0, image_key: str = "image") -> None:
         super().__init__(image_key, None)
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.tokenizer = tokenizer.eval().requires_grad_(False)
-        self.mask_key = mask_key
+        self.mask_ratio = mask_ratio
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def random_mask(self, items: int, tokens: int) -> torch.Tensor:
+        """``(items, tokens)`` bool with ``round(mask_ratio * tokens)`` (at least one) True per row."""
+        ranks = torch.rand(items, tokens, generator=self.generator).argsort(dim=1).argsort(dim=1)
+        return ranks < max(1, round(self.mask_ratio * tokens))
 
     def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple, dict[str, torch.Tensor]]:
-        image, _, _, kwargs = super().__call__(batchdata, device, non_blocking)
-        mask = plain_tensor(batchdata[self.mask_key], device, non_blocking).bool()
+        kwargs = {"spacing": self.spacing(batchdata, device)}
+        image = plain_tensor(batchdata[self.image_key], device, non_blocking)
         with torch.no_grad():
             probabilities, _, _ = self.tokenizer.to(image.device).code_probabilities(image * 2 - 1, **kwargs)
-        if probabilities.shape[:2] != mask.shape:
-            raise ValueError(f"token mask {tuple(mask.shape)} does not fit the tokenizer's {tuple(probabilities.shape[:2])} codes")
+        mask = self.random_mask(*probabilities.shape[:2]).to(image.device)
         return image, (probabilities, mask), (mask,), kwargs
 
 
