@@ -75,20 +75,22 @@ class PrepareMIMBatch(PrepareSpadBatch):
 
 
 class AnisoGroupedBatchSampler(Sampler[list[int]]):
-    """Batches whose items share one aniso_d (SPAD-ViT adapts to one depth stride per batch).
+    """Batches whose items share one aniso_d (SPAD-ViT adapts to one depth stride per batch) and
+    one shape (so they stack without padding: a 2D image and a 40-slice volume never meet).
 
-    Each item's aniso_d is read once from ``dataset[i][image_key]`` (spacing is unchanged by the
-    random crops, flips and intensity changes that may follow in the pipeline). Items are shuffled
-    within their group every epoch (``seed`` + epoch), and the groups' batches are interleaved.
+    Each item's aniso_d and shape are read once from ``dataset[i][image_key]``; spacing and the
+    size of a fixed-size random crop do not change from draw to draw. Items are shuffled within
+    their group every epoch (``seed`` + epoch), and the groups' batches are interleaved.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, image_key: str = "image", shuffle: bool = True,
                  drop_last: bool = False, seed: int = 0) -> None:
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.epoch = 0
-        self.groups: dict[int, list[int]] = {}
+        self.groups: dict[tuple, list[int]] = {}
         for index in range(len(dataset)):
-            self.groups.setdefault(image_aniso_d(dataset[index][image_key]), []).append(index)
+            image = dataset[index][image_key]
+            self.groups.setdefault((image_aniso_d(image), tuple(image.shape)), []).append(index)
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
