@@ -246,7 +246,7 @@ def _as_single_slice(image: MetaTensor) -> MetaTensor:
     affine[:2, :2], affine[:2, 3] = affine2d[:2, :2], affine2d[:2, 2]
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
     meta.update(original_channel_dim=float("nan"), spatial_shape=np.asarray([*plane.shape, 1]),
-                original_affine=affine.clone())
+                original_affine=affine.clone(), spacing=np.asarray([*np.linalg.norm(affine[:2, :2].numpy(), axis=0), 1.0]))
     return MetaTensor(plane.unsqueeze(-1), affine=affine, meta=meta)
 
 

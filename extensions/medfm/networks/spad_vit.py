@@ -29,6 +29,8 @@ __all__ = ["SpadViT", "AdaptivePatchEmbed", "aniso_d_from_spacing", "batch_aniso
 MAX_ANISO_D = 5
 TWO_D_ANISO_D = MAX_ANISO_D
 TASKS = ("embedding", "classification", "segmentation", "mim")
+#: Blocks of ViT-B whose outputs feed the segmentation FPN in PUMIT's BTCV setup.
+UPSTREAM_TAPS = (3, 5, 7, 11)
 
 
 def aniso_d_from_spacing(spacing: Sequence[float] | torch.Tensor) -> int:
@@ -296,8 +298,8 @@ class SpadViT(nn.Module):
             ``"segmentation"`` (taps -> simple FPN -> conv U-Net decoder) or ``"mim"`` (mask token
             and the head predicting tokenizer codes).
         num_outputs: classes for classification / segmentation.
-        taps: blocks whose outputs feed the FPN (upstream BTCV: 3, 5, 7, 11); default: four evenly
-            spaced blocks ending with the last.
+        taps: blocks whose outputs feed the FPN; default: upstream's BTCV choice (3, 5, 7, 11 of
+            12) scaled to ``depth``.
         decoder_channels: segmentation widths at in-plane strides 1, 2, 4, 8, 16, 32 (the last four
             are the FPN laterals; upstream BTCV: 32, 64, 128, 256, 512, 512).
         codebook_size: MIM head classes (the tokenizer's codebook).
@@ -339,7 +341,7 @@ class SpadViT(nn.Module):
         elif task == "classification":
             self.head = nn.Linear(embed_dim, num_outputs)
         elif task == "segmentation":
-            self.taps = list(taps) if taps is not None else [depth - 1 - i * max(depth // 4, 1) for i in range(4)][::-1]
+            self.taps = list(taps) if taps is not None else [min(round(t * depth / 12), depth - 1) for t in UPSTREAM_TAPS]
             if len(self.taps) != 4 or not all(0 <= t < depth for t in self.taps):
                 raise ValueError(f"taps must be 4 block indices below {depth}, got {self.taps}")
             if len(decoder_channels) != 6:
@@ -383,12 +385,12 @@ class SpadViT(nn.Module):
         angles = rope_angles(grid, self.head_dim, *self.rope_bases).to(device=x.device)
         cos = angles.cos().repeat_interleave(2, dim=-1).to(tokens.dtype)
         sin = angles.sin().repeat_interleave(2, dim=-1).to(tokens.dtype)
-        taps = []
+        outputs = {}
         for index, block in enumerate(self.blocks):
             tokens = block(tokens, cos, sin)
             if index in return_taps:
-                taps.append(tokens)
-        return self.norm(tokens), grid, taps
+                outputs[index] = tokens
+        return self.norm(tokens), grid, [outputs[index] for index in return_taps]
 
     def _feature_map(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Patch tokens ``(N, 1 + L, C)`` -> ``(N, C, h, w, d)``."""
