@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 
 import pytest
@@ -55,3 +56,14 @@ def test_committed_weights_are_the_registered_project_weights():
             path = BUNDLES / entry.bundle / "models" / entry.file_name
             assert sha256_of(path) == entry.sha256, f"{path} changed: update the registry entry {entry.name!r}"
             assert path.stat().st_size == entry.size
+
+
+def test_pumit_weights_have_no_published_hash_so_they_are_import_only():
+    entry = get("pumit_b_v1")
+    assert entry.sha256 is None and entry.url is None and not entry.redistributable and not entry.commercial_use
+    assert not entry.matches("0" * 64)
+    with pytest.raises(WeightsError, match=r"download pumit-b\.ckpt yourself .*PUMIT/releases/tag/v1.*"
+                                           r"medfm weights import spad_vit_base pumit-b\.ckpt"):
+        default_for_bundle("spad_vit_base")
+    with pytest.raises(ValueError, match="needs a sha256"):
+        dataclasses.replace(entry, url="https://example.invalid/pumit-b.ckpt")

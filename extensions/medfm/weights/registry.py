@@ -208,7 +208,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             redistributable=False,
             source="https://github.com/function2-llx/PUMIT/releases/tag/v1 (the README loads ./pre-trained/pumit.ckpt, "
             "the downstream scripts pre-trained/pumit-b.ckpt; asset names, sizes and hashes are not published in text)",
-            paper="Luo L et al. Building Universal Foundation Models for Medical Image Analysis with Spatially Adaptive "
+            paper="Luo et al. Building Universal Foundation Models for Medical Image Analysis with Spatially Adaptive "
             "Networks. arXiv 2312.07630 (2023)",
             trained_on="55 public medical imaging datasets (CT, MRI, X-ray, fundus, ultrasound; about 9 M 2D slices "
             "equivalent), 2D and 3D at native spacing; masked image modelling (55% of tokens) with the soft codes of "
