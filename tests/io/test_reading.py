@@ -210,3 +210,14 @@ def test_a_single_dicom_slice_loads_with_its_geometry_when_2d_is_allowed():
     hu = header.pixel_array.astype(np.float64) * float(header.RescaleSlope) + float(header.RescaleIntercept)
     np.testing.assert_array_equal(image[..., 0].numpy().T, hu)  # (column, row) order
     np.testing.assert_allclose(np.abs(np.diag(image.affine.numpy()))[:2], [float(v) for v in header.PixelSpacing])
+
+
+def test_a_2d_nifti_keeps_its_own_affine(tmp_path):
+    affine = np.diag([0.5, 0.7, 3.0, 1.0])
+    affine[:3, 3] = [1, 2, 3]
+    plane = np.random.default_rng(0).random((20, 30), dtype=np.float32)
+    nib.save(nib.Nifti1Image(plane, affine), tmp_path / "slice.nii.gz")
+    image = LoadScan(allow_2d=True)(tmp_path / "slice.nii.gz")
+    assert image.shape == (20, 30, 1)
+    np.testing.assert_allclose(image.affine.numpy(), affine)
+    np.testing.assert_array_equal(image[..., 0].numpy(), plane)

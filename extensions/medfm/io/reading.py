@@ -234,16 +234,18 @@ def _is_colour_2d(image: MetaTensor) -> bool:
 
 def _as_single_slice(image: MetaTensor) -> MetaTensor:
     """A 2D image (``(X, Y)``, or ``(X, Y, colours)`` as ITK reads RGB files) as one gray slice
-    ``(X, Y, 1)`` with a 3D affine (1 mm through-plane); 3D inputs come back unchanged."""
+    ``(X, Y, 1)`` with a 3D affine (ITK's 2D affine gets a 1 mm through-plane axis); 3D inputs
+    come back unchanged."""
     colour = _is_colour_2d(image)
     if image.ndim != 2 and not colour:
         return image
     plane = image.as_tensor()
     if colour:
         plane = plane[..., :3].float().mean(-1)
-    affine2d = torch.as_tensor(image.affine, dtype=torch.float64)
-    affine = torch.eye(4, dtype=torch.float64)
-    affine[:2, :2], affine[:2, 3] = affine2d[:2, :2], affine2d[:2, 2]
+    affine = torch.as_tensor(image.affine, dtype=torch.float64).clone()
+    if affine.shape == (3, 3):  # ITK's 2D affine; a 2D NIfTI already carries a 3D one
+        affine2d, affine = affine, torch.eye(4, dtype=torch.float64)
+        affine[:2, :2], affine[:2, 3] = affine2d[:2, :2], affine2d[:2, 2]
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
     meta.update(original_channel_dim=float("nan"), spatial_shape=np.asarray([*plane.shape, 1]),
                 original_affine=affine.clone(), spacing=np.asarray([*np.linalg.norm(affine[:2, :2].numpy(), axis=0), 1.0]))
