@@ -20,7 +20,7 @@ import medfm
 from medfm.networks import SpadTokenizer, SpadViT
 from medfm.networks.spad_vit import checkpoint_filter_fn
 from medfm.weights import load_checkpoint, sha256_of
-from tests.conftest import BUNDLES, bundle_run, run_command
+from tests.conftest import BUNDLES, REPO, bundle_run, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +214,15 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(spad_bundle, slice_table
                         launcher=torchrun)
     assert (result.stdout + result.stderr).count("pretrained weights") == 2
     assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
+
+
+def test_the_speed_benchmark_runs(tmp_path):
+    """benchmarks/spad_vit.py end to end at batch 1 (its numbers are reported, never asserted)."""
+    result = run_command([sys.executable, str(REPO / "benchmarks" / "spad_vit.py"), "--batch", "1", "--repeats", "1",
+                          "--out", str(tmp_path)], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "forward_96.csv").open()))
+    assert [row["model"] for row in rows] == ["spad_vit_b", "monai_vit_b"]
+    assert all(float(row["median_forward_s"]) > 0 for row in rows)
+    large = json.loads((tmp_path / "embed_512x512x100.json").read_text())
+    assert large["network_input"] == "256x256x104" and large["tokens"] == 16 * 16 * 13
