@@ -142,7 +142,7 @@ class TokenizerLoss(nn.Module):
         if self.perceptual is not None:
             components["perceptual"] = self.perceptual(reconstruction.float(), target.float())
             loss = loss + self.perceptual_weight * components["perceptual"]
-        self.components = {"loss": float(loss), **{k: float(v) for k, v in components.items()},
+        self.components = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in components.items()},
                            "codes_used": float((output["probabilities"].argmax(-1).unique().numel()))}
         return loss
 
@@ -162,5 +162,5 @@ class MaskedTokenLoss(nn.Module):
         loss = F.cross_entropy(logits[mask], probabilities[mask])
         with torch.no_grad():
             accuracy = (logits[mask].argmax(-1) == probabilities[mask].argmax(-1)).float().mean()
-        self.components = {"masked_ce": float(loss), "top1_code_accuracy": float(accuracy)}
+        self.components = {"masked_ce": float(loss.detach()), "top1_code_accuracy": float(accuracy)}
         return loss

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medfm.networks import SpadTokenizer
+from medfm.workflows import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, TokenizerLoss
+
+
+def item(shape, spacing):
+    return {"image": MetaTensor(torch.rand(1, *shape), affine=torch.diag(torch.tensor([*spacing, 1.0])))}
+
+
+def test_batches_share_aniso_d_and_shape_and_cover_every_item_once():
+    data = [item((32, 32, 32), (1, 1, 1))] * 3 + [item((32, 32, 8), (1, 1, 4))] * 2 + [item((32, 32, 1), (1, 1, 1))] * 3
+    sampler = AnisoGroupedBatchSampler(data, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(8)) and len(batches) == len(sampler) == 5
+    for batch in batches:
+        assert len({tuple(data[i]["image"].shape) for i in batch}) == 1
+    assert batches != list(sampler)  # reshuffled each epoch
+    assert list(AnisoGroupedBatchSampler(data, 2, seed=1)) == batches  # and reproducible
+
+
+def test_mim_masks_have_the_exact_ratio_and_repeat_with_the_seed():
+    tokenizer = SpadTokenizer(channels=(4, 8, 8), codebook_size=16, groups=4)
+    masks = PrepareMIMBatch(tokenizer, mask_ratio=0.55, seed=3).random_mask(4, 20)
+    assert masks.sum(1).tolist() == [11] * 4 and not torch.equal(masks[0], masks[1])
+    assert torch.equal(PrepareMIMBatch(tokenizer, seed=3).random_mask(4, 20), masks)
+    affine = torch.diag(torch.tensor([1.0, 1.0, 4.0, 1.0]))
+    batch = {"image": MetaTensor(torch.rand(2, 1, 32, 32, 8), affine=torch.stack([affine, affine]))}  # as collated
+    image, (probabilities, mask), (passed_mask,), kwargs = PrepareMIMBatch(tokenizer)(batch)
+    assert probabilities.shape == (2, 8, 16) and mask.shape == (2, 8) and passed_mask is mask
+    assert not tokenizer.codebook.weight.requires_grad and kwargs["spacing"].shape == (2, 3)
+
+
+def test_masked_token_loss_ignores_visible_tokens():
+    logits = torch.randn(2, 6, 5, requires_grad=True)
+    targets = torch.softmax(torch.randn(2, 6, 5), -1)
+    mask = torch.tensor([[True, False, True, False, False, False], [False] * 5 + [True]])
+    loss = MaskedTokenLoss()(logits, (targets, mask))
+    loss.backward()
+    assert logits.grad[~mask].abs().sum() == 0 and logits.grad[mask].abs().sum() > 0
+    expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_tokenizer_loss_terms():
+    tokenizer = SpadTokenizer(channels=(4, 8, 8), codebook_size=16, groups=4)
+    x = torch.rand(1, 1, 32, 32, 16) * 2 - 1
+    criterion = TokenizerLoss(quant_weight=0.5, entropy_weight=0.25)
+    loss = criterion(tokenizer(x), x)
+    parts = criterion.components
+    assert {"l1", "usage", "entropy", "codes_used"} <= set(parts)
+    assert float(loss.detach()) == pytest.approx(parts["l1"] + 0.5 * parts["usage"] + 0.25 * parts["entropy"], rel=1e-5)
