@@ -20,7 +20,7 @@ from .errors import MedfmError, first_line, innermost
 from .io.embeddings import append_index_rows, is_index_file, read_index_rows
 from .transforms.contract import logger as contract_logger
 
-__all__ = ["main", "infer", "demo"]
+__all__ = ["main", "infer", "demo", "download", "release"]
 
 
 def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> list[str]:
@@ -147,6 +147,34 @@ def demo(out: str = "demo_output", bundle: str = "models_genesis_chest_ct") -> N
         print(line)
 
 
+def release(*bundles: str, out: str = "dist", base_url: str = "") -> None:
+    """Build ``<name>_v<version>.zip`` archives for ``monai.bundle.download`` and their ``model_info.json``.
+
+    Args:
+        bundles: bundle names or folders (default: every bundle found).
+        out: output folder.
+        base_url: where the archives will be served (recorded as each archive's ``source``); a
+            GitHub release is ``https://github.com/OWNER/REPO/releases/download/TAG``.
+    """
+    from .release import MODEL_INFO, release_bundles
+
+    for item in release_bundles(out, list(bundles), base_url):
+        print(f"{item.file}  {item.size:>11,} bytes  sha256 {item.sha256[:16]}...  weights: {item.weights}")
+    print(f"index: {Path(out) / MODEL_INFO}")
+
+
+def download(bundle: str, index: str, version: str | None = None, bundle_dir: str | None = None,
+             progress: bool = True) -> None:
+    """Download a released bundle listed in a ``model_info.json`` (URL or path); size and sha256 checked.
+
+    The bundle lands in ``bundle_dir`` (default ``$MEDFM_HOME/bundles``, where ``medfm`` finds
+    bundles by name).
+    """
+    from .release import download_bundle
+
+    print(download_bundle(bundle, index, version=version, bundle_dir=bundle_dir, progress=progress))
+
+
 def _weights_commands() -> dict:
     from .weights import fetch_weights, import_weights, verify_bundle_weights
 
@@ -182,7 +210,7 @@ def _weights_commands() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
-    commands = {"infer": infer, "demo": demo, "weights": _weights_commands()}
+    commands = {"infer": infer, "demo": demo, "download": download, "release": release, "weights": _weights_commands()}
     try:
         fire.Fire(commands, command=argv, name="medfm")
     except MedfmError as error:

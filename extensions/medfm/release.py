@@ -1,0 +1,148 @@
+"""Bundle archives as ``monai.bundle.download`` expects them, with a model-zoo style index.
+
+Each archive is ``<name>_v<version>.zip`` holding one top-level ``<name>/`` folder: the bundle's
+configs, docs, ``LICENSE`` and ``large_files.yml``, plus ``models/model.pt`` (and its provenance
+record) only when the registry says those weights may be redistributed. Archives are
+byte-reproducible (fixed timestamps and order), so their sha256 in ``model_info.json`` is stable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bundles import cache_dir, find_bundle, list_bundle_dirs
+from .errors import MedfmError
+from .io.atomic import atomic_path
+from .io.reading import ScanError, safe_extract_zip
+from .weights import registry
+from .weights.checkpoint import sha256_of
+from .weights.download import download
+
+__all__ = ["ReleasedBundle", "build_release", "release_bundles", "download_bundle", "MODEL_INFO"]
+
+MODEL_INFO = "model_info.json"
+#: What a released bundle holds besides its weights (folders are taken whole).
+RELEASED = ("configs", "docs", "LICENSE", "large_files.yml")
+WEIGHTS = ("models/model.pt", "models/weights.json")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class ReleasedBundle:
+    """One archive: what ``model_info.json`` records about it."""
+
+    name: str
+    version: str
+    file: str
+    sha256: str
+    size: int
+    source: str
+    weights: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_v{self.version}"
+
+
+def _release_files(bundle_dir: Path) -> tuple[list[Path], str]:
+    """The files to archive and which weights they include (``none`` when not redistributable)."""
+    missing = [name for name in RELEASED if not (bundle_dir / name).exists()]
+    if missing:
+        raise MedfmError(f"{bundle_dir}: cannot be released, missing {', '.join(missing)}")
+    files = [path for name in RELEASED for path in
+             (sorted(p for p in (bundle_dir / name).rglob("*") if p.is_file()) if (bundle_dir / name).is_dir()
+              else [bundle_dir / name])]
+    model = bundle_dir / WEIGHTS[0]
+    if not model.is_file():
+        return files, "none"
+    entry = registry.match_sha256(sha256_of(model))
+    if entry is None or not entry.redistributable:
+        return files, "none"  # imported or self-trained weights stay with their owner
+    return files + [p for p in (bundle_dir / w for w in WEIGHTS) if p.is_file()], entry.name
+
+
+def build_release(bundle: str | os.PathLike, out_dir: str | os.PathLike, base_url: str = "") -> ReleasedBundle:
+    """Write ``<out_dir>/<name>_v<version>.zip`` for one bundle; ``base_url`` prefixes its ``source``."""
+    bundle_dir = find_bundle(bundle)
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    name, version = bundle_dir.name, str(metadata.get("version", ""))
+    if metadata.get("name") != name or not version:
+        raise MedfmError(f"{bundle_dir}: metadata.json must name the bundle {name!r} and give its version")
+    files, weights = _release_files(bundle_dir)
+    target = Path(out_dir) / f"{name}_v{version}.zip"
+    with atomic_path(target) as temporary:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in files:
+                info = zipfile.ZipInfo(f"{name}/{path.relative_to(bundle_dir).as_posix()}", date_time=_ZIP_TIME)
+                info.external_attr = 0o644 << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, path.read_bytes())
+    source = f"{base_url.rstrip('/')}/{target.name}" if base_url else target.name
+    return ReleasedBundle(name=name, version=version, file=target.name, sha256=sha256_of(target),
+                          size=target.stat().st_size, source=source, weights=weights)
+
+
+def release_bundles(out_dir: str | os.PathLike, bundles: list[str] | None = None, base_url: str = "") -> list[ReleasedBundle]:
+    """Archive ``bundles`` (default: every bundle found) and write ``model_info.json`` beside them."""
+    chosen = [find_bundle(b) for b in bundles] if bundles else list_bundle_dirs()
+    if not chosen:
+        raise MedfmError("no bundles to release")
+    released = [build_release(b, out_dir, base_url) for b in chosen]
+    index = {r.key: {k: v for k, v in asdict(r).items()} for r in released}
+    with atomic_path(Path(out_dir) / MODEL_INFO) as temporary:
+        temporary.write_text(json.dumps(index, indent=2) + "\n")
+    return released
+
+
+def _read_index(index_url: str, scratch: Path) -> dict:
+    """``model_info.json`` from a URL."""
+    index_file = download(index_url, scratch / MODEL_INFO, progress=False)
+    try:
+        return json.loads(index_file.read_text())
+    except ValueError as error:
+        raise MedfmError(f"{index_url}: not a readable {MODEL_INFO} ({error})") from None
+
+
+def download_bundle(name: str, index: str, version: str | None = None, bundle_dir: str | os.PathLike | None = None,
+                    progress: bool = True) -> Path:
+    """Download a released bundle listed in ``index`` (a ``model_info.json`` URL or path) and unpack it.
+
+    Unlike ``monai.bundle.download``, the archive's size and sha256 are checked against the index
+    before anything is unpacked, members that would land outside the target are refused, and
+    the bundle appears under ``bundle_dir`` (default ``$MEDFM_HOME/bundles``) only once it is
+    complete. An existing copy of the bundle is replaced.
+    """
+    if not urllib.parse.urlparse(index).scheme:
+        index = Path(index).resolve().as_uri()
+    target_root = Path(bundle_dir) if bundle_dir else cache_dir() / "bundles"
+    target_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target_root) as scratch:
+        scratch = Path(scratch)
+        entries = {k: v for k, v in _read_index(index, scratch).items() if isinstance(v, dict) and v.get("name") == name}
+        if version:
+            entries = {k: v for k, v in entries.items() if v.get("version") == version}
+        if not entries:
+            raise MedfmError(f"{index}: lists no bundle {name!r}{f' version {version}' if version else ''}")
+        entry = max(entries.values(), key=lambda e: tuple(int(p) if p.isdigit() else 0 for p in str(e["version"]).split(".")))
+        source = entry.get("source") or entry["file"]
+        url = source if urllib.parse.urlparse(source).scheme else urllib.parse.urljoin(index, entry["file"])
+        archive = download(url, scratch / entry["file"], sha256=entry["sha256"], size=entry.get("size"), progress=progress)
+        try:
+            unpacked = safe_extract_zip(archive, scratch / "unpacked")
+        except (ScanError, zipfile.BadZipFile) as error:
+            raise MedfmError(f"{url}: {str(error).split(': ', 1)[-1]}") from None
+        top = [p.name for p in unpacked.iterdir()]
+        if top != [name] or not (unpacked / name / "configs" / "metadata.json").is_file():
+            raise MedfmError(f"{url}: not a release of {name!r} (top-level entries: {', '.join(top) or 'none'})")
+        destination = target_root / name
+        if destination.exists():
+            shutil.rmtree(destination)
+        (unpacked / name).replace(destination)
+    return destination

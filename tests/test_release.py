@@ -1,0 +1,129 @@
+"""Bundle archives for ``monai.bundle.download``: contents, index, and downloads from a loopback server."""
+
+import json
+import shutil
+import sys
+import zipfile
+
+import monai.bundle
+import numpy as np
+import pytest
+import torch
+
+import medfm
+from medfm.bundles import list_bundle_dirs
+from medfm.release import MODEL_INFO, release_bundles
+from medfm.weights import load_checkpoint, sha256_of
+from tests.conftest import BUNDLES, run_command
+
+ALL = [p.name for p in list_bundle_dirs()]
+SHIPPED_WEIGHTS = {"models_genesis_chest_ct", "medical_transformer_brain_mri"}
+
+
+def test_every_bundle_is_archived_under_one_top_level_folder_with_an_index(tmp_path):
+    released = release_bundles(tmp_path, base_url="https://github.com/medfm/medfm/releases/download/v0.1.0")
+    assert sorted(r.name for r in released) == sorted(ALL)
+    index = json.loads((tmp_path / MODEL_INFO).read_text())
+    for item in released:
+        archive = tmp_path / item.file
+        assert item.file == f"{item.name}_v{item.version}.zip" and index[item.key]["sha256"] == sha256_of(archive)
+        assert index[item.key]["size"] == archive.stat().st_size and index[item.key]["source"].endswith("/" + item.file)
+        names = zipfile.ZipFile(archive).namelist()
+        assert all(n.startswith(f"{item.name}/") for n in names)
+        assert {f"{item.name}/configs/metadata.json", f"{item.name}/LICENSE", f"{item.name}/docs/README.md"} <= set(names)
+        assert (f"{item.name}/models/model.pt" in names) == (item.name in SHIPPED_WEIGHTS)
+    again = release_bundles(tmp_path / "again", ["vdt_resnet3d18"])
+    assert again[0].sha256 == index["vdt_resnet3d18_v0.1.0"]["sha256"]  # byte-reproducible
+
+
+def test_imported_or_self_trained_weights_never_enter_an_archive(tmp_path):
+    bundle = tmp_path / "vdt_resnet3d18"
+    shutil.copytree(BUNDLES / "vdt_resnet3d18", bundle)
+    (bundle / "models").mkdir(exist_ok=True)
+    torch.save({"conv1.weight": torch.zeros(1)}, bundle / "models" / "model.pt")
+    (item,) = release_bundles(tmp_path / "out", [str(bundle)])
+    assert item.weights == "none"
+    assert not any("/models/" in n for n in zipfile.ZipFile(tmp_path / "out" / item.file).namelist())
+
+
+def test_release_cli_reports_and_fails_in_one_line(tmp_path):
+    cli = [sys.executable, "-m", "medfm.cli", "release"]
+    result = run_command(cli + ["spad_vit_base", "--out", str(tmp_path)])
+    assert result.returncode == 0 and "spad_vit_base_v0.1.0.zip" in result.stdout and (tmp_path / MODEL_INFO).is_file()
+    bad = run_command(cli + ["no_such_bundle", "--out", str(tmp_path / "bad")])
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "unknown bundle 'no_such_bundle'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bundles_download_with_monai_from_loopback_and_run_from_the_copy(http_root, server, tmp_path, monkeypatch):
+    released = {r.name: r for r in release_bundles(http_root, base_url=server.url("").rstrip("/"))}
+    downloaded = tmp_path / "downloaded"
+    for name, item in released.items():
+        monai.bundle.download(name=name, version=item.version, bundle_dir=str(downloaded), url=server.url(item.file),
+                              progress=False)
+        assert (downloaded / name / "configs" / "metadata.json").is_file()
+    assert sha256_of(http_root / released["spad_vit_base"].file) == released["spad_vit_base"].sha256
+
+    # the "github" source, its release URL pointed at the loopback server (in this process only)
+    monkeypatch.setattr(monai.bundle.scripts, "_get_git_release_url",
+                        lambda owner, repo, tag_name, filename: server.url(filename))
+    from_github = tmp_path / "from_github"
+    monai.bundle.download(name="models_genesis_chest_ct", version="0.1.0", bundle_dir=str(from_github), source="github",
+                          repo="medfm/medfm/v0.1.0", progress=False)
+    genesis = from_github / "models_genesis_chest_ct"
+    assert sha256_of(genesis / "models" / "model.pt") == sha256_of(BUNDLES / "models_genesis_chest_ct" / "models" / "model.pt")
+
+    network = monai.bundle.load(name="models_genesis_chest_ct", bundle_dir=str(from_github), workflow_type="inference",
+                                device="cpu", progress=False)
+    expected = load_checkpoint(genesis / "models" / "model.pt")
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
+
+    # inference from the downloaded copies, run from an unrelated working directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in sorted(SHIPPED_WEIGHTS):
+        bundle = downloaded / name
+        result = run_command([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+                              "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle),
+                              "--output_dir", str(tmp_path / "out" / name)], cwd=elsewhere)
+        assert result.returncode == 0, result.stderr[-2000:]
+        embedding = np.load(next((tmp_path / "out" / name).glob("*_embedding.npy")))
+        assert np.isfinite(embedding).all()
+    assert medfm.weights.installed_weights_id(downloaded / "models_genesis_chest_ct") == "medfm_genesis_demo"
+
+
+def _cli(*args):
+    return run_command([sys.executable, "-m", "medfm.cli", *args])
+
+
+def test_medfm_download_checks_the_archive_against_the_index_before_unpacking(http_root, server, tmp_path):
+    (item,) = release_bundles(http_root, ["spad_vit_base"], base_url=server.url("").rstrip("/"))
+    index, target = server.url(MODEL_INFO), tmp_path / "bundles"
+    result = _cli("download", "spad_vit_base", "--index", index, "--bundle_dir", str(target), "--progress", "False")
+    assert result.returncode == 0, result.stderr
+    assert (target / "spad_vit_base" / "configs" / "metadata.json").is_file()
+
+    with open(http_root / item.file, "ab") as archive:  # a corrupted (or swapped) file on the server
+        archive.write(b"tampered")
+    bad = _cli("download", "spad_vit_base", "--index", index, "--bundle_dir", str(target), "--progress", "False")
+    assert bad.returncode == 1 and "size mismatch" in bad.stderr and bad.stderr.count("\n") == 1
+    assert sorted(p.name for p in target.iterdir()) == ["spad_vit_base"]  # the good copy stays, nothing half-written
+
+    missing = _cli("download", "no_such_bundle", "--index", index, "--bundle_dir", str(target))
+    assert missing.returncode == 1 and "lists no bundle 'no_such_bundle'" in missing.stderr
+
+
+def test_medfm_download_refuses_archive_members_that_escape_the_folder(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    crafted = served / "evil_v0.1.0.zip"
+    with zipfile.ZipFile(crafted, "w") as archive:
+        archive.writestr("evil/configs/metadata.json", json.dumps({"name": "evil", "version": "0.1.0"}))
+        archive.writestr("evil/../../escaped.txt", "outside")
+    index = {"evil_v0.1.0": {"name": "evil", "version": "0.1.0", "file": crafted.name, "sha256": sha256_of(crafted),
+                             "size": crafted.stat().st_size, "source": crafted.name}}
+    (served / MODEL_INFO).write_text(json.dumps(index))
+    target = tmp_path / "bundles"
+    result = _cli("download", "evil", "--index", str(served / MODEL_INFO), "--bundle_dir", str(target))
+    assert result.returncode == 1 and "outside the extraction folder" in result.stderr
+    assert not (tmp_path / "escaped.txt").exists() and list(target.iterdir()) == []
