@@ -134,3 +134,31 @@ def test_contract_deviations_are_printed_as_warnings(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("medfm: warning: ")]
     assert len(warnings) == 2
     assert "are not CT Hounsfield units" in warnings[0] and "outside the pre-training range" in warnings[1]
+
+
+def test_list_shows_every_bundle_with_weights_and_flags_restricted_licences():
+    result = run_command([sys.executable, "-m", "medfm.cli", "list"])
+    assert result.returncode == 0, result.stderr
+    blocks = {block.split(" ", 1)[0]: block for block in re.split(r"\n(?=\S)", result.stdout.strip())}
+    assert set(blocks) == {"models_genesis_chest_ct", "universal_model_sar", "vdt_resnet3d18",
+                           "medical_transformer_brain_mri", "spad_vit_base"}
+    assert "installed weights:  medfm_genesis_demo" in blocks["models_genesis_chest_ct"]
+    assert "genesis_chest_ct: NON-COMMERCIAL" in blocks["models_genesis_chest_ct"]
+    assert "installed weights:  none" in blocks["spad_vit_base"] and "pumit_b_v1 (import your copy)" in blocks["spad_vit_base"]
+    assert "NO LICENCE" in blocks["universal_model_sar"] and "universal_model (download)" in blocks["universal_model_sar"]
+
+
+def test_info_gives_contract_weights_provenance_and_citation(genesis_bundle, tmp_path):
+    save_upstream_checkpoint(tmp_path / "Genesis_Chest_CT_copy.pt")
+    assert run_command([sys.executable, "-m", "medfm.cli", "weights", "import", str(genesis_bundle),
+                        str(tmp_path / "Genesis_Chest_CT_copy.pt")]).returncode == 0
+    result = run_command([sys.executable, "-m", "medfm.cli", "info", str(genesis_bundle)])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert 'intensity: {"method": "hu_window", "window": [-1000, 1000], "output_range": [0, 1]}' in out
+    assert "installed weights: unregistered:" in out and "imported from" in out and "Genesis_Chest_CT_copy.pt" in out
+    assert "sha256: 62de21a05236d6a8" in out and "[no commercial use]" in out and "cite:" in out
+    spad = run_command([sys.executable, "-m", "medfm.cli", "info", "spad_vit_base"]).stdout
+    assert "sha256: not published" in spad and "arXiv:2312.07630" in spad
+    bad = run_command([sys.executable, "-m", "medfm.cli", "info", "no_such_bundle"])
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "known bundles:" in bad.stderr

@@ -20,7 +20,7 @@ from .errors import MedfmError, first_line, innermost
 from .io.embeddings import append_index_rows, is_index_file, read_index_rows
 from .transforms.contract import logger as contract_logger
 
-__all__ = ["main", "infer", "demo", "download", "release"]
+__all__ = ["main", "infer", "demo", "download", "info", "list_bundles", "release"]
 
 
 def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> list[str]:
@@ -147,6 +147,27 @@ def demo(out: str = "demo_output", bundle: str = "models_genesis_chest_ct") -> N
         print(line)
 
 
+def list_bundles() -> None:
+    """Table of the bundles found: task, modality, weights installed and registered, licences."""
+    from .catalog import bundle_summaries
+
+    rows = bundle_summaries()
+    if not rows:
+        raise MedfmError("no bundles found (repository bundles/ or $MEDFM_HOME/bundles)")
+    for row in rows:
+        print(f"{row['bundle']} {row['version']}: {row['task']}")
+        for key in ("modality", "installed weights", "registered weights", "code licence", "weights licence"):
+            print(f"    {key + ':':<20}{row[key]}")
+
+
+def info(bundle: str) -> None:
+    """Metadata, input contract, weights and their provenance, and citation of one bundle."""
+    from .catalog import bundle_info
+
+    for line in bundle_info(bundle):
+        print(line)
+
+
 def release(*bundles: str, out: str = "dist", base_url: str = "") -> None:
     """Build ``<name>_v<version>.zip`` archives for ``monai.bundle.download`` and their ``model_info.json``.
 
@@ -210,7 +231,8 @@ def _weights_commands() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
-    commands = {"infer": infer, "demo": demo, "download": download, "release": release, "weights": _weights_commands()}
+    commands = {"list": list_bundles, "info": info, "infer": infer, "demo": demo, "download": download, "release": release,
+                "weights": _weights_commands()}
     try:
         fire.Fire(commands, command=argv, name="medfm")
     except MedfmError as error:

@@ -1,0 +1,79 @@
+"""What each bundle is and which weights it has: the facts behind ``medfm list`` and ``medfm info``.
+
+Everything comes from the bundles' ``metadata.json`` and the weights registry, so the CLI never
+repeats a fact the bundle or the registry already states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .bundles import find_bundle, list_bundle_dirs
+from .weights import registry
+from .weights.importer import PROVENANCE_FILE, installed_weights_id
+
+__all__ = ["bundle_summary", "bundle_summaries", "bundle_info"]
+
+CODE_LICENCE = "Apache-2.0"
+
+
+def _metadata(bundle_dir: Path) -> dict:
+    return json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+
+
+def _weights_licence(entry: registry.WeightsEntry) -> str:
+    """``name: licence`` with restrictions flagged first (no licence at all, or non-commercial)."""
+    summary = entry.license.split(";")[0].split(":")[0]
+    if entry.license.startswith("none published"):
+        return f"{entry.name}: NO LICENCE (all rights reserved by the authors)"
+    return f"{entry.name}: {'' if entry.commercial_use else 'NON-COMMERCIAL: '}{summary}"
+
+
+def bundle_summary(bundle_dir: Path) -> dict[str, str]:
+    """One row of ``medfm list``."""
+    metadata = _metadata(bundle_dir)
+    modality = metadata.get("input_contract", {}).get("modality", "")
+    entries = registry.for_bundle(bundle_dir.name)
+    upstream = [f"{e.name} ({'download' if e.url else 'ships with the bundle' if e.redistributable else 'import your copy'})"
+                for e in entries]
+    return {
+        "bundle": bundle_dir.name,
+        "version": str(metadata.get("version", "")),
+        "task": str(metadata.get("task", "")),
+        "modality": ", ".join(modality) if isinstance(modality, list) else str(modality),
+        "installed weights": installed_weights_id(bundle_dir),
+        "registered weights": "; ".join(upstream) or "none",
+        "code licence": CODE_LICENCE,
+        "weights licence": "; ".join(_weights_licence(e) for e in entries) or "n/a",
+    }
+
+
+def bundle_summaries() -> list[dict[str, str]]:
+    """Rows for every bundle found (repository and ``$MEDFM_HOME/bundles``)."""
+    return [bundle_summary(d) for d in list_bundle_dirs()]
+
+
+def bundle_info(bundle: str | os.PathLike) -> list[str]:
+    """The lines of ``medfm info``: metadata, input contract, weights and their provenance, citation."""
+    bundle_dir = find_bundle(bundle)
+    metadata = _metadata(bundle_dir)
+    lines = [f"{bundle_dir.name} {metadata.get('version', '')}: {metadata.get('name_of_model', '')}",
+             f"folder: {bundle_dir}", f"task: {metadata.get('task', '')}", "", str(metadata.get("description", "")), "",
+             f"intended use: {metadata.get('intended_use', '')}", "", "input contract:"]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in metadata.get("input_contract", {}).items()]
+    lines += ["", f"installed weights: {installed_weights_id(bundle_dir)}"]
+    provenance = bundle_dir / PROVENANCE_FILE
+    if provenance.is_file():
+        record = json.loads(provenance.read_text())
+        lines.append(f"  imported from {record.get('source')} (sha256 {str(record.get('source_sha256'))[:16]}...) "
+                     f"at {record.get('imported_at')}")
+    for entry in registry.for_bundle(bundle_dir.name):
+        lines += ["", f"registered weights {entry.name}: {entry.title}",
+                  f"  licence: {entry.license}{'' if entry.commercial_use else ' [no commercial use]'}",
+                  f"  source: {entry.url or entry.source}",
+                  f"  sha256: {entry.sha256 or 'not published'}; size: {f'{entry.size:,} bytes' if entry.size else 'unknown'}",
+                  f"  trained on: {entry.trained_on}", f"  preprocessing: {entry.preprocessing}"]
+    lines += ["", "cite:"] + [f"  {reference}" for reference in metadata.get("references", [])]
+    return lines
