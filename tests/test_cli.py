@@ -1,8 +1,10 @@
 """The ``medfm`` command line as a user runs it."""
 
+import csv
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,23 @@ def test_info_gives_contract_weights_provenance_and_citation(genesis_bundle, tmp
     assert "sha256: not published" in spad and "arXiv:2312.07630" in spad
     bad = run_command([sys.executable, "-m", "medfm.cli", "info", "no_such_bundle"])
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "known bundles:" in bad.stderr
+
+
+def test_embed_many_inputs_skips_a_bad_one_and_resumes(small_ct, tmp_path):
+    second = tmp_path / "lists" / "ct_copy.nii.gz"
+    second.parent.mkdir()
+    shutil.copy(small_ct, second)
+    broken = tmp_path / "lists" / "broken.nii.gz"
+    broken.write_text("not an image")
+    (tmp_path / "lists" / "inputs.csv").write_text("image,note\nct_copy.nii.gz,relative to the list\nbroken.nii.gz,bad\n")
+    command = [sys.executable, "-m", "medfm.cli", "embed", "models_genesis_chest_ct", str(small_ct),
+               str(tmp_path / "lists" / "inputs.csv"), "--out", str(tmp_path / "out"), "--progress", "False"]
+    first = run_command(command)
+    assert first.returncode == 1 and "2 embedded, 0 already" in first.stdout
+    assert first.stderr.count("medfm: skipped:") == 1 and str(broken) in first.stderr
+    assert "1 of 3 inputs failed" in first.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "embeddings.csv").open()))
+    assert sorted(Path(r["input"]).name for r in rows) == ["ct_copy.nii.gz", "ct_small.nii.gz"]
+    again = run_command(command[:6] + command[7:])  # without the list: only done inputs
+    assert again.returncode == 0 and "0 embedded, 1 already" in again.stdout
+    assert len(list(csv.DictReader((tmp_path / "out" / "embeddings.csv").open()))) == 2

@@ -20,7 +20,7 @@ from .errors import MedfmError, first_line, innermost
 from .io.embeddings import append_index_rows, is_index_file, read_index_rows
 from .transforms.contract import logger as contract_logger
 
-__all__ = ["main", "infer", "demo", "download", "info", "list_bundles", "release"]
+__all__ = ["main", "infer", "embed", "demo", "download", "info", "list_bundles", "release"]
 
 
 def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> list[str]:
@@ -89,6 +89,73 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str = "embeddings.csv",
+          progress: bool = True, verbose: bool = False, **overrides) -> None:
+    """Embeddings of many inputs with a bundle's inference workflow, resumable, one bad input never stopping the rest.
+
+    Args:
+        bundle: bundle name or folder.
+        inputs: scans (files, DICOM folders or .zip) and/or ``.csv`` lists of them (column ``image``,
+            else the first column; relative paths are relative to the list).
+        out: output folder; the index ``out/INDEX`` gets one row per embedding.
+        index: the index file name (``.csv``, or ``.parquet`` with the parquet extra).
+        progress: show a progress bar.
+        verbose: show each workflow's log.
+        overrides: further ``--key value`` pairs for the bundle config.
+
+    Inputs already in the index (with their ``.npy`` present) are skipped, so a rerun continues
+    an interrupted one. A failing input is reported on stderr and skipped; the command still
+    exits 1 at the end when any failed.
+    """
+    from tqdm import tqdm
+
+    sources = _expand_inputs(inputs)
+    if not sources:
+        raise MedfmError("no inputs given")
+    out_dir = Path(out).expanduser().resolve()
+    index_file = out_dir / index
+    done = {row["input"] for row in read_index_rows(index_file) if (out_dir / str(row["embedding"])).is_file()} \
+        if index_file.is_file() else set()
+    embedded, skipped, failed = 0, 0, []
+    for source in tqdm(sources, desc="embedding", unit="input", disable=not progress):
+        if str(source.resolve()) in done:
+            skipped += 1
+            continue
+        try:
+            infer(bundle, str(source), out=str(out_dir), verbose=verbose, embeddings_index=index, **overrides)
+            embedded += 1
+        except MedfmError as error:
+            failed.append(source)
+            tqdm.write(f"medfm: skipped: {error}", file=sys.stderr)  # the message names the input
+    print(f"{embedded} embedded, {skipped} already in {index_file}, {len(failed)} failed")
+    if failed:
+        raise MedfmError(f"{len(failed)} of {len(sources)} inputs failed (listed above); the others are in {index_file}")
+
+
+def _expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
+    """Scans named directly, and those listed in ``.csv`` files (column ``image`` or the first)."""
+    import csv
+
+    sources = []
+    for item in inputs:
+        path = Path(str(item)).expanduser()
+        if path.suffix.lower() != ".csv":
+            sources.append(path)
+            continue
+        try:
+            with open(path, newline="") as stream:
+                rows = list(csv.reader(stream))
+        except OSError as error:
+            raise MedfmError(f"{path}: cannot be read ({error.strerror})") from None
+        if not rows:
+            raise MedfmError(f"{path}: empty input list")
+        column = rows[0].index("image") if "image" in rows[0] else 0
+        body = rows[1:] if "image" in rows[0] else rows
+        sources += [(path.parent / row[column]).resolve() if not Path(row[column]).is_absolute() else Path(row[column])
+                    for row in body if row and row[column].strip()]
+    return sources
 
 
 class _CapturedLog:
@@ -231,7 +298,7 @@ def _weights_commands() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
-    commands = {"list": list_bundles, "info": info, "infer": infer, "demo": demo, "download": download, "release": release,
+    commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "demo": demo, "download": download, "release": release,
                 "weights": _weights_commands()}
     try:
         fire.Fire(commands, command=argv, name="medfm")
