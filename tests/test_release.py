@@ -1,5 +1,6 @@
 """Bundle archives for ``monai.bundle.download``: contents, index, and downloads from a loopback server."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -12,9 +13,10 @@ import torch
 
 import medfm
 from medfm.bundles import list_bundle_dirs
+from medfm.networks import SpadViT, vdt_resnet18
 from medfm.release import MODEL_INFO, release_bundles
-from medfm.weights import load_checkpoint, sha256_of
-from tests.conftest import BUNDLES, run_command
+from medfm.weights import fetch_weights, import_weights, load_checkpoint, registry, sha256_of
+from tests.conftest import BUNDLES, run_command, save_upstream_checkpoint
 
 ALL = [p.name for p in list_bundle_dirs()]
 SHIPPED_WEIGHTS = {"models_genesis_chest_ct", "medical_transformer_brain_mri"}
@@ -78,10 +80,25 @@ def test_bundles_download_with_monai_from_loopback_and_run_from_the_copy(http_ro
     expected = load_checkpoint(genesis / "models" / "model.pt")
     assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
 
-    # inference from the downloaded copies, run from an unrelated working directory
+    # weights for the bundles that ship none: the registered download (its URL and hash pointed at a
+    # file in the upstream layout on the loopback server), and imports of the authors' layouts
+    upstream = http_root / "Universal_model.pt"
+    save_upstream_checkpoint(upstream, seed=5)
+    entry = dataclasses.replace(registry.get("universal_model"), sha256=sha256_of(upstream), size=upstream.stat().st_size,
+                                url=server.url(upstream.name))
+    monkeypatch.setitem(registry.REGISTRY, entry.name, entry)
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path / "medfm_home"))
+    assert fetch_weights(downloaded / "universal_model_sar", progress=False).weights == "universal_model"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in vdt_resnet18(feed_forward=False).state_dict().items()}},
+               tmp_path / "vdt.pth")
+    import_weights(downloaded / "vdt_resnet3d18", tmp_path / "vdt.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in SpadViT(task="mim").state_dict().items()}}, tmp_path / "pumit.ckpt")
+    import_weights(downloaded / "spad_vit_base", tmp_path / "pumit.ckpt")
+
+    # inference from every downloaded copy, run from an unrelated working directory
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for name in sorted(SHIPPED_WEIGHTS):
+    for name in ALL:
         bundle = downloaded / name
         result = run_command([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
                               "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle),
