@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmark_tables import write_rows  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "medical_transformer_brain_mri"
 sys.path.insert(0, str(REPO))
@@ -114,10 +116,7 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "per_volume.csv", "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, out / "per_volume.csv")
     summary = {"held_out_volumes": len(rows)}
     for name in ("model", "mean_embedding", "neighbour_interpolation"):
         summary[f"masked_mse_{name}"] = sum(row[f"{name}_mse"] for row in rows) / len(rows)

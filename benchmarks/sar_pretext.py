@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmark_tables import write_rows  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "universal_model_sar"
 sys.path.insert(0, str(REPO))
@@ -95,10 +97,7 @@ def main() -> None:
             first, middle, last = third_means(rows, column)
             summary.append({"adversarial_weight": weight, "quantity": column, "epoch_1": rows[0][column],
                             "first_third": first, "middle_third": middle, "last_third": last})
-    with open(args.out / "summary.csv", "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    write_rows(summary, args.out / "summary.csv")
     print(f"epoch 1 and means per third of {args.epochs} epochs (one 8-crop step each):")
     print(f"{'adversarial weight':>18} {'quantity':>16} {'epoch 1':>8} {'1st':>8} {'2nd':>8} {'3rd':>8}")
     for row in summary:

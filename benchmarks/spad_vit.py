@@ -20,7 +20,6 @@ saving) and the token grid. Nothing here is asserted; a table is printed and wri
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmark_tables import write_rows  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "spad_vit_base"
@@ -133,10 +134,7 @@ def main() -> None:
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     ratio = rows[0]["median_forward_s"] / rows[1]["median_forward_s"]
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "forward_96.csv", "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, args.out / "forward_96.csv")
     print(f"device: {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"{'model':<14}{'params (M)':>11}{'batch':>7}{'forward (s)':>13}{'peak mem (MiB)':>16}")
     for row in rows:

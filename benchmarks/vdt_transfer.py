@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from ignite.engine import Events
 
+from benchmark_tables import write_rows  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "vdt_resnet3d18"
 sys.path.insert(0, str(REPO))
@@ -119,13 +121,6 @@ def run_recorded(config: list[str], overrides: dict, validator_id: str = "valida
     workflow.run()
     workflow.finalize()
     return rows
-
-
-def write_rows(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def thirds(rows: list[dict], key: str) -> list[float]:
