@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spad_vit import batch_aniso_d, reduce_kernel
+from .spad_vit import batch_aniso_d, check_token_multiple, reduce_kernel
 
 __all__ = ["SpadTokenizer", "AdaptiveConv3d"]
 
@@ -126,9 +126,7 @@ class SpadTokenizer(nn.Module):
         H, then W), the ``(d, h, w)`` token grid, and the aniso_d used."""
         aniso = batch_aniso_d(x, spacing, aniso_d)
         z = self._as_volume(x)
-        stride = (16, 16, max(16 >> aniso, 1))
-        if any(n % s for n, s in zip(z.shape[2:], stride)):
-            raise ValueError(f"input spatial shape {tuple(z.shape[2:])} must be a multiple of {stride} (aniso_d {aniso})")
+        check_token_multiple(z, aniso)  # one code per SPAD-ViT token
         for stage in self.encoder:
             z = stage(z, aniso)
         grid = (z.shape[4], z.shape[2], z.shape[3])

@@ -12,6 +12,7 @@ kernel), and feature maps handed to heads are back in ``(N, C, h, w, d)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,14 @@ def batch_aniso_d(x: torch.Tensor, spacing: torch.Tensor | Sequence[float] | Non
     return values.pop()
 
 
+def check_token_multiple(x: torch.Tensor, aniso_d: int, patch_size: int = 16) -> None:
+    """Raise unless the spatial shape of ``x`` (``(N, C, H, W, D)``) holds whole tokens for ``aniso_d``."""
+    stride = (patch_size, patch_size, depth_stride(aniso_d, patch_size))
+    if any(n % s for n, s in zip(x.shape[2:], stride)):
+        raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be a multiple of the patch stride "
+                         f"{stride} (aniso_d {aniso_d}); pad it (DivisiblePad k={list(stride)})")
+
+
 def reduce_kernel(weight: torch.Tensor, dim: int, taps: int) -> torch.Tensor:
     """Sum the taps of ``weight`` along ``dim`` in contiguous groups down to ``taps`` (the SPAD rule)."""
     full = weight.shape[dim]
@@ -108,25 +117,27 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int]) -> torch.Te
     return pos_embed
 
 
-def rope_angles(grid: Sequence[int], head_dim: int, depth_base: float = 2333.0, base: float = 10000.0) -> torch.Tensor:
-    """Rotary angles ``(d*h*w, head_dim // 2)`` of a ``(d, h, w)`` token grid.
+@functools.lru_cache(maxsize=32)
+def rope_angles(grid: tuple[int, int, int], head_dim: int, depth_base: float = 2333.0, base: float = 10000.0) -> torch.Tensor:
+    """Rotary angles ``(d*h*w, head_dim // 2)`` of a ``(d, h, w)`` token grid (cached per grid: read, never modify).
 
     Half the head dimension carries angles: in-plane ones are EVA-02's 2D RoPE (h and w
     frequencies ``base**(-[0, 2, ...] / half)``, a quarter each); the depth angle adds
     ``depth * depth_base**(-[1, 3, ...] / half)`` (a quarter, tiled twice) to both halves, so a
     single slice gets exactly the 2D embedding.
     """
-    half = head_dim // 2
-    quarter = half // 2
-    plane_freqs = base ** (-torch.arange(0, half, 2, dtype=torch.float64)[:quarter] / half)
-    depth_freqs = depth_base ** (-torch.arange(1, half, 2, dtype=torch.float64)[:quarter] / half)
-    d, h, w = (torch.arange(n, dtype=torch.float64) for n in grid)
-    plane = torch.cat([
-        (h[:, None] * plane_freqs)[:, None, :].expand(len(h), len(w), quarter),
-        (w[:, None] * plane_freqs)[None, :, :].expand(len(h), len(w), quarter),
-    ], dim=-1)  # (h, w, half)
-    depth = (d[:, None] * depth_freqs).repeat(1, 2)  # (d, half)
-    return (depth[:, None, None, :] + plane[None]).reshape(-1, half)
+    with torch.inference_mode(False):  # the cached table must also serve later training steps
+        half = head_dim // 2
+        quarter = half // 2
+        plane_freqs = base ** (-torch.arange(0, half, 2, dtype=torch.float64)[:quarter] / half)
+        depth_freqs = depth_base ** (-torch.arange(1, half, 2, dtype=torch.float64)[:quarter] / half)
+        d, h, w = (torch.arange(n, dtype=torch.float64) for n in grid)
+        plane = torch.cat([
+            (h[:, None] * plane_freqs)[:, None, :].expand(len(h), len(w), quarter),
+            (w[:, None] * plane_freqs)[None, :, :].expand(len(h), len(w), quarter),
+        ], dim=-1)  # (h, w, half)
+        depth = (d[:, None] * depth_freqs).repeat(1, 2)  # (d, half)
+        return (depth[:, None, None, :] + plane[None]).reshape(-1, half)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -359,10 +370,7 @@ class SpadViT(nn.Module):
             x = x.unsqueeze(-1)
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, H, W[, D]), got {tuple(x.shape)}")
-        stride = self.patch_stride(aniso_d)
-        if any(n % s for n, s in zip(x.shape[2:], stride)):
-            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be a multiple of the patch stride "
-                             f"{stride} (aniso_d {aniso_d}); pad it (DivisiblePad k={list(stride)})")
+        check_token_multiple(x, aniso_d, self.patch_size)
         return x.permute(0, 1, 4, 2, 3)
 
     # -- backbone -----------------------------------------------------------------------------------
