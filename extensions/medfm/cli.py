@@ -6,6 +6,7 @@ Errors a user can fix are printed as one line on stderr with exit status 1, with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from .errors import MedfmError, first_line, innermost
 from .io.embeddings import append_index_rows, is_index_file, read_index_rows
 from .transforms.contract import logger as contract_logger
 
-__all__ = ["main", "infer", "embed", "demo", "download", "info", "list_bundles", "release"]
+__all__ = ["main", "infer", "embed", "demo", "download", "info", "label_bundle", "list_bundles", "release"]
 
 
 def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> list[str]:
@@ -263,6 +264,26 @@ def download(bundle: str, index: str, version: str | None = None, bundle_dir: st
     print(download_bundle(bundle, index, version=version, bundle_dir=bundle_dir, progress=progress))
 
 
+def label_bundle(bundle: str, labels: str, out: str, pretrained: bool = True, force: bool = False) -> None:
+    """Make a MONAI-Label-ready segmentation bundle from BUNDLE's pretrained network.
+
+    Args:
+        bundle: a bundle whose network can segment (Models Genesis, Universal Model, VDT, SPAD-ViT).
+        labels: comma-separated structure names, e.g. ``liver,spleen`` (channel 0 is background).
+        out: the new bundle's folder, e.g. ``apps/monaibundle/model/<bundle>_seg``; its name is the
+            model name MONAI Label shows.
+        pretrained: start from BUNDLE's installed weights (``False``: from scratch).
+        force: replace an existing OUT.
+    """
+    from .label_bundle import make_label_bundle
+
+    target = make_label_bundle(bundle, labels, out, pretrained=pretrained, force=force)
+    metadata = json.loads((target / "configs" / "metadata.json").read_text())
+    channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    print(f"{target}: {metadata['name']} ({', '.join(f'{k}: {v}' for k, v in channels.items())}), "
+          f"weights: {metadata['label_bundle']['source_weights']}")
+
+
 def _weights_commands() -> dict:
     from .weights import fetch_weights, import_weights, verify_bundle_weights
 
@@ -299,7 +320,7 @@ def _weights_commands() -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
     commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "demo": demo, "download": download, "release": release,
-                "weights": _weights_commands()}
+                "label-bundle": label_bundle, "weights": _weights_commands()}
     try:
         fire.Fire(commands, command=argv, name="medfm")
     except MedfmError as error:

@@ -14,6 +14,7 @@ from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
 from .sar import RandMultiScaleCrop, RandMultiScaleCropd
 from .spad import SpadResample, SpadResampled, image_aniso_d, voxel_spacing
+from .spatial import ResampleToSpacingd
 from .vdt import VariableDimensionTransform, VariableDimensionTransformd
 from .genesis import (
     GenesisCorruptiond,
@@ -58,6 +59,7 @@ __all__ = [
     "RandNonlinearIntensityd",
     "RandOutPaint",
     "RandOutPaintd",
+    "ResampleToSpacingd",
     "contract_deviations",
     "image_aniso_d",
     "read_contract",

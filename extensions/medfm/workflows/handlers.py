@@ -8,13 +8,21 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import re
+
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 
-from ..errors import WeightsError
+from ..errors import MedfmError, WeightsError
+from ..io.atomic import atomic_path
 from ..weights.checkpoint import load_checkpoint
 
-__all__ = ["LossComponentsLogger", "PretrainedWeightsLoader", "stacked_outputs"]
+__all__ = ["LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "stacked_outputs"]
+
+#: File name of the state saved after epoch N: ``training_state_epoch=N.pt``.
+TRAINING_STATE_PATTERN = re.compile(r"training_state_epoch=(\d+)\.pt")
 
 
 class PretrainedWeightsLoader:
@@ -67,6 +75,64 @@ class PretrainedWeightsLoader:
             f"missing: {report['missing'] or 'none'}; unexpected: {report['unexpected'] or 'none'}"
         )
         return report
+
+
+def latest_training_state(save_dir: str | os.PathLike) -> Path | None:
+    """The ``training_state_epoch=N.pt`` in ``save_dir`` with the largest N, or None."""
+    found = [(int(match.group(1)), path) for path in Path(save_dir).glob("training_state_epoch=*.pt")
+             if (match := TRAINING_STATE_PATTERN.fullmatch(path.name))]
+    return max(found)[1] if found else None
+
+
+class TrainingState:
+    """Save everything training needs to continue after each epoch; with ``resume``, continue from it.
+
+    After every epoch, rank 0 writes ``save_dir/training_state_epoch=N.pt`` holding the state
+    dicts of ``objects`` (network, optimizer, ...) and of the trainer (epoch and iteration
+    counts), replacing the previous epoch's file. The file is written beside its final name
+    and renamed when complete, so a run killed at any moment leaves the last finished epoch
+    intact. With ``resume``, the newest such file is loaded when training starts (after the
+    handlers listed before this one, e.g. pretrained weights) and training goes on at the next
+    epoch with the optimizer's moments and step counts; the config's ``max_epochs`` is kept.
+
+    Args:
+        save_dir: folder of the training-state files.
+        objects: name -> object with ``state_dict`` / ``load_state_dict`` (DDP modules unwrapped).
+        resume: continue from the newest file in ``save_dir`` (an error when there is none).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, objects: Mapping[str, object], resume: bool = False) -> None:
+        self.save_dir = Path(save_dir)
+        self.objects = dict(objects)
+        self.resume = resume
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        self.objects["trainer"] = engine
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def load(self, engine: Engine) -> None:
+        path = latest_training_state(self.save_dir)
+        if path is None:
+            raise MedfmError(f"{self.save_dir}: nothing to resume from (no training_state_epoch=N.pt there)")
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.objects, checkpoint=load_checkpoint(path))
+        engine.state.max_epochs = max_epochs
+        self.logger.info(f"resumed from {path}: {engine.state.epoch} epochs ({engine.state.iteration} iterations) done")
+
+    def save(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+        state = {name: (item.module if isinstance(item, parallel) else item).state_dict() for name, item in self.objects.items()}
+        target = self.save_dir / f"training_state_epoch={engine.state.epoch}.pt"
+        with atomic_path(target) as partial:
+            torch.save(state, partial)
+        for path in self.save_dir.glob("training_state_epoch=*.pt"):
+            if path != target:
+                path.unlink()
 
 
 class LossComponentsLogger:

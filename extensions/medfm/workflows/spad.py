@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from monai.engines.utils import PrepareBatch
+from monai.inferers import Inferer
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
@@ -39,6 +40,25 @@ class PrepareSpadBatch(PrepareBatch):
         image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking)
         label = plain_tensor(batchdata[self.label_key], device, non_blocking) if self.label_key else None
         return image, label, (), {"spacing": spacing}
+
+
+class SpacingInferer(Inferer):
+    """Run another inferer with the input's voxel spacing (from its affine) as the network's ``spacing``.
+
+    For runners that call ``inferer(inputs, network)`` with no ``PrepareBatch`` (MONAI Label's
+    inference tasks), so SPAD-ViT still sees the geometry it adapts to. A ``spacing`` already
+    given (by :class:`PrepareSpadBatch` in MONAI's evaluators) is passed on unchanged; an input
+    without an affine is an error, never a silent isotropic guess.
+    """
+
+    def __init__(self, inferer: Inferer) -> None:
+        super().__init__()
+        self.inferer = inferer
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs):
+        if "spacing" not in kwargs and "aniso_d" not in kwargs:
+            kwargs["spacing"] = voxel_spacing(inputs).reshape(-1, 3).to(inputs.device)
+        return self.inferer(inputs, network, *args, **kwargs)
 
 
 class PrepareMIMBatch(PrepareSpadBatch):
