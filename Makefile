@@ -7,7 +7,13 @@ INSTALLED := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-data install clean
+# MONAI Label 0.8.5 in its own environment (its pins clash with medfm's): the integration test
+# in tests/integration serves medfm label bundles with it
+MONAILABEL_VENV ?= .venv-monailabel
+MONAILABEL_INSTALLED := $(MONAILABEL_VENV)/.installed
+MONAILABEL_REQUIREMENTS := tests/integration/monailabel-requirements.txt
+
+.PHONY: demo test test-data install clean monailabel-env
 
 install: $(INSTALLED)
 
@@ -15,6 +21,15 @@ $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+monailabel-env: $(MONAILABEL_INSTALLED)
+
+$(MONAILABEL_INSTALLED): setup.cfg pyproject.toml $(MONAILABEL_REQUIREMENTS)
+	test -x $(MONAILABEL_VENV)/bin/python || $(PYTHON) -m venv $(MONAILABEL_VENV)
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet -e . -r $(MONAILABEL_REQUIREMENTS)
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
 	touch $@
 
 demo: $(INSTALLED)
@@ -25,8 +40,8 @@ demo: $(INSTALLED)
 test-data: $(INSTALLED)
 	-$(PY) tests/testdata.py
 
-test: $(INSTALLED) test-data
+test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .cache
+	rm -rf $(VENV) $(MONAILABEL_VENV) demo_output .pytest_cache .cache

@@ -2,7 +2,10 @@
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
@@ -13,7 +16,7 @@ import torch
 
 import medfm
 from medfm.weights import import_weights, load_checkpoint
-from tests.conftest import GENESIS, bundle_run
+from tests.conftest import GENESIS, bundle_run, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -164,10 +167,63 @@ def test_pretraining_runs_and_its_checkpoint_imports(genesis_bundle, tmp_path):
 
 def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_dataset, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = bundle_run(GENESIS, ["configs/train.json", "configs/multi_gpu_train.json"], "--dataset_dir",
-                        str(tiny_segmentation_dataset), "--output_dir", str(tmp_path / "ddp"), "--patch_size", "[32,32,16]",
-                        "--patches_per_volume", "2", "--max_epochs", "1", "--val_interval", "1", "--num_workers", "0",
-                        "--val_fraction", "0.5", launcher=torchrun)
+    output = tmp_path / "ddp"
+    # test-only overlay: every rank lists the volumes it trained on
+    record = tmp_path / "record_inputs.json"
+    record.write_text(json.dumps({"run": [
+        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED, lambda engine: open("
+        "@output_dir + '/inputs_rank' + str(torch.distributed.get_rank()) + '.txt', 'a').write("
+        "''.join(item['image'].meta['filename_or_obj'] + chr(10) for item in engine.state.batch)))",
+        "$@train#trainer.run()"]}))
+    result = bundle_run(GENESIS, ["configs/train.json", "configs/multi_gpu_train.json", str(record)], "--dataset_dir",
+                        str(tiny_segmentation_dataset), "--output_dir", str(output), "--patch_size", "[32,32,16]",
+                        "--patches_per_volume", "2", "--volumes_per_batch", "1", "--max_epochs", "1", "--val_interval", "1",
+                        "--num_workers", "0", "--val_fraction", "0.5", launcher=torchrun)
     log = result.stdout + result.stderr
     assert log.count("loaded 104 of 106 tensors") == 2, "each rank loads the pretrained weights"
-    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
+    # DistributedSampler: each rank trains on its own half of the 2 training volumes
+    seen = [(output / f"inputs_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 2, "1 iteration x 2 crops of one volume per rank"
+    assert len(set(seen[0])) == len(set(seen[1])) == 1 and set(seen[0]) != set(seen[1])
+    assert {Path(name).name for name in seen[0] + seen[1]} == {"ct_0.nii.gz", "ct_1.nii.gz"}
+    # rank 0 alone writes checkpoints, training state and logs
+    assert (output / "models" / "model.pt").is_file()
+    assert [p.name for p in (output / "training_state").iterdir()] == ["training_state_epoch=1.pt"]
+    assert len(list((output / "logs").glob("events.out.tfevents.*"))) == 2, "one training + one validation writer"
+    assert log.count("Epoch: 1/1, Iter: 1/1") == 1, "only rank 0 logs iterations"
+
+
+def test_training_resumes_after_being_killed_in_epoch_two(tiny_segmentation_dataset, tmp_path):
+    output = tmp_path / "resume"
+    arguments = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
+                 "configs/metadata.json", "--bundle_root", str(GENESIS), "--dataset_dir", str(tiny_segmentation_dataset),
+                 "--output_dir", str(output), "--patch_size", "[32,32,16]", "--patches_per_volume", "2",
+                 "--volumes_per_batch", "1", "--max_epochs", "3", "--num_workers", "0", "--val_fraction", "0.25"]
+    process = subprocess.Popen(arguments, cwd=GENESIS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Epoch: 2/3, Iter: 1/3" in line:
+            process.kill()  # SIGKILL in the middle of epoch 2: no handler runs
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(lines[-40:])
+    states = output / "training_state"
+    assert [p.name for p in states.iterdir()] == ["training_state_epoch=1.pt"], "only the finished epoch is saved"
+    after_one = load_checkpoint(states / "training_state_epoch=1.pt")
+    assert after_one["trainer"]["iteration"] == 3 and after_one["trainer"]["epoch_length"] == 3  # 1 epoch of 3
+    first_step = next(iter(after_one["optimizer"]["state"].values()))["step"]
+    assert float(first_step) == 3
+
+    resumed = bundle_run(GENESIS, ["configs/train.json"], *arguments[10:], "--resume", "True")
+    log = resumed.stdout + resumed.stderr
+    assert "1 epochs (3 iterations) done" in log
+    assert "Epoch: 1/3" not in log and "Epoch: 2/3, Iter: 1/3" in log and "Epoch: 3/3, Iter: 3/3" in log
+    final = load_checkpoint(states / "training_state_epoch=3.pt")
+    assert [p.name for p in states.iterdir()] == ["training_state_epoch=3.pt"]
+    assert final["trainer"]["iteration"] == 9
+    # Adam's step count and moments carried on from epoch 1 (a fresh optimizer would count 6)
+    assert float(next(iter(final["optimizer"]["state"].values()))["step"]) == 9
+    nothing_to_resume = run_command(arguments[:12] + ["--output_dir", str(tmp_path / "empty")] + arguments[14:]
+                                    + ["--resume", "True"], cwd=GENESIS)
+    assert nothing_to_resume.returncode != 0 and "nothing to resume from" in nothing_to_resume.stderr + nothing_to_resume.stdout
