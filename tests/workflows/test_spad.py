@@ -1,9 +1,10 @@
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
 
 from medfm.networks import SpadTokenizer
-from medfm.workflows import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, TokenizerLoss
+from medfm.workflows import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, SpacingInferer, TokenizerLoss
 
 
 def item(shape, spacing):
@@ -52,3 +53,21 @@ def test_tokenizer_loss_terms():
     parts = criterion.components
     assert {"l1", "usage", "entropy", "codes_used"} <= set(parts)
     assert float(loss.detach()) == pytest.approx(parts["l1"] + 0.5 * parts["usage"] + 0.25 * parts["entropy"], rel=1e-5)
+
+
+def test_spacing_inferer_gives_the_network_the_spacing_of_its_input():
+    seen = []
+
+    def network(x, spacing=None):
+        seen.append(spacing)
+        return x
+
+    image = MetaTensor(torch.rand(1, 1, 32, 32, 8), affine=torch.diag(torch.tensor([0.7, 0.7, 5.0, 1.0], dtype=torch.float64)))
+    inferer = SpacingInferer(SlidingWindowInferer(roi_size=(16, 16, 8), sw_batch_size=2))
+    torch.testing.assert_close(inferer(image, network).as_tensor(), image.as_tensor())
+    assert all(torch.equal(s.cpu(), torch.tensor([[0.7, 0.7, 5.0]], dtype=torch.float64)) for s in seen) and seen
+    given = torch.tensor([[1.0, 1.0, 1.0]])
+    inferer(image, network, spacing=given)
+    assert seen[-1] is given  # a PrepareSpadBatch's spacing is passed on unchanged
+    with pytest.raises(ValueError, match="voxel spacing"):
+        inferer(torch.rand(1, 1, 32, 32, 8), network)
