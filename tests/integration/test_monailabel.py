@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MONAILABEL_PYTHON = ROOT / ".venv-monailabel" / "bin" / "python"
 STAND_IN = Path(__file__).parent / "torchvision_stand_in"
 MODEL = "genesis_seg"
+#: served beside it: a bundle that resamples (Spacingd's MONAI Label failure) and adapts to spacing
+RESAMPLING_MODEL = "spad_seg"
 #: (size, offset) of the real head-CT crops that make the studies folder
 CROPS = [((48, 48, 32), (0, 0, 0)), ((48, 40, 32), (20, 30, 20)), ((40, 48, 32), (30, 10, 40))]
 
@@ -73,8 +75,8 @@ class Client:
         except urllib.error.HTTPError as error:
             return error.code, error.read()
 
-    def infer(self, image_id: str) -> tuple[int, bytes]:
-        return self.request("POST", f"/infer/{MODEL}", {"image": image_id, "output": "image"},
+    def infer(self, image_id: str, model: str = MODEL) -> tuple[int, bytes]:
+        return self.request("POST", f"/infer/{model}", {"image": image_id, "output": "image"},
                             fields={"params": json.dumps({"device": "cpu"})})
 
 
@@ -116,6 +118,10 @@ def served(monailabel_python, tmp_path_factory):
     made = run_command([sys.executable, "-m", "medfm.cli", "label-bundle", "models_genesis_chest_ct", "--labels",
                         "tissue", "--out", str(app / "model" / MODEL)])
     assert made.returncode == 0, made.stderr
+    # random weights: this model is here for its transforms and geometry, not its predictions
+    made = run_command([sys.executable, "-m", "medfm.cli", "label-bundle", "spad_vit_base", "--labels", "tissue",
+                        "--out", str(app / "model" / RESAMPLING_MODEL), "--pretrained", "False"])
+    assert made.returncode == 0, made.stderr
     studies = work / "studies"
     studies.mkdir()
     for index, (size, offset) in enumerate(CROPS):
@@ -125,7 +131,7 @@ def served(monailabel_python, tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [str(monailabel_python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-             "--host", "127.0.0.1", "--port", str(port), "--conf", "models", MODEL, "--conf", "zoo_source", "github",
+             "--host", "127.0.0.1", "--port", str(port), "--conf", "models", f"{MODEL},{RESAMPLING_MODEL}", "--conf", "zoo_source", "github",
              "--conf", "sam2", "false", "--conf", "preload", "false"],
             stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True,
             env=dict(os.environ, PYTHONPATH=str(STAND_IN), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false"))
@@ -160,21 +166,22 @@ def test_monailabel_serves_trains_and_answers_concurrent_requests(served, tmp_pa
     status, body = client.request("GET", "/info/")
     info = json.loads(body)
     assert status == 200 and MODEL in info["models"], info.get("models")
-    assert info["models"][MODEL]["labels"] == {"tissue": 1}
+    assert info["models"][MODEL]["labels"] == {"tissue": 1} and info["models"][RESAMPLING_MODEL]["labels"] == {"tissue": 1}
     assert MODEL in info["trainers"]
 
     status, body = client.request("GET", "/datastore/", {"output": "all"})
     images = sorted(json.loads(body)["objects"])
     assert images == [f"head_ct_{index}" for index in range(len(CROPS))]
 
-    # one scan: the label comes back on the scan's own grid
-    status, body = client.infer(images[1])
-    assert status == 200, body[:2000].decode(errors="replace") + log()
-    label = _label_volume(body, tmp_path / "predicted.nii.gz")
+    # one scan: the label comes back on the scan's own grid, also after resampling to 0.75x0.75x3 mm
     source = nib.load(studies / "head_ct_1.nii.gz")
-    assert label.shape == source.shape
-    np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)
-    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+    for model in (MODEL, RESAMPLING_MODEL):
+        status, body = client.infer(images[1], model)
+        assert status == 200, body[:2000].decode(errors="replace") + log()
+        label = _label_volume(body, tmp_path / f"predicted_{model}.nii.gz")
+        assert label.shape == source.shape
+        np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
 
     # annotators save labels (tissue above 25 HU of the real CT), then press Train
     for image_id in images:
