@@ -23,7 +23,7 @@ SHARED_KEYS = {
                        "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "initialize", "run"},
     "train.json": {"bundle_root", "output_dir", "ckpt_dir", "pretrained", "pretrained_path", "dataset_dir",
                    "datalist", "val_fraction", "device", "seed", "num_classes", "label_names", "patch_size", "network_def",
-                   "network", "loss", "optimizer", "train", "validate", "initialize", "run"},
+                   "network", "loss", "optimizer", "resume", "training_state_dir", "train", "validate", "initialize", "run"},
     "pretrain.json": {"bundle_root", "output_dir", "datalist", "device", "seed", "patch_size", "network_def", "network",
                       "loss", "optimizer", "train", "initialize", "run"},
 }
@@ -39,6 +39,26 @@ def test_required_files_and_shared_config_keys(bundle):
     for config, keys in SHARED_KEYS.items():
         assert keys - set(json.loads((bundle / "configs" / config).read_text())) == set(), config
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["name"] == bundle.name
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_fine_tuning_saves_training_state_and_the_ddp_overlay_mutes_only_logging_on_other_ranks(bundle):
+    overlay = json.loads((bundle / "configs" / "multi_gpu_train.json").read_text())
+    muted = {key.split("#_disabled_")[0] for key in overlay if key.endswith("#_disabled_")}
+    for config in sorted((bundle / "configs").glob("train*.json")):
+        content = json.loads(config.read_text())
+        handlers = {"train": content["train"]["handlers"], "validate": content["validate"]["handlers"]}
+        targets = [h["_target_"] for h in handlers["train"]]
+        assert targets[:2] == ["medfm.workflows.PretrainedWeightsLoader", "medfm.workflows.TrainingState"], config.name
+        assert handlers["train"][1]["resume"] == "@resume"
+        # rank > 0 builds no log handler (a TensorBoard writer makes its file when built); savers stay on
+        # every rank because ignite's savers synchronise the ranks when built
+        for key in muted:
+            section, _, index = key.split("#")
+            assert handlers[section][int(index)]["_target_"] in ("StatsHandler", "TensorBoardStatsHandler"), (config.name, key)
+        logging = {f"{section}#handlers#{index}" for section, items in handlers.items() for index, item in enumerate(items)
+                   if item["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")}
+        assert logging == muted, config.name
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
