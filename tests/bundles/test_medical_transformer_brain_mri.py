@@ -18,7 +18,7 @@ import medfm
 from medfm.networks import MedicalTransformer
 from medfm.weights import load_checkpoint
 from tests import testdata
-from tests.conftest import BUNDLES, REPO, bundle_run, run_command
+from tests.conftest import BUNDLES, REPO, bundle_run, run_command, assert_written_by_rank_zero
 
 pytestmark = pytest.mark.slow
 
@@ -148,4 +148,4 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(mt_bundle, labelled_tabl
     result = _fine_tune(mt_bundle, labelled_table, tmp_path / "ddp", "configs/multi_gpu_train.json", "--batch_size", "1",
                         launcher=torchrun)
     assert (result.stdout + result.stderr).count("pretrained weights") == 2
-    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
+    assert_written_by_rank_zero(tmp_path / "ddp")

@@ -16,7 +16,7 @@ import torch
 
 import medfm
 from medfm.weights import import_weights, load_checkpoint
-from tests.conftest import GENESIS, bundle_run, run_command
+from tests.conftest import GENESIS, assert_written_by_rank_zero, bundle_run, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -187,9 +187,7 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_datase
     assert len(set(seen[0])) == len(set(seen[1])) == 1 and set(seen[0]) != set(seen[1])
     assert {Path(name).name for name in seen[0] + seen[1]} == {"ct_0.nii.gz", "ct_1.nii.gz"}
     # rank 0 alone writes checkpoints, training state and logs
-    assert (output / "models" / "model.pt").is_file()
-    assert [p.name for p in (output / "training_state").iterdir()] == ["training_state_epoch=1.pt"]
-    assert len(list((output / "logs").glob("events.out.tfevents.*"))) == 2, "one training + one validation writer"
+    assert_written_by_rank_zero(output)
     assert log.count("Epoch: 1/1, Iter: 1/1") == 1, "only rank 0 logs iterations"
 
 

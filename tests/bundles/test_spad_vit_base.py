@@ -20,7 +20,7 @@ import medfm
 from medfm.networks import SpadTokenizer, SpadViT
 from medfm.networks.spad_vit import checkpoint_filter_fn
 from medfm.weights import load_checkpoint, sha256_of
-from tests.conftest import BUNDLES, REPO, bundle_run, run_command
+from tests.conftest import BUNDLES, REPO, bundle_run, run_command, assert_written_by_rank_zero
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +213,7 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(spad_bundle, slice_table
     result = _fine_tune(spad_bundle, slice_table, tmp_path / "ddp", "configs/multi_gpu_train.json", "--batch_size", "1",
                         launcher=torchrun)
     assert (result.stdout + result.stderr).count("pretrained weights") == 2
-    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
+    assert_written_by_rank_zero(tmp_path / "ddp")
 
 
 def test_the_speed_benchmark_runs(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import medfm
 from medfm.networks import GenesisUNet3D
 from medfm.weights import import_weights, load_checkpoint
-from tests.conftest import BUNDLES, bundle_run, run_command, save_upstream_checkpoint
+from tests.conftest import BUNDLES, bundle_run, run_command, save_upstream_checkpoint, assert_written_by_rank_zero
 
 pytestmark = pytest.mark.slow
 
@@ -106,4 +106,4 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(sar_bundle, tiny_segment
     result = _fine_tune(sar_bundle, tiny_segmentation_dataset, tmp_path / "ddp", "configs/multi_gpu_train.json",
                         launcher=torchrun, val_fraction=0.5)
     assert (result.stdout + result.stderr).count("loaded 104 of 106 tensors") == 2
-    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
+    assert_written_by_rank_zero(tmp_path / "ddp")

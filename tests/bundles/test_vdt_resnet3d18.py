@@ -14,7 +14,7 @@ from PIL import Image
 import medfm
 from medfm.networks import VDTResNetUNet, vdt_resnet18
 from medfm.weights import load_checkpoint
-from tests.conftest import BUNDLES, bundle_run, crop_nifti, run_command
+from tests.conftest import BUNDLES, bundle_run, crop_nifti, run_command, assert_written_by_rank_zero
 
 pytestmark = pytest.mark.slow
 
@@ -209,4 +209,4 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(vdt_bundle, crop_classif
     result = _fine_tune(vdt_bundle, crop_classification_dataset, tmp_path / "ddp", "configs/multi_gpu_train.json",
                         "--batch_size", "2", launcher=torchrun)
     assert (result.stdout + result.stderr).count("loaded 120 of 122 tensors") == 2
-    assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
+    assert_written_by_rank_zero(tmp_path / "ddp")
