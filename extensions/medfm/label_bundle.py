@@ -130,8 +130,6 @@ def _inference_config(train: dict) -> dict:
     if "prepare_batch" in train:
         config["prepare_batch"] = copy.deepcopy(train["prepare_batch"]) | {"label_key": None}
         config["evaluator"]["prepare_batch"] = "@prepare_batch"
-    if not isinstance(config.get("imports"), list) or "$import numpy" not in config["imports"]:
-        config["imports"] = [*config.get("imports", []), "$import numpy"]
     return config
 
 

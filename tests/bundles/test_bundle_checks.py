@@ -25,7 +25,7 @@ SHARED_KEYS = {
                    "datalist", "val_fraction", "device", "seed", "num_classes", "label_names", "patch_size", "network_def",
                    "network", "loss", "optimizer", "resume", "training_state_dir", "train", "validate", "initialize", "run"},
     "pretrain.json": {"bundle_root", "output_dir", "datalist", "device", "seed", "patch_size", "network_def", "network",
-                      "loss", "optimizer", "train", "initialize", "run"},
+                      "loss", "optimizer", "resume", "training_state_dir", "train", "initialize", "run"},
 }
 
 
@@ -42,7 +42,7 @@ def test_required_files_and_shared_config_keys(bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
-def test_fine_tuning_saves_training_state_and_the_ddp_overlay_mutes_only_logging_on_other_ranks(bundle):
+def test_training_saves_its_state_and_the_ddp_overlay_mutes_only_logging_on_other_ranks(bundle):
     overlay = json.loads((bundle / "configs" / "multi_gpu_train.json").read_text())
     muted = {key.split("#_disabled_")[0] for key in overlay if key.endswith("#_disabled_")}
     for config in sorted((bundle / "configs").glob("train*.json")):
@@ -59,6 +59,10 @@ def test_fine_tuning_saves_training_state_and_the_ddp_overlay_mutes_only_logging
         logging = {f"{section}#handlers#{index}" for section, items in handlers.items() for index, item in enumerate(items)
                    if item["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")}
         assert logging == muted, config.name
+    pretrain = json.loads((bundle / "configs" / "pretrain.json").read_text())
+    state = [h for h in pretrain["train"]["handlers"] if h["_target_"] == "medfm.workflows.TrainingState"]
+    assert len(state) == 1 and state[0]["resume"] == "@resume"
+    assert ("lr_scheduler" in state[0]["objects"]) == ("lr_scheduler" in pretrain), "a schedule must resume with the rest"
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)

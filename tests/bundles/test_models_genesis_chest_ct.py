@@ -16,7 +16,7 @@ import torch
 
 import medfm
 from medfm.weights import import_weights, load_checkpoint
-from tests.conftest import GENESIS, assert_written_by_rank_zero, bundle_run, run_command
+from tests.conftest import GENESIS, assert_written_by_rank_zero, bundle_run, crop_nifti, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -152,8 +152,6 @@ def test_scratch_baseline_switch_skips_the_pretrained_weights(tiny_segmentation_
 def test_pretraining_runs_and_its_checkpoint_imports(genesis_bundle, tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()
-    from tests.conftest import crop_nifti
-
     crop_nifti(medfm.samples.path("ct_head"), data / "ct_a.nii.gz", (48, 48, 40))
     crop_nifti(medfm.samples.path("ct_head"), data / "ct_b.nii.gz", (40, 56, 32), (20, 10, 20))
     result = bundle_run(genesis_bundle, ["configs/pretrain.json"], "--data_dir", str(data), "--output_dir",
@@ -163,6 +161,21 @@ def test_pretraining_runs_and_its_checkpoint_imports(genesis_bundle, tmp_path):
     final = tmp_path / "pt" / "models" / "model.pt"
     report = import_weights(genesis_bundle, final, dtype="float16")
     assert report.missing_keys == [] and load_checkpoint(genesis_bundle / "models" / "model.pt")["out_tr.final_conv.weight"].dtype == torch.float16
+
+
+def test_pretraining_resumes_with_its_learning_rate_schedule(genesis_bundle, tmp_path):
+    data = tmp_path / "unlabeled"
+    data.mkdir()
+    for index, offset in enumerate([(0, 0, 0), (20, 10, 20)]):
+        crop_nifti(medfm.samples.path("ct_head"), data / f"ct_{index}.nii.gz", (40, 40, 32), offset)
+    arguments = ["--data_dir", str(data), "--output_dir", str(tmp_path / "pt"), "--patch_size", "[32,32,16]",
+                 "--crops_per_volume", "2", "--num_workers", "0"]
+    bundle_run(genesis_bundle, ["configs/pretrain.json"], *arguments, "--max_epochs", "1")
+    resumed = bundle_run(genesis_bundle, ["configs/pretrain.json"], *arguments, "--max_epochs", "2", "--resume", "True")
+    assert "1 epochs (2 iterations) done" in resumed.stdout + resumed.stderr
+    state = load_checkpoint(tmp_path / "pt" / "training_state" / "training_state_epoch=2.pt")
+    assert state["trainer"]["iteration"] == 4
+    assert state["lr_scheduler"]["last_epoch"] == 2, "the schedule went on from epoch 1 (a fresh one would be at 1)"
 
 
 def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_dataset, tmp_path):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-
-import re
 
 import ignite.distributed as idist
 import torch
@@ -87,11 +86,11 @@ def latest_training_state(save_dir: str | os.PathLike) -> Path | None:
 class TrainingState:
     """Save everything training needs to continue after each epoch; with ``resume``, continue from it.
 
-    After every epoch, rank 0 writes ``save_dir/training_state_epoch=N.pt`` holding the state
-    dicts of ``objects`` (network, optimizer, ...) and of the trainer (epoch and iteration
-    counts), replacing the previous epoch's file. The file is written beside its final name
-    and renamed when complete, so a run killed at any moment leaves the last finished epoch
-    intact. With ``resume``, the newest such file is loaded when training starts (after the
+    After every epoch (after the other end-of-epoch handlers), rank 0 writes
+    ``save_dir/training_state_epoch=N.pt`` holding the state dicts of ``objects`` (network,
+    optimizer, learning-rate schedule, ...) and of the trainer (epoch and iteration counts),
+    replacing the previous epoch's file. The file is written beside its final name and renamed
+    when complete, so a run killed at any moment leaves the last finished epoch intact. With ``resume``, the newest such file is loaded when training starts (after the
     handlers listed before this one, e.g. pretrained weights) and training goes on at the next
     epoch with the optimizer's moments and step counts; the config's ``max_epochs`` is kept.
 
@@ -111,7 +110,13 @@ class TrainingState:
         self.objects["trainer"] = engine
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.STARTED, self._save_after_the_other_handlers)
+
+    def _save_after_the_other_handlers(self, engine: Engine) -> None:
+        # registered once every handler is attached, so the saved state includes this epoch's
+        # learning-rate step and validation, whichever order the config lists the handlers in
+        if not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def load(self, engine: Engine) -> None:
         path = latest_training_state(self.save_dir)
