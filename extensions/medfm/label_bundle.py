@@ -222,7 +222,8 @@ def make_label_bundle(bundle: str | os.PathLike, labels: str | list[str] | tuple
     parser = ConfigParser()
     parser.read_config(str(source_dir / segmentation_config))
     train = _train_config(parser.config, names)
-    weights_id = installed_weights_id(source_dir) if pretrained else "none"
+    source_sha256 = sha256_of(source_weights) if pretrained else None
+    weights_id = installed_weights_id(source_dir, source_sha256) if pretrained else "none"
     metadata = _metadata(source_meta, train, names, target.name, weights_id)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,7 @@ def make_label_bundle(bundle: str | os.PathLike, labels: str | list[str] | tuple
         (staging / "models").mkdir()
         torch.save(network.state_dict(), staging / "models" / "model.pt")
         provenance = {"source_bundle": source_meta["name"], "source_weights": weights_id,
-                      "source_sha256": sha256_of(source_weights) if pretrained else None,
+                      "source_sha256": source_sha256,
                       "loaded_tensors": len(report["loaded"]) if report else 0,
                       "fresh_tensors": (report["shape_differs"] + report["missing"]) if report else "all",
                       "labels": names, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -185,11 +185,14 @@ def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: st
     return import_weights(bundle_dir, cached, weights=entry.name)
 
 
-def installed_weights_id(bundle: str | os.PathLike) -> str:
-    """Which weights ``models/model.pt`` holds: a registry name, ``unregistered:<sha256 prefix>``, or ``none``."""
+def installed_weights_id(bundle: str | os.PathLike, digest: str | None = None) -> str:
+    """Which weights ``models/model.pt`` holds: a registry name, ``unregistered:<sha256 prefix>``, or ``none``.
+
+    ``digest``: the file's sha256 when the caller already has it (the file is not hashed again).
+    """
     model_file = Path(bundle) / MODEL_FILE
     if not model_file.is_file():
         return "none"
-    digest = sha256_of(model_file)
+    digest = digest or sha256_of(model_file)
     name, _ = _identify_weights(Path(bundle), digest)
     return name or f"unregistered:{digest[:16]}"
