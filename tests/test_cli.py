@@ -181,6 +181,14 @@ def test_embed_many_inputs_skips_a_bad_one_and_resumes(small_ct, tmp_path):
     assert "1 of 3 inputs failed" in first.stderr
     rows = list(csv.DictReader((tmp_path / "out" / "embeddings.csv").open()))
     assert sorted(Path(r["input"]).name for r in rows) == ["ct_copy.nii.gz", "ct_small.nii.gz"]
+    [failure] = list(csv.DictReader((tmp_path / "out" / "failed.csv").open()))
+    assert failure["input"] == str(broken) and str(broken) in failure["error"]
     again = run_command(command[:6] + command[7:])  # without the list: only done inputs
     assert again.returncode == 0 and "0 embedded, 1 already" in again.stdout
     assert len(list(csv.DictReader((tmp_path / "out" / "embeddings.csv").open()))) == 2
+    # the broken input repaired: the same command embeds it alone, and failed.csv is gone
+    shutil.copy(small_ct, broken)
+    fixed = run_command(command)
+    assert fixed.returncode == 0 and "1 embedded, 2 already" in fixed.stdout, fixed.stderr
+    assert not (tmp_path / "out" / "failed.csv").exists()
+    assert len(list(csv.DictReader((tmp_path / "out" / "embeddings.csv").open()))) == 3

@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from . import io, networks, samples, transforms, weights, workflows  # noqa: E402  (bundle configs use medfm.<sub>)
+from .inference import embed, infer  # noqa: E402
 
-__all__ = ["io", "networks", "samples", "transforms", "weights", "workflows", "__version__"]
+__all__ = ["embed", "infer", "io", "networks", "samples", "transforms", "weights", "workflows", "__version__"]

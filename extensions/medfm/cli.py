@@ -5,27 +5,20 @@ Errors a user can fix are printed as one line on stderr with exit status 1, with
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import fire
 
-from .bundles import find_bundle
-from .errors import MedfmError, first_line, innermost
-from .io.embeddings import append_index_rows, is_index_file, read_index_rows
-from .transforms.contract import logger as contract_logger
+from .errors import MedfmError, describe_error
 
 __all__ = ["main", "infer", "embed", "demo", "download", "info", "label_bundle", "list_bundles", "release"]
 
 
-def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> list[str]:
-    """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file or DICOM series folder).
+def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> None:
+    """Run a bundle's full inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
 
     Args:
         bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
@@ -33,178 +26,48 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
         out: output folder; results appear there only when the whole run succeeded.
         verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
         overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
-
-    Returns the paths written.
     """
-    from monai.bundle import ConfigWorkflow
+    from .inference import infer as run_inference
 
-    bundle_dir = find_bundle(bundle)
-    source = Path(input).expanduser()
-    if not source.exists():
-        raise MedfmError(f"{source}: no such file or folder")
-    out_dir = Path(out).expanduser().resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        warnings = _Collector()
-        contract_logger.addHandler(warnings)
-        with _output_captured(verbose) as log:
-            try:
-                workflow = ConfigWorkflow(
-                    config_file=str(bundle_dir / "configs" / "inference.json"),
-                    meta_file=str(bundle_dir / "configs" / "metadata.json"),
-                    logging_file=str(bundle_dir / "configs" / "logging.conf"),
-                    workflow_type="inference",
-                    bundle_root=str(bundle_dir),
-                    input_image=str(source.resolve()),
-                    output_dir=str(staging),
-                    **overrides,
-                )
-                workflow.initialize()
-                workflow.run()
-                workflow.finalize()
-            except Exception as error:
-                log.keep = True
-                cause = innermost(error)
-                message = str(cause) if isinstance(cause, MedfmError) else (
-                    f"{source}: {bundle_dir.name} inference failed: {describe(error)}")
-                raise MedfmError(f"{message} (full log: {log.path})") from error
-            finally:
-                contract_logger.removeHandler(warnings)
-        if not verbose:  # verbose output already holds them
-            for warning in dict.fromkeys(warnings.messages):
-                print(f"medfm: warning: {warning}", file=sys.stderr)
-        written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
-        if not written:
-            raise MedfmError(f"{source}: the {bundle_dir.name} inference wrote no output")
-        out_dir.mkdir(exist_ok=True)
-        results = []
-        for path in written:
-            target = out_dir / path.name
-            if target.exists() and is_index_file(path):  # one index accumulates across runs
-                append_index_rows(target, read_index_rows(path))
-            else:
-                path.replace(target)
-            results.append(str(target))
-        return results
-
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for path in run_inference(bundle, input, out=out, verbose=verbose, **overrides):
+        print(path)
 
 
 def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str = "embeddings.csv",
-          progress: bool = True, verbose: bool = False, **overrides) -> None:
-    """Embeddings of many inputs with a bundle's inference workflow, resumable, one bad input never stopping the rest.
+          progress: bool = True, num_workers: int | None = None, amp: bool = False, **overrides) -> None:
+    """Embeddings of many inputs in one run of the bundle's embedding workflow (configs/embed.json).
 
     Args:
         bundle: bundle name or folder.
         inputs: scans (files, DICOM folders or .zip) and/or ``.csv`` lists of them (column ``image``,
             else the first column; relative paths are relative to the list).
-        out: output folder; the index ``out/INDEX`` gets one row per embedding.
+        out: output folder: one ``.npy`` per input, the index ``out/INDEX`` and ``failed.csv``.
         index: the index file name (``.csv``, or ``.parquet`` with the parquet extra).
-        progress: show a progress bar.
-        verbose: show each workflow's log.
+        progress: show progress bars.
+        num_workers: DataLoader processes reading and preprocessing the next scans.
+        amp: bfloat16 mixed precision on CUDA.
         overrides: further ``--key value`` pairs for the bundle config.
 
-    Inputs already in the index (with their ``.npy`` present) are skipped, so a rerun continues
-    an interrupted one. A failing input is reported on stderr and skipped; the command still
-    exits 1 at the end when any failed.
+    Resumable: inputs already in the index are skipped. A failing input is reported and skipped;
+    the command exits 1 at the end when any failed. Under ``torchrun --nproc_per_node N -m medfm
+    embed ...`` each process embeds its own share and rank 0 writes the one index.
     """
-    from tqdm import tqdm
+    from .inference import embed as run_embedding
+    from .workflows.embedding import FAILED_FILE
 
-    sources = _expand_inputs(inputs)
-    if not sources:
-        raise MedfmError("no inputs given")
-    out_dir = Path(out).expanduser().resolve()
-    index_file = out_dir / index
-    done = {row["input"] for row in read_index_rows(index_file) if (out_dir / str(row["embedding"])).is_file()} \
-        if index_file.is_file() else set()
-    embedded, skipped, failed = 0, 0, []
-    for source in tqdm(sources, desc="embedding", unit="input", disable=not progress):
-        if str(source.resolve()) in done:
-            skipped += 1
-            continue
-        try:
-            infer(bundle, str(source), out=str(out_dir), verbose=verbose, embeddings_index=index, **overrides)
-            embedded += 1
-        except MedfmError as error:
-            failed.append(source)
-            tqdm.write(f"medfm: skipped: {error}", file=sys.stderr)  # the message names the input
-    print(f"{embedded} embedded, {skipped} already in {index_file}, {len(failed)} failed")
-    if failed:
-        raise MedfmError(f"{len(failed)} of {len(sources)} inputs failed (listed above); the others are in {index_file}")
+    summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers, amp=amp,
+                            **overrides)
+    if _is_rank_zero():
+        for line in summary.lines():
+            print(line)
+    if summary.failed:
+        total = summary.embedded + summary.already_done + len(summary.failed)
+        raise MedfmError(f"{len(summary.failed)} of {total} inputs failed (listed above and in "
+                         f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
 
 
-def _expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
-    """Scans named directly, and those listed in ``.csv`` files (column ``image`` or the first)."""
-    import csv
-
-    sources = []
-    for item in inputs:
-        path = Path(str(item)).expanduser()
-        if path.suffix.lower() != ".csv":
-            sources.append(path)
-            continue
-        try:
-            with open(path, newline="") as stream:
-                rows = list(csv.reader(stream))
-        except OSError as error:
-            raise MedfmError(f"{path}: cannot be read ({error.strerror})") from None
-        if not rows:
-            raise MedfmError(f"{path}: empty input list")
-        column = rows[0].index("image") if "image" in rows[0] else 0
-        body = rows[1:] if "image" in rows[0] else rows
-        sources += [(path.parent / row[column]).resolve() if not Path(row[column]).is_absolute() else Path(row[column])
-                    for row in body if row and row[column].strip()]
-    return sources
-
-
-class _CapturedLog:
-    """Where a captured workflow log lives, and whether to keep it for the user."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.keep = False
-
-
-class _Collector(logging.Handler):
-    """Keeps the messages of the warnings logged while it is attached."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def _output_captured(verbose: bool):
-    """Send everything written to stdout and stderr (Python, logging, C libraries) to a log file.
-
-    MONAI and ignite log progress and full tracebacks; the CLI shows them only with ``verbose``.
-    On failure (``keep``) the file stays and the CLI prints one line naming it.
-    """
-    handle, name = tempfile.mkstemp(prefix="medfm-", suffix=".log")
-    log = _CapturedLog(Path(name))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    for fd in saved:
-        os.dup2(handle, fd)
-    try:
-        yield log
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, original in saved.items():
-            os.dup2(original, fd)
-            os.close(original)
-        os.close(handle)
-        if not log.keep:
-            if verbose:
-                sys.stdout.write(log.path.read_text(errors="replace"))
-            log.path.unlink(missing_ok=True)
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def demo(out: str = "demo_output", bundle: str = "models_genesis_chest_ct") -> None:
@@ -329,15 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
     except Exception as error:  # anything else still gets one line, with its type to help a bug report
-        print(f"medfm: error: {describe(error)}", file=sys.stderr)
+        print(f"medfm: error: {describe_error(error)}", file=sys.stderr)
         return 1
     return 0
-
-
-def describe(error: BaseException) -> str:
-    """One line for an unexpected exception: the innermost cause (MONAI wraps config errors)."""
-    cause = innermost(error)
-    return f"{type(cause).__name__}: {first_line(cause) if str(cause).strip() else 'no details'}"
 
 
 if __name__ == "__main__":

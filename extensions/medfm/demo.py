@@ -1,8 +1,9 @@
 """``medfm demo``: the quick start's main job, on the embedded sample CT.
 
 Runs the bundle's inference workflow on the sample as NIfTI and as a DICOM series written from it,
-checks that both give the same geometry and embedding, and draws a montage of the pretext task:
-input, corrupted and restored slices for each kind of corruption.
+embeds both in one run of the embedding workflow, checks that both give the same geometry and
+embedding, and draws a montage of the pretext task: input, corrupted and restored slices for each
+kind of corruption.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from PIL import Image, ImageDraw
 
 from . import samples
 from .bundles import bundle_config, find_bundle
+from .inference import embed, infer
+from .errors import MedfmError
+from .transforms.contract import logger as contract_logger
 from .transforms import RandInPaint, RandLocalPixelShuffle, RandNonlinearIntensity, RandOutPaint
 from .weights.checkpoint import load_checkpoint
 
@@ -31,30 +35,37 @@ CORRUPTIONS = {
 
 def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
     """Run the demo into ``out``; returns human-readable result lines."""
-    from .cli import infer
-
     bundle_dir = find_bundle(bundle)
     out = Path(out)
     nifti_input = samples.path("ct_head")
     dicom_input = out / "input_dicom" / "ct_head"
     samples.write_dicom_series("ct_head", dicom_input)
     lines = [f"sample CT: {nifti_input}", f"same scan as a DICOM series: {dicom_input}"]
-    results = {}
-    for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
-        written = [Path(p) for p in infer(str(bundle_dir), str(source), out=str(out / kind))]
-        restored = next(p for p in written if p.name.endswith("_restored.nii.gz"))
-        embedding = next(p for p in written if p.name.endswith("_embedding.npy"))
-        results[kind] = (nib.load(restored), np.load(embedding))
-        lines += [f"{kind}: restored volume {restored}", f"{kind}: embedding {embedding} {results[kind][1].shape}"]
-
     original = nib.load(nifti_input)
-    for kind, (restored, _) in results.items():
+    for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
+        written = [Path(p) for p in infer(bundle_dir, source, out=out / kind)]
+        restored_path = next(p for p in written if p.name.endswith("_restored.nii.gz"))
+        restored = nib.load(restored_path)
         shift = np.abs(restored.affine - original.affine).max()
-        lines.append(f"{kind}: output shape {restored.shape} (input {original.shape}), max affine difference {shift:.2e} mm")
-    a, b = results["nifti"][1], results["dicom"][1]
+        lines += [f"{kind}: restored volume {restored_path}",
+                  f"{kind}: output shape {restored.shape} (input {original.shape}), max affine difference {shift:.2e} mm"]
+    summary = embed(bundle_dir, [nifti_input, dicom_input], out=out / "embeddings", progress=False)
+    if summary.failed:
+        raise MedfmError("; ".join(summary.failed.values()))
+    vectors = {}
+    for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
+        row = next(r for r in summary.rows if Path(r["input"]) == Path(source).absolute())
+        vectors[kind] = np.load(out / "embeddings" / row["embedding"])
+        lines.append(f"{kind}: embedding {out / 'embeddings' / row['embedding']} {vectors[kind].shape}")
+    lines.append(f"embeddings index (encoder only, one run for both inputs): {summary.index}")
+    a, b = vectors["nifti"], vectors["dicom"]
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     lines.append(f"embedding cosine similarity, NIfTI vs DICOM input: {cosine:.6f}")
-    montage = pretext_montage(bundle_dir, nifti_input, out / "montage.png")
+    contract_logger.disabled = True  # its warnings were printed above, once per input
+    try:
+        montage = pretext_montage(bundle_dir, nifti_input, out / "montage.png")
+    finally:
+        contract_logger.disabled = False
     lines.append(f"montage of input / corrupted / restored slices: {montage}")
     return lines
 

@@ -24,3 +24,9 @@ def first_line(error: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name if it has none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for an unexpected exception: the innermost cause's type and first line (MONAI wraps config errors)."""
+    cause = innermost(error)
+    return f"{type(cause).__name__}: {first_line(cause) if str(cause).strip() else 'no details'}"

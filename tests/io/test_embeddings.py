@@ -4,7 +4,9 @@ import torch
 from monai.data import MetaTensor
 
 from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem, read_index_rows
-from medfm.io.embeddings import INDEX_COLUMNS, append_index_rows, is_index_file
+from medfm.errors import MedfmError
+from medfm.io.embeddings import (INDEX_COLUMNS, append_index_rows, check_index_file, embedding_file_name, index_row,
+                                 is_index_file, write_index_rows)
 from medfm.transforms import GlobalAveragePool, GlobalAveragePoold
 
 
@@ -31,9 +33,12 @@ def test_index_gets_one_row_per_saved_embedding(tmp_path):
         meta = {"filename_or_obj": f"/data/{name}"} | ({"SeriesInstanceUID": uid} if uid else {})
         saver({"f": torch.ones(4), "image": MetaTensor(torch.zeros(1, 2, 2, 2), meta=meta)})
     rows = read_index_rows(tmp_path / "embeddings.csv")
+    whole_scan = {"region": "", "center_x": "", "center_y": "", "center_z": ""}
     assert rows == [
-        {"input": "/data/a.nii.gz", "series_uid": "", "model": "some_bundle", "weights": "w1", "embedding": "a_embedding.npy", "dimension": "4"},
-        {"input": "/data/series_dir", "series_uid": "1.2.3", "model": "some_bundle", "weights": "w1", "embedding": "series_dir_embedding.npy", "dimension": "4"},
+        {"input": "/data/a.nii.gz", "series_uid": "", **whole_scan, "model": "some_bundle", "weights": "w1",
+         "embedding": "a_embedding.npy", "dimension": "4"},
+        {"input": "/data/series_dir", "series_uid": "1.2.3", **whole_scan, "model": "some_bundle", "weights": "w1",
+         "embedding": "series_dir_embedding.npy", "dimension": "4"},
     ]
 
 
@@ -65,3 +70,23 @@ def test_index_files_are_recognised_by_their_columns(tmp_path, name):
     assert is_index_file(tmp_path / name)
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     assert not is_index_file(tmp_path / "other.csv") and not is_index_file(tmp_path / "scan.nii.gz")
+
+
+def test_embedding_file_names_differ_for_inputs_of_one_base_name():
+    names = {embedding_file_name(path) for path in ("/a/ct.nii.gz", "/b/ct.nii.gz", "/c/ct", "/c/ct.zip")}
+    assert len(names) == 4 and all(name.startswith("ct-") and name.endswith("_embedding.npy") for name in names)
+    assert embedding_file_name("/a/ct.nii.gz") == embedding_file_name("/a/ct.nii.gz")
+    assert embedding_file_name("/a/ct.nii.gz", "point:1") != embedding_file_name("/a/ct.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["embeddings.csv", "embeddings.parquet"])
+def test_written_index_reads_back_and_a_foreign_file_is_refused(tmp_path, name):
+    rows = [index_row("/d/a.nii.gz", "", "m", "w", "a.npy", 3), index_row("/d/b", "1.2", "m", "w", "b.npy", 3,
+                                                                        region="point:7", center_lps=(1.0, -2.5, 30.25))]
+    write_index_rows(tmp_path / name, rows)
+    back = read_index_rows(tmp_path / name)
+    assert [r["center_y"] for r in back] == ["", "-2.500"] and [int(r["dimension"]) for r in back] == [3, 3]
+    check_index_file(tmp_path / name)
+    (tmp_path / "mine.csv").write_text("input,label\nx,1\n")
+    with pytest.raises(MedfmError, match="mine.csv: exists and is not a medfm embeddings index"):
+        check_index_file(tmp_path / "mine.csv")

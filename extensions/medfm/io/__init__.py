@@ -1,6 +1,7 @@
 """Reading scans and writing results that line up with them."""
 
 from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, input_stem, read_index_rows
+from .input_list import expand_inputs
 from .image_folder import image_folder_classes, image_folder_datalist
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
 from .target_table import target_table_datalist, target_table_labels
@@ -17,6 +18,7 @@ __all__ = [
     "SegmentationWriteError",
     "ScanError",
     "append_index_rows",
+    "expand_inputs",
     "image_folder_classes",
     "image_folder_datalist",
     "input_stem",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -16,7 +17,8 @@ from monai.utils.type_conversion import convert_data_type
 from ..errors import MedfmError
 from .atomic import atomic_path
 
-__all__ = ["SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "input_meta", "input_stem", "is_index_file", "read_index_rows"]
+__all__ = ["INDEX_COLUMNS", "SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "check_index_file", "embedding_file_name", "index_row",
+           "input_meta", "input_stem", "is_index_file", "read_index_rows", "write_index_rows"]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -83,14 +85,42 @@ class SaveEmbeddingd(MapTransform):
         for key in self.key_iterator(d):
             path = self.saver(d[key], meta["filename_or_obj"])
             if self.index is not None:
-                row = {"input": str(meta["filename_or_obj"]), "series_uid": str(meta.get("SeriesInstanceUID", "")),
-                       "model": self.model, "weights": self.weights, "embedding": path.name,
-                       "dimension": int(np.prod(np.shape(d[key])))}
+                row = index_row(str(meta["filename_or_obj"]), str(meta.get("SeriesInstanceUID", "")), self.model,
+                                self.weights, path.name, int(np.prod(np.shape(d[key]))))
                 append_index_rows(self.index, [row])
         return d
 
 
-INDEX_COLUMNS = ("input", "series_uid", "model", "weights", "embedding", "dimension")
+#: Columns of an embeddings index. ``region`` is empty for a whole scan, ``point:<id>`` or
+#: ``label:<value>`` for a region, whose crop centre is ``center_x/y/z`` (world mm, DICOM LPS).
+INDEX_COLUMNS = ("input", "series_uid", "region", "center_x", "center_y", "center_z", "model", "weights", "embedding",
+                 "dimension")
+
+
+def index_row(input: str, series_uid: str, model: str, weights: str, embedding: str, dimension: int,
+              region: str = "", center_lps: tuple[float, float, float] | None = None) -> dict:
+    """One index row; ``center_lps`` in mm (empty cells for a whole scan)."""
+    center = [f"{value:.3f}" for value in center_lps] if center_lps is not None else ["", "", ""]
+    return {"input": input, "series_uid": series_uid, "region": region, "center_x": center[0], "center_y": center[1],
+            "center_z": center[2], "model": model, "weights": weights, "embedding": embedding, "dimension": dimension}
+
+
+def embedding_file_name(source: str | os.PathLike, region: str = "", postfix: str = "embedding") -> str:
+    """``<input stem>-<10 hex digits>_<postfix>.npy``, unique per (input path, region).
+
+    Two inputs with the same base name (``a/ct.nii.gz``, ``b/ct.nii.gz``) or a folder and a zip of
+    one name get different files, and every process of a distributed run derives the same name.
+    """
+    digest = hashlib.sha1(f"{source}\0{region}".encode()).hexdigest()[:10]
+    return f"{input_stem(source)}-{digest}_{postfix}.npy"
+
+
+def check_index_file(index: str | os.PathLike) -> None:
+    """Raise :class:`MedfmError` if ``index`` exists but is not a medfm embeddings index (never append to it)."""
+    index = Path(index)
+    if index.exists() and not is_index_file(index):
+        raise MedfmError(f"{index}: exists and is not a medfm embeddings index (its columns are not "
+                         f"{', '.join(INDEX_COLUMNS)}); choose another --out folder or --index name")
 
 
 def _is_parquet(index: Path) -> bool:
@@ -130,6 +160,24 @@ def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
+    """Write a whole embeddings index (CSV or Parquet by its name) atomically from ``rows``."""
+    index = Path(index)
+    rows = [{column: row.get(column, "") for column in INDEX_COLUMNS} | {"dimension": int(row["dimension"])}
+            for row in rows]
+    with atomic_path(index) as temporary:
+        if _is_parquet(index):
+            pyarrow = _parquet()
+            schema = pyarrow.schema([(column, pyarrow.int64() if column == "dimension" else pyarrow.string())
+                                     for column in INDEX_COLUMNS])
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows, schema=schema), temporary)
+            return
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=INDEX_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def is_index_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an embeddings index written by :func:`append_index_rows` (CSV or Parquet)."""
     path = Path(path)
@@ -137,8 +185,11 @@ def is_index_file(path: str | os.PathLike) -> bool:
         return list(_parquet().parquet.read_schema(path).names) == list(INDEX_COLUMNS)
     if path.suffix.lower() != ".csv":
         return False
-    with open(path, newline="") as stream:
-        return stream.readline().strip().split(",") == list(INDEX_COLUMNS)
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            return stream.readline().strip().split(",") == list(INDEX_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def read_index_rows(index: str | os.PathLike) -> list[dict]:

@@ -195,6 +195,10 @@ class GenesisUNet3D(nn.Module):
         skips, bottleneck = self.encode(x)
         return self.decode(skips, bottleneck)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 512-channel bottleneck ``(N, 512, H/8, W/8, D/8)`` from the encoder alone (embeddings: no decoder)."""
+        return self.encode(x)[1]
+
     def forward_with_bottleneck(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"restored": output, "bottleneck": 512-channel 1/8-resolution features}`` in one pass."""
         skips, bottleneck = self.encode(x)

@@ -1,9 +1,10 @@
 """Pieces that MONAI's bundle workflows call but do not provide themselves."""
 
+from .embedding import EmbeddingRunner, EmbeddingSummary, embedding_device
 from .handlers import LossComponentsLogger, PretrainedWeightsLoader, TrainingState, latest_training_state, stacked_outputs
 from .inferers import FeatureTapInferer, MethodInferer
 from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch, subject_indices
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 from .spad import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, PrepareSpadBatch, SpacingInferer, TokenizerLoss
 
-__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "stacked_outputs", "subject_indices"]
+__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "stacked_outputs", "subject_indices"]

@@ -1,0 +1,228 @@
+"""Running a bundle over inputs: the one place behind ``medfm infer``, ``medfm embed``, ``medfm demo``
+and the Python API (``medfm.infer(...)``, ``medfm.embed(...)``).
+
+``infer`` runs a bundle's full inference workflow (``configs/inference.json``) on one scan and
+moves its outputs into place only when the whole run succeeded. ``embed`` runs the bundle's
+embedding workflow (``configs/inference.json`` + ``configs/embed.json``: only the layers the
+embedding needs) once over many inputs, resumably, one bad input never stopping the rest, on one
+process or under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .bundles import find_bundle
+from .errors import MedfmError, describe_error, innermost
+from .io.embeddings import append_index_rows, is_index_file, read_index_rows
+from .io.input_list import expand_inputs
+from .transforms.contract import logger as contract_logger
+from .workflows.embedding import EmbeddingSummary
+
+__all__ = ["EMBED_CONFIG", "embed", "infer"]
+
+#: The embedding overlay every bundle has, applied on top of its ``inference.json``.
+EMBED_CONFIG = "embed.json"
+
+
+def _workflow(bundle_dir: Path, configs: list[str], logging_file: str | bool, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    config_files = [str(bundle_dir / "configs" / name) for name in configs]
+    workflows_logger = logging.getLogger("monai.bundle.workflows")
+    level = workflows_logger.level
+    if logging_file is False:  # MONAI warns that it leaves logging alone, which is the point here
+        workflows_logger.setLevel(logging.ERROR)
+    try:
+        return ConfigWorkflow(config_file=config_files if len(config_files) > 1 else config_files[0],
+                              meta_file=str(bundle_dir / "configs" / "metadata.json"), logging_file=logging_file,
+                              workflow_type="inference", bundle_root=str(bundle_dir), **overrides)
+    finally:
+        workflows_logger.setLevel(level)
+
+
+def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike = "medfm_output",
+          verbose: bool = False, **overrides) -> list[str]:
+    """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
+
+    Args:
+        bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
+        input: the scan to process.
+        out: output folder; results appear there only when the whole run succeeded.
+        verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
+        overrides: further config values (e.g. ``sw_batch_size=2``).
+
+    Returns the paths written. Contract deviations are printed as ``medfm: warning:`` lines.
+    """
+    bundle_dir = find_bundle(bundle)
+    source = Path(input).expanduser()
+    if not source.exists():
+        raise MedfmError(f"{source}: no such file or folder")
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        warnings = _Collector()
+        contract_logger.addHandler(warnings)
+        with _output_captured(verbose) as log:
+            try:
+                workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
+                                     input_image=str(source.resolve()), output_dir=str(staging), **overrides)
+                workflow.initialize()
+                workflow.run()
+                workflow.finalize()
+            except Exception as error:
+                log.keep = True
+                cause = innermost(error)
+                message = str(cause) if isinstance(cause, MedfmError) else (
+                    f"{source}: {bundle_dir.name} inference failed: {describe_error(error)}")
+                raise MedfmError(f"{message} (full log: {log.path})") from error
+            finally:
+                contract_logger.removeHandler(warnings)
+        if not verbose:  # verbose output already holds them
+            for warning in dict.fromkeys(warnings.messages):
+                print(f"medfm: warning: {warning}", file=sys.stderr)
+        written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
+        if not written:
+            raise MedfmError(f"{source}: the {bundle_dir.name} inference wrote no output")
+        out_dir.mkdir(exist_ok=True)
+        results = []
+        for path in written:
+            target = out_dir / path.name
+            if target.exists() and is_index_file(path):  # one index accumulates across runs
+                append_index_rows(target, read_index_rows(path))
+            else:
+                path.replace(target)
+            results.append(str(target))
+        return results
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+          out: str | os.PathLike = "medfm_embeddings", index: str = "embeddings.csv", progress: bool = True,
+          num_workers: int | None = None, amp: bool = False, **overrides) -> EmbeddingSummary:
+    """Embed many inputs in one run of the bundle's embedding workflow.
+
+    Args:
+        bundle: bundle name or folder.
+        inputs: scans (files, DICOM folders or .zip) and/or ``.csv`` lists of them (column ``image``,
+            else the first column; relative paths are relative to the list).
+        out: output folder: one ``.npy`` per input, the index ``out/INDEX`` (one row per input) and,
+            when inputs failed, ``failed.csv``.
+        index: the index file name (``.csv``, or ``.parquet`` with the parquet extra).
+        progress: progress bars (per input; per window for big sliding-window scans).
+        num_workers: DataLoader processes reading the next scans (default: the bundle's ``num_workers``).
+        amp: bfloat16 mixed precision (CUDA only).
+        overrides: further config values (e.g. ``sw_batch_size=8``).
+
+    Inputs already in the index (with their ``.npy`` present) are skipped, so running the same call
+    again continues an interrupted run. Failing inputs are reported on stderr, skipped, and listed in
+    the summary's ``failed`` (and ``out/failed.csv``); nothing is raised for them. Under ``torchrun``
+    every process calls this with the same arguments and gets the same summary.
+    """
+    bundle_dir = find_bundle(bundle)
+    if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
+        raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
+    sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
+    if not sources:
+        raise MedfmError("no inputs given")
+    for source in sources:
+        if not source.exists():  # caught here, before the network is built
+            raise MedfmError(f"{source}: no such file or folder")
+    settings = {"embed_inputs": [str(source) for source in sources], "output_dir": str(Path(out).expanduser()),
+                "embeddings_index": index, "progress": bool(progress), "amp": bool(amp)}
+    if num_workers is not None:
+        settings["num_workers"] = int(num_workers)
+    with _warnings_printed():
+        try:
+            workflow = _workflow(bundle_dir, ["inference.json", EMBED_CONFIG], False, **settings, **overrides)
+            workflow.initialize()
+            summary = workflow.run()[0]
+        except Exception as error:
+            cause = innermost(error)
+            if isinstance(cause, MedfmError):
+                raise MedfmError(str(cause)) from error
+            raise MedfmError(f"{bundle_dir.name} embedding failed: {describe_error(error)}") from error
+    workflow.finalize()
+    return summary
+
+
+class _Collector(logging.Handler):
+    """Keeps the messages of the warnings logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class _WarningPrinter(logging.Handler):
+    """Prints each warning as one ``medfm: warning:`` line, above any progress bar."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"medfm: warning: {record.getMessage()}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_printed() -> Iterator[None]:
+    """Contract warnings printed as they happen (DataLoader workers inherit the handler)."""
+    printer = _WarningPrinter()
+    contract_logger.addHandler(printer)
+    propagate, contract_logger.propagate = contract_logger.propagate, False
+    try:
+        yield
+    finally:
+        contract_logger.removeHandler(printer)
+        contract_logger.propagate = propagate
+
+
+class _CapturedLog:
+    """Where a captured workflow log lives, and whether to keep it for the user."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keep = False
+
+
+@contextlib.contextmanager
+def _output_captured(verbose: bool) -> Iterator[_CapturedLog]:
+    """Send everything written to stdout and stderr (Python, logging, C libraries) to a log file.
+
+    MONAI and ignite log progress and full tracebacks; they are shown only with ``verbose``.
+    On failure (``keep``) the file stays and the error names it.
+    """
+    handle, name = tempfile.mkstemp(prefix="medfm-", suffix=".log")
+    log = _CapturedLog(Path(name))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    for fd in saved:
+        os.dup2(handle, fd)
+    try:
+        yield log
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, original in saved.items():
+            os.dup2(original, fd)
+            os.close(original)
+        os.close(handle)
+        if not log.keep:
+            if verbose:
+                sys.stdout.write(log.path.read_text(errors="replace"))
+            log.path.unlink(missing_ok=True)

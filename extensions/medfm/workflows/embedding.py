@@ -1,0 +1,367 @@
+"""One embedding run over many inputs: the workflow behind every bundle's ``configs/embed.json``.
+
+The network is built and its weights loaded and hashed once per run; a DataLoader's worker
+processes read and preprocess the next scans while the network runs. Every ``.npy`` is written
+under a temporary name and renamed into place before its index row is appended (and synced), so
+a run killed at any moment leaves no partial file and no row without its embedding; the same run
+started again skips what is done. Under ``torchrun`` each process embeds a disjoint share of the
+inputs, and rank 0 merges the shares into one index at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import list_data_collate
+from monai.inferers import Inferer, SlidingWindowInferer
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import MedfmError, describe_error, innermost
+from ..io.atomic import atomic_path
+from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
+                             write_index_rows)
+from ..weights import installed_weights_id, load_checkpoint, sha256_of
+
+__all__ = ["EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FAILED_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+#: Columns of ``failed.csv``: the inputs (and regions) that have no embedding yet, and why.
+FAILED_COLUMNS = ("input", "region", "error")
+FAILED_FILE = "failed.csv"
+#: Sliding-window scans with more window batches than this also get a per-window progress bar.
+WINDOW_PROGRESS_MIN_BATCHES = 16
+
+
+def embedding_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is present (one GPU per torchrun process), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@dataclass
+class EmbeddingSummary:
+    """What one run did, over all processes. ``failed`` maps ``(input, region)`` to the error."""
+
+    index: Path
+    embedded: int = 0
+    already_done: int = 0
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{self.embedded} embedded, {self.already_done} already in {self.index}, {len(self.failed)} failed"]
+
+
+def _item(entry: str | os.PathLike | Mapping) -> dict:
+    """An input as ``{"image": absolute path, "region": ""}`` (mappings may carry a region and its centre)."""
+    item = dict(entry) if isinstance(entry, Mapping) else {"image": entry}
+    item["image"] = str(Path(str(item["image"])).expanduser().absolute())
+    item.setdefault("region", "")
+    return item
+
+
+def _key(item: Mapping) -> tuple[str, str]:
+    return str(item["image"]), str(item.get("region", ""))
+
+
+def _failure_message(source: str, error: BaseException) -> str:
+    """One line naming the input: medfm's own messages already do; others get the input in front."""
+    cause = innermost(error)
+    if isinstance(cause, MedfmError):
+        return str(cause).splitlines()[0]
+    return f"{source}: {describe_error(error)}"
+
+
+class _Preprocessed(Dataset):
+    """Items run through the bundle's preprocessing; a failing item comes back as ``{"failure": message}``."""
+
+    def __init__(self, items: Sequence[dict], preprocessing: Callable) -> None:
+        self.items = list(items)
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        try:
+            return {**item, "data": self.preprocessing({"image": item["image"]})}
+        except Exception as error:  # reported per input by the main process; the run goes on
+            return {**item, "failure": _failure_message(item["image"], error)}
+
+
+def _one(batch: list) -> dict:
+    """DataLoader collate for single items (collated for the network in the main process)."""
+    return batch[0]
+
+
+def _durable_append(path: Path, columns: Sequence[str], row: Mapping) -> None:
+    """Append one CSV row and sync it, so a row on disk is a whole row (header first when new)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    if not path.exists() or path.stat().st_size == 0:
+        writer.writeheader()
+    writer.writerow({column: row.get(column, "") for column in columns})
+    _drop_partial_line(path)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, buffer.getvalue().encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line without its newline (a process killed while writing it)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as stream:
+            stream.truncate(data.rfind(b"\n") + 1)
+
+
+def _complete_rows(path: Path) -> list[dict]:
+    """Rows of a part file, ignoring a last line cut off by a crash."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+class EmbeddingRunner:
+    """Embed many inputs with one network, resumably, one process or several.
+
+    Args:
+        inputs: scan paths (files, DICOM folders, ``.zip``), or mappings with ``image`` and optionally
+            ``region`` (``point:<id>`` / ``label:<value>``) and ``center_lps`` (mm).
+        preprocessing: the bundle's dictionary preprocessing, called on ``{"image": path}``.
+        network: the network, already on ``device``.
+        inferer: called as ``inferer(batch, network)`` on a ``(1, C, *spatial)`` MetaTensor.
+        output_dir: where ``.npy`` files, the index and ``failed.csv`` go.
+        weights_file: ``models/model.pt``, loaded strictly into ``network`` (``None``: keep its weights).
+        bundle_root: the bundle folder (its name and weights identity go into every index row).
+        model: model name for the index (default: the bundle folder's name).
+        output_key: for inferers returning a dict, the key holding the embedding.
+        pooling: applied to the one item's output (e.g. global average pooling of a feature map).
+        index_file: index name in ``output_dir`` (``.csv`` or ``.parquet``).
+        device: where the network runs.
+        num_workers: DataLoader worker processes reading and preprocessing ahead.
+        progress: per-input progress bar (and per-window for big sliding-window scans) on rank 0.
+        amp: bfloat16 autocast on CUDA (refused on the CPU, where it is slower and untested).
+        timeout_hours: how long the processes of a distributed run wait for the slowest one.
+    """
+
+    def __init__(self, inputs: Sequence, preprocessing: Callable, network: torch.nn.Module, inferer: Inferer,
+                 output_dir: str | os.PathLike, weights_file: str | os.PathLike | None = None,
+                 bundle_root: str | os.PathLike | None = None, model: str | None = None, output_key: str | None = None,
+                 pooling: Callable | None = None, index_file: str = "embeddings.csv",
+                 device: torch.device | str | None = None, num_workers: int = 0, progress: bool = True,
+                 amp: bool = False, timeout_hours: float = 24.0) -> None:
+        self.items = [_item(entry) for entry in inputs]
+        self.preprocessing = preprocessing
+        self.network = network
+        self.inferer = inferer
+        self.output_dir = Path(output_dir).expanduser().absolute()
+        self.weights_file = Path(weights_file) if weights_file else None
+        self.bundle_root = Path(bundle_root).absolute() if bundle_root else None
+        self.model = model or (self.bundle_root.name if self.bundle_root else "")
+        self.output_key = output_key
+        self.pooling = pooling
+        self.index = self.output_dir / index_file
+        self.device = torch.device(device) if device is not None else embedding_device()
+        self.num_workers = int(num_workers)
+        self.progress = progress
+        self.amp = bool(amp)
+        self.timeout = datetime.timedelta(hours=timeout_hours)
+        if self.amp and self.device.type != "cuda":
+            raise MedfmError("--amp needs a CUDA device (mixed precision is off on the CPU)")
+        if self.index.suffix.lower() not in (".csv", ".parquet"):
+            raise MedfmError(f"{index_file}: the index name must end in .csv or .parquet")
+
+    # ---- files of a run ------------------------------------------------------------------------
+    @property
+    def _parts_dir(self) -> Path:
+        return self.output_dir / f".{self.index.name}.parts"
+
+    def _part(self, kind: str, rank: int) -> Path:
+        return self._parts_dir / f"{kind}.rank{rank}.csv"
+
+    def _done_rows(self) -> dict[tuple[str, str], dict]:
+        """Index rows, then rows of unmerged parts, whose ``.npy`` is present, by (input, region)."""
+        rows = read_index_rows(self.index) if self.index.is_file() else []
+        for part in sorted(self._parts_dir.glob("index.rank*.csv")):
+            rows += _complete_rows(part)
+        return {(str(row["input"]), str(row.get("region") or "")): row for row in rows
+                if (self.output_dir / str(row["embedding"])).is_file()}
+
+    def _clean_stale_temporaries(self) -> None:
+        """Remove ``.npy`` being written when an earlier run was killed (``atomic_path`` temporaries)."""
+        for stale in self.output_dir.glob(".*_embedding.npy.*.part"):
+            stale.unlink(missing_ok=True)
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self) -> EmbeddingSummary:
+        started_group = self._start_process_group()
+        try:
+            return self._run()
+        finally:
+            if started_group:
+                dist.destroy_process_group()
+
+    def _start_process_group(self) -> bool:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=self.timeout)
+        return True
+
+    def _run(self) -> EmbeddingSummary:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            check_index_file(self.index)
+            self._clean_stale_temporaries()
+            self._parts_dir.mkdir(exist_ok=True)
+        self._barrier()
+        done = self._done_rows()
+        unique = list({_key(item): item for item in self.items}.values())
+        pending = [item for item in unique if _key(item) not in done]
+        self._barrier()  # every process has read the same done set before any of them writes
+        weights_id = self._load_weights()
+        embedded = self._embed_share(pending[rank::world], rank, weights_id)
+        if world > 1:
+            total = torch.tensor([embedded], dtype=torch.int64)
+            dist.all_reduce(total)  # also waits for the slowest process
+            embedded = int(total.item())
+        summary = self._merge() if rank == 0 else None
+        if world > 1:
+            box = [summary]
+            dist.broadcast_object_list(box, src=0)
+            summary = box[0]
+        summary.embedded, summary.already_done = embedded, len(unique) - len(pending)
+        return summary
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _load_weights(self) -> str:
+        """Load ``weights_file`` strictly (once per run) and return the weights' identity for the index."""
+        if self.weights_file is None:
+            return "none"
+        state = load_checkpoint(self.weights_file)
+        try:
+            self.network.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise MedfmError(f"{self.weights_file}: does not load into the network: {str(error).splitlines()[0]}") from None
+        digest = sha256_of(self.weights_file)
+        return installed_weights_id(self.bundle_root, digest) if self.bundle_root else f"unregistered:{digest[:16]}"
+
+    def _embed_share(self, share: list[dict], rank: int, weights_id: str) -> int:
+        """Embed this process's inputs; returns how many were written (failures go to its part file)."""
+        from tqdm import tqdm
+
+        loader = DataLoader(_Preprocessed(share, self.preprocessing), batch_size=1, shuffle=False,
+                            num_workers=self.num_workers, collate_fn=_one)
+        self.network.eval()
+        embedded = 0
+        bar = tqdm(loader, total=len(share), desc="embedding", unit="input", disable=not self.progress or rank != 0,
+                   file=sys.stderr)
+        for sample in bar:
+            key = _key(sample)
+            message = sample.get("failure")
+            if message is None:
+                try:
+                    self._save(sample, self._embedding(sample), rank, weights_id)
+                    embedded += 1
+                    continue
+                except Exception as error:
+                    message = _failure_message(sample["image"], error)
+            tqdm.write(f"medfm: skipped: {message}", file=sys.stderr)
+            _durable_append(self._part("failed", rank), FAILED_COLUMNS,
+                            {"input": key[0], "region": key[1], "error": message})
+        return embedded
+
+    def _embedding(self, sample: dict) -> np.ndarray:
+        """The embedding vector of one preprocessed item (float32); non-finite values are an error."""
+        image = list_data_collate([sample["data"]])["image"].to(self.device)
+        self._window_progress(image)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            output = self.inferer(image, self.network)
+        if self.output_key is not None:
+            output = output[self.output_key]
+        output = output[0].float()
+        if self.pooling is not None:
+            output = self.pooling(output)
+        vector = torch.as_tensor(output).detach().cpu().numpy().astype(np.float32).reshape(-1)
+        if not np.isfinite(vector).all():
+            raise MedfmError(f"{sample['image']}: the embedding holds {int((~np.isfinite(vector)).sum())} non-finite "
+                             f"values of {vector.size} (NaN or Inf); not written")
+        return vector
+
+    def _window_progress(self, image: torch.Tensor) -> None:
+        """Show a per-window bar for scans with many sliding windows (rank 0, progress on)."""
+        window = self.inferer
+        while window is not None and not isinstance(window, SlidingWindowInferer):
+            window = getattr(window, "inferer", None)
+        if window is None:
+            return
+        roi = window.roi_size if isinstance(window.roi_size, Sequence) else [window.roi_size] * (image.ndim - 2)
+        counts = [max(1, int(np.ceil((n - r) / max(1, r * (1 - window.overlap)))) + 1) if n > r else 1
+                  for n, r in zip(image.shape[2:], roi)]
+        batches = int(np.prod(counts)) // max(1, window.sw_batch_size)
+        window.progress = bool(self.progress and batches > WINDOW_PROGRESS_MIN_BATCHES
+                               and (not dist.is_initialized() or dist.get_rank() == 0))
+
+    def _save(self, sample: dict, vector: np.ndarray, rank: int, weights_id: str) -> None:
+        name = embedding_file_name(sample["image"], sample["region"])
+        with atomic_path(self.output_dir / name) as temporary:
+            with open(temporary, "wb") as stream:  # a path would get ".npy" appended
+                np.save(stream, vector, allow_pickle=False)
+                stream.flush()
+                os.fsync(stream.fileno())
+        meta = getattr(sample["data"]["image"], "meta", {})
+        row = index_row(sample["image"], str(meta.get("SeriesInstanceUID", "")), self.model, weights_id, name,
+                        int(vector.size), region=sample["region"], center_lps=sample.get("center_lps"))
+        _durable_append(self._part("index", rank), INDEX_COLUMNS, row)
+
+    def _merge(self) -> EmbeddingSummary:
+        """Rank 0 once every process is done: one index (each input once), ``failed.csv``, no parts left."""
+        done = self._done_rows()
+        write_index_rows(self.index, list(done.values()))
+        failed_file = self.output_dir / FAILED_FILE
+        this_run: dict[tuple[str, str], str] = {}
+        for part in sorted(self._parts_dir.glob("failed.rank*.csv")):
+            this_run.update({(r["input"], r["region"]): r["error"] for r in _complete_rows(part)})
+        earlier = {(r["input"], r["region"]): r["error"] for r in _complete_rows(failed_file)}
+        still_failing = {key: error for key, error in {**earlier, **this_run}.items() if key not in done}
+        if still_failing:
+            with atomic_path(failed_file) as temporary:
+                with open(temporary, "w", newline="", encoding="utf-8") as stream:
+                    writer = csv.writer(stream, lineterminator="\n")
+                    writer.writerow(FAILED_COLUMNS)
+                    writer.writerows([*key, error] for key, error in still_failing.items())
+        else:
+            failed_file.unlink(missing_ok=True)
+        for part in self._parts_dir.glob("*.csv"):
+            part.unlink()
+        self._parts_dir.rmdir()
+        return EmbeddingSummary(index=self.index, failed={k: e for k, e in this_run.items() if k not in done},
+                                rows=list(done.values()))
