@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
 REQUIRED_FILES = ["configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
                   "configs/multi_gpu_train.json", "configs/pretrain.json", "configs/logging.conf", "docs/README.md",
-                  "LICENSE", "large_files.yml"]
+                  "configs/embed.json", "LICENSE", "large_files.yml"]
 #: Keys every inference.json / train.json defines, so the bundles read as rows of one table.
 SHARED_KEYS = {
     "inference.json": {"bundle_root", "output_dir", "ckpt_path", "input_image", "series_uid", "input_contract",
@@ -39,6 +39,19 @@ def test_required_files_and_shared_config_keys(bundle):
     for config, keys in SHARED_KEYS.items():
         assert keys - set(json.loads((bundle / "configs" / config).read_text())) == set(), config
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["name"] == bundle.name
+
+
+def test_embedding_overlays_differ_only_in_what_the_embedding_runs():
+    """Every configs/embed.json has the same keys and the same runner; only the inferer, the output key
+    and the pooling (the layers the embedding needs) are the bundle's own."""
+    own = {"embedding_inferer", "embedding_key", "embedding_pooling"}
+    overlays = {bundle.name: json.loads((bundle / "configs" / "embed.json").read_text()) for bundle in BUNDLE_DIRS}
+    reference = overlays["models_genesis_chest_ct"]
+    for name, overlay in overlays.items():
+        assert set(overlay) == set(reference), name
+        assert {key: value for key, value in overlay.items() if key not in own} == \
+            {key: value for key, value in reference.items() if key not in own}, name
+        assert overlay["run"] == ["$@embedder.run()"] and overlay["embedder"]["inferer"] == "@embedding_inferer"
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)

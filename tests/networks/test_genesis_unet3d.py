@@ -134,3 +134,17 @@ def test_torchscript_matches_eager_and_keeps_the_size_check(norm):
         torch.testing.assert_close(scripted(x), net(x))
     with pytest.raises(Exception, match="divisible by 8"):
         scripted(torch.rand(1, 1, 12, 16, 8))
+
+
+def test_forward_features_is_the_bottleneck_without_running_the_decoder():
+    torch.manual_seed(0)
+    network = GenesisUNet3D(norm="batch").eval()
+    decoder_calls = []
+    for module in (network.up_tr256, network.up_tr128, network.up_tr64, network.out_tr):
+        module.register_forward_hook(lambda *_: decoder_calls.append(1))
+    x = torch.rand(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        features = network.forward_features(x)
+        assert decoder_calls == []
+        torch.testing.assert_close(features, network.forward_with_bottleneck(x)["bottleneck"])
+    assert features.shape == (2, 512, 4, 4, 2) and decoder_calls
