@@ -1,6 +1,6 @@
 """Reading scans and writing results that line up with them."""
 
-from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, input_stem, read_index_rows
+from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, embedding_file_name, input_stem, read_index_rows
 from .input_list import expand_inputs
 from .image_folder import image_folder_classes, image_folder_datalist
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
@@ -18,6 +18,7 @@ __all__ = [
     "SegmentationWriteError",
     "ScanError",
     "append_index_rows",
+    "embedding_file_name",
     "expand_inputs",
     "image_folder_classes",
     "image_folder_datalist",

@@ -53,16 +53,23 @@ def embedding_device() -> torch.device:
 
 @dataclass
 class EmbeddingSummary:
-    """What one run did, over all processes. ``failed`` maps ``(input, region)`` to the error."""
+    """What one run did, over all processes.
+
+    ``failed`` maps ``(input, region)`` to the error of this run's failures; ``rows`` is the whole
+    index after the run; ``per_process`` counts what each process embedded.
+    """
 
     index: Path
     embedded: int = 0
     already_done: int = 0
     failed: dict[tuple[str, str], str] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    per_process: list[int] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return [f"{self.embedded} embedded, {self.already_done} already in {self.index}, {len(self.failed)} failed"]
+        shares = f" (by {len(self.per_process)} processes: {', '.join(map(str, self.per_process))})" \
+            if len(self.per_process) > 1 else ""
+        return [f"{self.embedded} embedded{shares}, {self.already_done} already in {self.index}, {len(self.failed)} failed"]
 
 
 def _item(entry: str | os.PathLike | Mapping) -> dict:
@@ -75,6 +82,10 @@ def _item(entry: str | os.PathLike | Mapping) -> dict:
 
 def _key(item: Mapping) -> tuple[str, str]:
     return str(item["image"]), str(item.get("region", ""))
+
+
+def _key_of_row(row: Mapping) -> tuple[str, str]:
+    return str(row["input"]), str(row.get("region") or "")
 
 
 def _failure_message(source: str, error: BaseException) -> str:
@@ -207,8 +218,7 @@ class EmbeddingRunner:
         rows = read_index_rows(self.index) if self.index.is_file() else []
         for part in sorted(self._parts_dir.glob("index.rank*.csv")):
             rows += _complete_rows(part)
-        return {(str(row["input"]), str(row.get("region") or "")): row for row in rows
-                if (self.output_dir / str(row["embedding"])).is_file()}
+        return {_key_of_row(row): row for row in rows if (self.output_dir / str(row["embedding"])).is_file()}
 
     def _clean_stale_temporaries(self) -> None:
         """Remove ``.npy`` being written when an earlier run was killed (``atomic_path`` temporaries)."""
@@ -246,16 +256,17 @@ class EmbeddingRunner:
         self._barrier()  # every process has read the same done set before any of them writes
         weights_id = self._load_weights()
         embedded = self._embed_share(pending[rank::world], rank, weights_id)
+        per_process = [embedded]
         if world > 1:
-            total = torch.tensor([embedded], dtype=torch.int64)
-            dist.all_reduce(total)  # also waits for the slowest process
-            embedded = int(total.item())
-        summary = self._merge() if rank == 0 else None
+            per_process = [0] * world
+            dist.all_gather_object(per_process, embedded)  # also waits for the slowest process
+        summary = self._merge(order={_key(item): position for position, item in enumerate(unique)}) if rank == 0 else None
         if world > 1:
             box = [summary]
             dist.broadcast_object_list(box, src=0)
             summary = box[0]
-        summary.embedded, summary.already_done = embedded, len(unique) - len(pending)
+        summary.embedded, summary.per_process = sum(per_process), per_process
+        summary.already_done = len(unique) - len(pending)
         return summary
 
     def _barrier(self) -> None:
@@ -342,10 +353,16 @@ class EmbeddingRunner:
                         int(vector.size), region=sample["region"], center_lps=sample.get("center_lps"))
         _durable_append(self._part("index", rank), INDEX_COLUMNS, row)
 
-    def _merge(self) -> EmbeddingSummary:
-        """Rank 0 once every process is done: one index (each input once), ``failed.csv``, no parts left."""
+    def _merge(self, order: Mapping[tuple[str, str], int]) -> EmbeddingSummary:
+        """Rank 0 once every process is done: one index (each input once: earlier rows first, then this
+        run's in input order), ``failed.csv`` (what still has no embedding), and no parts left."""
+        earlier_rows = {(str(r["input"]), str(r.get("region") or "")) for r in read_index_rows(self.index)} \
+            if self.index.is_file() else set()
         done = self._done_rows()
-        write_index_rows(self.index, list(done.values()))
+        # sorted() is stable: earlier rows keep their order
+        rows = sorted(done.values(), key=lambda row: (0, 0) if _key_of_row(row) in earlier_rows
+                      else (1, order.get(_key_of_row(row), -1)))
+        write_index_rows(self.index, rows)
         failed_file = self.output_dir / FAILED_FILE
         this_run: dict[tuple[str, str], str] = {}
         for part in sorted(self._parts_dir.glob("failed.rank*.csv")):
@@ -363,5 +380,4 @@ class EmbeddingRunner:
         for part in self._parts_dir.glob("*.csv"):
             part.unlink()
         self._parts_dir.rmdir()
-        return EmbeddingSummary(index=self.index, failed={k: e for k, e in this_run.items() if k not in done},
-                                rows=list(done.values()))
+        return EmbeddingSummary(index=self.index, failed={k: e for k, e in this_run.items() if k not in done}, rows=rows)

@@ -1,0 +1,163 @@
+"""``medfm embed`` and ``medfm.embed`` at cohort scale: one run over many real scans (NIfTI and DICOM),
+crash-safe resume after SIGKILL, inputs of one base name, and a 2-process torchrun run."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+import medfm
+from medfm.weights import load_checkpoint
+from tests.conftest import GENESIS, crop_nifti, run_command
+
+pytestmark = pytest.mark.slow
+
+EMBED = [sys.executable, "-m", "medfm", "embed"]
+OFFSETS = [(0, 0, 0), (6, 10, 8), (10, 30, 20), (3, 25, 30), (0, 38, 34)]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> list[Path]:
+    """Five 40x40x24 crops of the real head CT, each ``ct.nii.gz`` in its own folder (one base name)."""
+    root = tmp_path_factory.mktemp("cohort")
+    scans = []
+    for index, offset in enumerate(OFFSETS):
+        (root / f"subject_{index}").mkdir()
+        scans.append(crop_nifti(medfm.samples.path("ct_head"), root / f"subject_{index}" / "ct.nii.gz", (40, 40, 24), offset))
+    return scans
+
+
+def _rows(index: Path) -> list[dict]:
+    return list(csv.DictReader(index.open()))
+
+
+def _vectors(out: Path) -> dict[str, np.ndarray]:
+    return {row["input"]: np.load(out / row["embedding"]) for row in _rows(out / "embeddings.csv")}
+
+
+def _assert_complete(out: Path, inputs) -> None:
+    """Each input once, every row's .npy present, no other .npy, no temporaries or parts left."""
+    rows = _rows(out / "embeddings.csv")
+    assert sorted(row["input"] for row in rows) == sorted(str(p) for p in inputs)
+    assert sorted(p.name for p in out.glob("*.npy")) == sorted(row["embedding"] for row in rows)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_nifti_and_dicom_in_one_run_through_the_python_api(small_ct, tmp_path):
+    dicom_dir = tmp_path / "dicom" / "ct_small"
+    medfm.samples.write_dicom_series(str(small_ct), dicom_dir, modality="CT")
+    summary = medfm.embed(GENESIS, [small_ct, dicom_dir], out=tmp_path / "out", progress=False, num_workers=1)
+    assert (summary.embedded, summary.already_done, summary.failed) == (2, 0, {})
+    nifti_row, dicom_row = summary.rows
+    assert (nifti_row["input"], dicom_row["input"]) == (str(small_ct), str(dicom_dir))
+    assert dicom_row["series_uid"] == pydicom.dcmread(next(dicom_dir.iterdir())).SeriesInstanceUID
+    vectors = [np.load(tmp_path / "out" / row["embedding"]) for row in summary.rows]
+    assert vectors[0].shape == (512,) and vectors[0].dtype == np.float32
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-6)
+    again = medfm.embed(GENESIS, [small_ct, dicom_dir], out=tmp_path / "out", progress=False)
+    assert (again.embedded, again.already_done) == (0, 2) and len(again.rows) == 2
+
+
+def test_inputs_sharing_a_base_name_keep_their_own_embeddings(cohort, tmp_path):
+    result = run_command(EMBED + ["models_genesis_chest_ct", *map(str, cohort[:3]), "--out", str(tmp_path / "out"),
+                                  "--progress", "False"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_complete(tmp_path / "out", cohort[:3])
+    vectors = list(_vectors(tmp_path / "out").values())
+    assert not np.allclose(vectors[0], vectors[1]) and not np.allclose(vectors[1], vectors[2])
+
+
+def test_a_users_own_index_file_is_refused_and_left_untouched(small_ct, tmp_path):
+    (tmp_path / "out").mkdir()
+    mine = tmp_path / "out" / "embeddings.csv"
+    mine.write_text("subject,score\nA,1\n")
+    result = run_command(EMBED + ["models_genesis_chest_ct", str(small_ct), "--out", str(tmp_path / "out")])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "embeddings.csv: exists and is not a medfm embeddings index" in lines[0]
+    assert mine.read_text() == "subject,score\nA,1\n" and [p.name for p in (tmp_path / "out").iterdir()] == ["embeddings.csv"]
+
+
+def test_weights_giving_nan_fail_the_input_by_name_and_write_nothing(small_ct, genesis_bundle, tmp_path):
+    state = load_checkpoint(genesis_bundle / "models" / "model.pt")
+    state["down_tr512.ops.1.conv1.weight"] = torch.full_like(state["down_tr512.ops.1.conv1.weight"], float("nan"))
+    torch.save(state, genesis_bundle / "models" / "model.pt")
+    result = run_command(EMBED + [str(genesis_bundle), str(small_ct), "--out", str(tmp_path / "out"), "--progress", "False"])
+    assert result.returncode == 1 and "0 embedded" in result.stdout
+    assert f"medfm: skipped: {small_ct}: the embedding holds 512 non-finite values of 512" in result.stderr
+    assert list((tmp_path / "out").glob("*.npy")) == [] and _rows(tmp_path / "out" / "embeddings.csv") == []
+    [failure] = _rows(tmp_path / "out" / "failed.csv")
+    assert failure["input"] == str(small_ct) and "non-finite" in failure["error"]
+
+
+def _wait_for(condition, process, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment to kill it"
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.02)
+
+
+def test_killed_with_sigkill_the_same_command_continues(cohort, tmp_path):
+    out = tmp_path / "out"
+    command = EMBED + ["models_genesis_chest_ct", *map(str, cohort), "--out", str(out), "--progress", "False",
+                       "--num_workers", "2"]
+    part = out / ".embeddings.csv.parts" / "index.rank0.csv"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: part.is_file() and part.read_text().count("\n") >= 2, process)  # header + one row
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the run and its DataLoader workers
+        process.wait()
+    assert not (out / "embeddings.csv").exists(), "killed before the end: rows are only in the part file"
+    # what a kill at other moments leaves: a half-written .npy, a half-written row, a .npy without its row
+    (out / f".{medfm.io.embedding_file_name(cohort[4])}.x1y2.part").write_bytes(b"\x93NUMPY")
+    with open(part, "a") as stream:
+        stream.write(f"{cohort[3]},,,,,,models_genesis_chest_ct,medfm_gen")
+    (out / medfm.io.embedding_file_name(cohort[2])).write_bytes(b"stale")
+    resumed = run_command(command)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done_before = len(_rows(out / "embeddings.csv")) - int(resumed.stdout.split(" embedded")[0])
+    assert done_before >= 1 and f"{done_before} already in" in resumed.stdout
+    _assert_complete(out, cohort)
+    reference = run_command(EMBED + ["models_genesis_chest_ct", *map(str, cohort), "--out", str(tmp_path / "ref"),
+                                     "--progress", "False"])
+    assert reference.returncode == 0
+    expected = _vectors(tmp_path / "ref")
+    for source, vector in _vectors(out).items():
+        np.testing.assert_allclose(vector, expected[source], rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_two_processes_resume_and_equal_one_process(cohort, tmp_path):
+    one = run_command(EMBED + ["models_genesis_chest_ct", *map(str, cohort), "--out", str(tmp_path / "one"),
+                               "--progress", "False"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    out = tmp_path / "two"
+    first = run_command(EMBED + ["models_genesis_chest_ct", str(cohort[0]), "--out", str(out), "--progress", "False"])
+    assert first.returncode == 0  # an earlier, partial run that the distributed one resumes
+    broken = tmp_path / "broken" / "ct.nii.gz"
+    broken.parent.mkdir()
+    broken.write_text("not an image")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medfm",
+                "embed", "models_genesis_chest_ct", *map(str, cohort), str(broken), "--out", str(out),
+                "--progress", "False", "--num_workers", "1"]
+    result = run_command(torchrun)
+    assert result.returncode != 0, "a failed input fails the run"
+    assert "4 embedded (by 2 processes: 2, 2), 1 already in" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.stderr.count("medfm: skipped:") == 1 and str(broken) in result.stderr
+    _assert_complete(out, cohort)
+    assert [row["input"] for row in _rows(out / "failed.csv")] == [str(broken)]
+    expected = _vectors(tmp_path / "one")
+    for source, vector in _vectors(out).items():
+        np.testing.assert_allclose(vector, expected[source], rtol=1e-5, atol=1e-6)
+    again = run_command(torchrun[:-7] + ["--out", str(out), "--progress", "False"])  # without the broken input
+    assert again.returncode == 0 and "0 embedded (by 2 processes: 0, 0), 5 already in" in again.stdout, again.stderr[-2000:]
+    assert [row["input"] for row in _rows(out / "failed.csv")] == [str(broken)], "still without an embedding"
