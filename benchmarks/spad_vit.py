@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark_tables import write_rows  # beside this script
+from benchmark_tables import write_resampled_ct, write_rows  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "spad_vit_base"
@@ -72,25 +72,10 @@ def measure_one(name: str, batch: int, repeats: int, device: str) -> dict:
             "batch": batch, "median_forward_s": round(sorted(times)[len(times) // 2], 4), "peak_memory_mib": round(peak_mib, 1)}
 
 
-def write_large_ct(path: Path) -> Path:
-    import nibabel as nib
-    import numpy as np
-    from monai.transforms import Resize
-
-    import medfm
-
-    source = nib.load(medfm.samples.path("ct_head"))
-    volume = Resize((512, 512, 100), mode="trilinear")(np.asarray(source.dataobj, dtype=np.float32)[None])[0]
-    extent = np.asarray(source.shape) * np.asarray(source.header.get_zooms()[:3])
-    affine = np.diag([*(extent / np.asarray([512, 512, 100])), 1.0])
-    nib.save(nib.Nifti1Image(np.asarray(volume).round().astype(np.int16), affine), path)
-    return path
-
-
 def embed_large_ct(folder: Path) -> dict:
     from medfm.networks import SpadViT
 
-    ct = write_large_ct(folder / "ct_512x512x100.nii.gz")
+    ct = write_resampled_ct(folder / "ct_512x512x100.nii.gz", (512, 512, 100))
     bundle = folder / "bundle"
     subprocess.run(["cp", "-r", str(BUNDLE), str(bundle)], check=True)
     (bundle / "models").mkdir(exist_ok=True)
