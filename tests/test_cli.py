@@ -192,3 +192,14 @@ def test_embed_many_inputs_skips_a_bad_one_and_resumes(small_ct, tmp_path):
     assert fixed.returncode == 0 and "1 embedded, 2 already" in fixed.stdout, fixed.stderr
     assert not (tmp_path / "out" / "failed.csv").exists()
     assert len(list(csv.DictReader((tmp_path / "out" / "embeddings.csv").open()))) == 3
+
+
+@pytest.mark.slow
+def test_demo_restores_and_embeds_the_sample_as_nifti_and_dicom(tmp_path):
+    result = run_command(MEDFM + ["demo", "--out", str(tmp_path / "demo")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "embedding cosine similarity, NIfTI vs DICOM input: 1.000000" in result.stdout
+    assert result.stdout.count("max affine difference 0.00e+00 mm") == 2
+    rows = list(csv.DictReader((tmp_path / "demo" / "embeddings" / "embeddings.csv").open()))
+    assert len(rows) == 2 and {row["dimension"] for row in rows} == {"512"}
+    assert (tmp_path / "demo" / "montage.png").stat().st_size > 0

@@ -3,7 +3,6 @@ full inference workflow, from only the layers the embedding needs, and nothing e
 
 import csv
 import shutil
-import sys
 
 import numpy as np
 import pytest

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import datetime
 import io
-import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -34,8 +33,6 @@ from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_nam
 from ..weights import installed_weights_id, load_checkpoint, sha256_of
 
 __all__ = ["EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FAILED_COLUMNS"]
-
-logger = logging.getLogger(__name__)
 
 #: Columns of ``failed.csv``: the inputs (and regions) that have no embedding yet, and why.
 FAILED_COLUMNS = ("input", "region", "error")
@@ -202,8 +199,8 @@ class EmbeddingRunner:
         self.timeout = datetime.timedelta(hours=timeout_hours)
         if self.amp and self.device.type != "cuda":
             raise MedfmError("--amp needs a CUDA device (mixed precision is off on the CPU)")
-        if self.index.suffix.lower() not in (".csv", ".parquet"):
-            raise MedfmError(f"{index_file}: the index name must end in .csv or .parquet")
+        if self.index.suffix.lower() not in (".csv", ".parquet") or Path(index_file).name != str(index_file):
+            raise MedfmError(f"{index_file}: the index must be a file name (no folders) ending in .csv or .parquet")
 
     # ---- files of a run ------------------------------------------------------------------------
     @property
@@ -221,9 +218,10 @@ class EmbeddingRunner:
         return {_key_of_row(row): row for row in rows if (self.output_dir / str(row["embedding"])).is_file()}
 
     def _clean_stale_temporaries(self) -> None:
-        """Remove ``.npy`` being written when an earlier run was killed (``atomic_path`` temporaries)."""
-        for stale in self.output_dir.glob(".*_embedding.npy.*.part"):
-            stale.unlink(missing_ok=True)
+        """Remove the files an earlier run was writing when it was killed (``atomic_path`` temporaries)."""
+        for pattern in (".*_embedding.npy.*.part", f".{self.index.name}.*.part", f".{FAILED_FILE}.*.part"):
+            for stale in self.output_dir.glob(pattern):
+                stale.unlink(missing_ok=True)
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> EmbeddingSummary:
