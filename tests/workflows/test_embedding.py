@@ -1,0 +1,35 @@
+"""EmbeddingRunner pieces that the end-to-end tests in tests/test_embed.py cannot see."""
+
+import pytest
+import torch
+from monai.inferers import SlidingWindowInferer
+
+from medfm.errors import MedfmError
+from medfm.workflows import EmbeddingRunner, MethodInferer
+
+
+def _runner(tmp_path, **kwargs):
+    return EmbeddingRunner(inputs=[], preprocessing=lambda d: d, network=torch.nn.Identity(), output_dir=tmp_path,
+                           device="cpu", **kwargs)
+
+
+def test_big_sliding_window_scans_get_a_per_window_bar(tmp_path):
+    window = SlidingWindowInferer(roi_size=(16, 16, 8), sw_batch_size=2, overlap=0.25)
+    runner = _runner(tmp_path, inferer=MethodInferer(window, "forward"))
+    runner._window_progress(torch.zeros(1, 1, 32, 32, 16))  # 3 x 3 x 3 windows: 13 batches
+    assert window.progress is False
+    runner._window_progress(torch.zeros(1, 1, 128, 128, 64))  # 11 x 11 x 11 windows
+    assert window.progress is True
+    _runner(tmp_path, inferer=MethodInferer(window, "forward"), progress=False)._window_progress(torch.zeros(1, 1, 128, 128, 64))
+    assert window.progress is False
+
+
+@pytest.mark.parametrize("index, message", [("emb.txt", "must be a file name"), ("../emb.csv", "must be a file name")])
+def test_index_names_are_plain_csv_or_parquet_names(tmp_path, index, message):
+    with pytest.raises(MedfmError, match=message):
+        _runner(tmp_path, inferer=SlidingWindowInferer(8), index_file=index)
+
+
+def test_mixed_precision_is_refused_on_the_cpu(tmp_path):
+    with pytest.raises(MedfmError, match="--amp needs a CUDA device"):
+        _runner(tmp_path, inferer=SlidingWindowInferer(8), amp=True)
