@@ -80,44 +80,30 @@ def conv3d_peak_gflops(repeats: int = 3) -> float:
 def bare_network(bundle: Path, ct: Path) -> dict:
     """The embedding inferer alone over the preprocessed volume (weights loaded, no I/O)."""
     from monai.bundle import ConfigParser
-    from monai.inferers import SlidingWindowInferer
+
+    from medfm.weights import load_checkpoint
+    from medfm.workflows.embedding import sliding_window_of, window_count
 
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "embed.json")])
     parser["bundle_root"] = str(bundle)
     parser["device"] = "$torch.device('cpu')"
     network = parser.get_parsed_content("network").eval()
-    network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), weights_only=True))
+    network.load_state_dict(load_checkpoint(parser.get_parsed_content("ckpt_path")))
     inferer = parser.get_parsed_content("embedding_inferer")
     image = parser.get_parsed_content("preprocessing")({"image": str(ct)})["image"][None]
     with torch.inference_mode():
         started = time.perf_counter()
         inferer(image, network)
         seconds = time.perf_counter() - started
-    window = inferer
-    while window is not None and not isinstance(window, SlidingWindowInferer):
-        window = getattr(window, "inferer", None)
+    window = sliding_window_of(inferer)
     if window is None:
         flops = conv3d_flops(network, image, lambda x: inferer(x, network))
     else:
-        windows = sum(1 for _ in _window_starts(image.shape[2:], window.roi_size, window.overlap))
+        windows = window_count(image.shape[2:], window)
         patch = torch.rand(1, 1, *window.roi_size)
         flops = windows * conv3d_flops(network, patch, lambda x: inferer(x, network))
     return {"seconds": round(seconds, 2), "gflops": round(flops / seconds / 1e9, 1), "shape": tuple(image.shape[2:])}
-
-
-def _window_starts(shape, roi, overlap):
-    """Window origins as MONAI's sliding window lays them out (scan interval, last window flush)."""
-    import itertools
-
-    import numpy as np
-
-    axes = []
-    for size, r in zip(shape, roi):
-        interval = max(int(r * (1 - overlap)), 1) if r < size else 1
-        count = int(np.ceil((size - r) / interval)) + 1 if size > r else 1
-        axes.append(range(count))
-    return itertools.product(*axes)
 
 
 def main() -> None:

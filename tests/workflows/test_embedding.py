@@ -6,11 +6,20 @@ from monai.inferers import SlidingWindowInferer
 
 from medfm.errors import MedfmError
 from medfm.workflows import EmbeddingRunner, MethodInferer
+from medfm.workflows.embedding import window_count
 
 
 def _runner(tmp_path, **kwargs):
     return EmbeddingRunner(inputs=[], preprocessing=lambda d: d, network=torch.nn.Identity(), output_dir=tmp_path,
                            device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 16), (40, 20, 4), (100, 70, 33)])
+def test_window_count_is_what_monai_runs(shape):
+    window = SlidingWindowInferer(roi_size=(16, 16, 8), sw_batch_size=1, overlap=0.25)
+    calls = []
+    window(torch.zeros(1, 1, *shape), lambda x: calls.append(1) or x)
+    assert window_count(shape, window) == len(calls)
 
 
 def test_big_sliding_window_scans_get_a_per_window_bar(tmp_path):

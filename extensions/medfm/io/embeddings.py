@@ -18,7 +18,7 @@ from ..errors import MedfmError
 from .atomic import atomic_path
 
 __all__ = ["INDEX_COLUMNS", "SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "check_index_file", "embedding_file_name", "index_row",
-           "input_meta", "input_stem", "is_index_file", "read_index_rows", "write_index_rows"]
+           "input_meta", "input_stem", "is_index_file", "read_index_rows", "save_vector", "write_index_rows"]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -40,6 +40,19 @@ def input_meta(data: Mapping[Hashable, object], source_key: str, owner: str) -> 
     return source.meta
 
 
+def save_vector(target: str | os.PathLike, vector) -> Path:
+    """Write ``vector`` as a float32 ``.npy`` at ``target``: under a temporary name, synced, then renamed,
+    so a crash at any moment leaves either no file or the whole one."""
+    target = Path(target)
+    array = convert_data_type(vector, np.ndarray, dtype=np.float32)[0]
+    with atomic_path(target) as temporary:
+        with open(temporary, "wb") as stream:  # a path would get ".npy" appended
+            np.save(stream, array, allow_pickle=False)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return target
+
+
 class SaveEmbedding:
     """Save a vector as ``<output_dir>/<input stem>_<postfix>.npy`` (float32), named after its input.
 
@@ -52,12 +65,7 @@ class SaveEmbedding:
         self.postfix = postfix
 
     def __call__(self, embedding, source: str | os.PathLike) -> Path:
-        vector = convert_data_type(embedding, np.ndarray, dtype=np.float32)[0]
-        target = self.output_dir / f"{input_stem(source)}_{self.postfix}.npy"
-        with atomic_path(target) as temporary:
-            with open(temporary, "wb") as stream:  # a path would get ".npy" appended
-                np.save(stream, vector, allow_pickle=False)
-        return target
+        return save_vector(self.output_dir / f"{input_stem(source)}_{self.postfix}.npy", embedding)
 
 
 class SaveEmbeddingd(MapTransform):
@@ -145,12 +153,7 @@ def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
     index = Path(index)
     index.parent.mkdir(parents=True, exist_ok=True)
     if _is_parquet(index):
-        pyarrow = _parquet()
-        table = pyarrow.Table.from_pylist([{column: row[column] for column in INDEX_COLUMNS} for row in rows])
-        if index.exists():
-            table = pyarrow.concat_tables([pyarrow.parquet.read_table(index), table.cast(pyarrow.parquet.read_schema(index))])
-        with atomic_path(index) as temporary:
-            pyarrow.parquet.write_table(table, temporary)
+        write_index_rows(index, (read_index_rows(index) if index.exists() else []) + rows)
         return
     new = not index.exists()
     with open(index, "a", newline="") as stream:

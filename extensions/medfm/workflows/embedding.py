@@ -23,22 +23,40 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import list_data_collate
+from monai.data.utils import dense_patch_slices
 from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers.utils import _get_scan_interval  # MONAI's own window layout, counted the same way
+from monai.utils import ensure_tuple_rep, fall_back_tuple
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MedfmError, describe_error, innermost
 from ..io.atomic import atomic_path
 from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
-                             write_index_rows)
+                             save_vector, write_index_rows)
 from ..weights import installed_weights_id, load_checkpoint, sha256_of
 
-__all__ = ["EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FAILED_COLUMNS"]
+__all__ = ["EmbeddingRunner", "EmbeddingSummary", "FAILED_COLUMNS", "embedding_device", "sliding_window_of", "window_count"]
 
 #: Columns of ``failed.csv``: the inputs (and regions) that have no embedding yet, and why.
 FAILED_COLUMNS = ("input", "region", "error")
 FAILED_FILE = "failed.csv"
 #: Sliding-window scans with more window batches than this also get a per-window progress bar.
 WINDOW_PROGRESS_MIN_BATCHES = 16
+
+
+def sliding_window_of(inferer: Inferer) -> SlidingWindowInferer | None:
+    """The ``SlidingWindowInferer`` that ``inferer`` is or wraps (through ``.inferer``), if any."""
+    while inferer is not None and not isinstance(inferer, SlidingWindowInferer):
+        inferer = getattr(inferer, "inferer", None)
+    return inferer
+
+
+def window_count(spatial_shape: Sequence[int], window: SlidingWindowInferer) -> int:
+    """How many windows MONAI's sliding window lays over a scan of ``spatial_shape`` (padded up to the window)."""
+    roi = fall_back_tuple(window.roi_size, spatial_shape)
+    padded = [max(size, r) for size, r in zip(spatial_shape, roi)]
+    interval = _get_scan_interval(padded, roi, len(padded), ensure_tuple_rep(window.overlap, len(padded)))
+    return len(dense_patch_slices(padded, roi, interval))
 
 
 def embedding_device() -> torch.device:
@@ -72,7 +90,7 @@ class EmbeddingSummary:
 def _item(entry: str | os.PathLike | Mapping) -> dict:
     """An input as ``{"image": absolute path, "region": ""}`` (mappings may carry a region and its centre)."""
     item = dict(entry) if isinstance(entry, Mapping) else {"image": entry}
-    item["image"] = str(Path(str(item["image"])).expanduser().absolute())
+    item["image"] = os.path.abspath(os.path.expanduser(str(item["image"])))  # "a/../b" and "b" are one input
     item.setdefault("region", "")
     return item
 
@@ -123,7 +141,6 @@ def _durable_append(path: Path, columns: Sequence[str], row: Mapping) -> None:
     if not path.exists() or path.stat().st_size == 0:
         writer.writeheader()
     writer.writerow({column: row.get(column, "") for column in columns})
-    _drop_partial_line(path)
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(descriptor, buffer.getvalue().encode())
@@ -134,22 +151,18 @@ def _durable_append(path: Path, columns: Sequence[str], row: Mapping) -> None:
 
 def _drop_partial_line(path: Path) -> None:
     """Cut a last line without its newline (a process killed while writing it)."""
-    if not path.exists():
-        return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as stream:
             stream.truncate(data.rfind(b"\n") + 1)
 
 
-def _complete_rows(path: Path) -> list[dict]:
-    """Rows of a part file, ignoring a last line cut off by a crash."""
+def _csv_rows(path: Path) -> list[dict]:
+    """Rows of a CSV file written here (none when it does not exist)."""
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    return list(csv.DictReader(io.StringIO(text)))
+    with open(path, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
 
 
 class EmbeddingRunner:
@@ -210,18 +223,20 @@ class EmbeddingRunner:
     def _part(self, kind: str, rank: int) -> Path:
         return self._parts_dir / f"{kind}.rank{rank}.csv"
 
-    def _done_rows(self) -> dict[tuple[str, str], dict]:
-        """Index rows, then rows of unmerged parts, whose ``.npy`` is present, by (input, region)."""
-        rows = read_index_rows(self.index) if self.index.is_file() else []
-        for part in sorted(self._parts_dir.glob("index.rank*.csv")):
-            rows += _complete_rows(part)
-        return {_key_of_row(row): row for row in rows if (self.output_dir / str(row["embedding"])).is_file()}
+    def _recorded_rows(self) -> tuple[list[dict], list[dict]]:
+        """Rows of the index and of unmerged parts (an earlier run's, or this run's at its end) whose ``.npy`` is present."""
+        index_rows = read_index_rows(self.index) if self.index.is_file() else []
+        part_rows = [row for part in sorted(self._parts_dir.glob("index.rank*.csv")) for row in _csv_rows(part)]
+        return tuple([row for row in rows if (self.output_dir / str(row["embedding"])).is_file()]
+                     for rows in (index_rows, part_rows))
 
-    def _clean_stale_temporaries(self) -> None:
-        """Remove the files an earlier run was writing when it was killed (``atomic_path`` temporaries)."""
+    def _repair_after_a_crash(self) -> None:
+        """Remove the files a killed run was writing (``atomic_path`` temporaries) and cut the row it was appending."""
         for pattern in (".*_embedding.npy.*.part", f".{self.index.name}.*.part", f".{FAILED_FILE}.*.part"):
             for stale in self.output_dir.glob(pattern):
                 stale.unlink(missing_ok=True)
+        for part in self._parts_dir.glob("*.csv"):
+            _drop_partial_line(part)
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> EmbeddingSummary:
@@ -245,10 +260,10 @@ class EmbeddingRunner:
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             check_index_file(self.index)
-            self._clean_stale_temporaries()
             self._parts_dir.mkdir(exist_ok=True)
+            self._repair_after_a_crash()
         self._barrier()
-        done = self._done_rows()
+        done = {_key_of_row(row) for rows in self._recorded_rows() for row in rows}
         unique = list({_key(item): item for item in self.items}.values())
         pending = [item for item in unique if _key(item) not in done]
         self._barrier()  # every process has read the same done set before any of them writes
@@ -327,25 +342,16 @@ class EmbeddingRunner:
 
     def _window_progress(self, image: torch.Tensor) -> None:
         """Show a per-window bar for scans with many sliding windows (rank 0, progress on)."""
-        window = self.inferer
-        while window is not None and not isinstance(window, SlidingWindowInferer):
-            window = getattr(window, "inferer", None)
+        window = sliding_window_of(self.inferer)
         if window is None:
             return
-        roi = window.roi_size if isinstance(window.roi_size, Sequence) else [window.roi_size] * (image.ndim - 2)
-        counts = [max(1, int(np.ceil((n - r) / max(1, r * (1 - window.overlap)))) + 1) if n > r else 1
-                  for n, r in zip(image.shape[2:], roi)]
-        batches = int(np.prod(counts)) // max(1, window.sw_batch_size)
+        batches = window_count(image.shape[2:], window) // max(1, window.sw_batch_size)
         window.progress = bool(self.progress and batches > WINDOW_PROGRESS_MIN_BATCHES
                                and (not dist.is_initialized() or dist.get_rank() == 0))
 
     def _save(self, sample: dict, vector: np.ndarray, rank: int, weights_id: str) -> None:
         name = embedding_file_name(sample["image"], sample["region"])
-        with atomic_path(self.output_dir / name) as temporary:
-            with open(temporary, "wb") as stream:  # a path would get ".npy" appended
-                np.save(stream, vector, allow_pickle=False)
-                stream.flush()
-                os.fsync(stream.fileno())
+        save_vector(self.output_dir / name, vector)
         meta = getattr(sample["data"]["image"], "meta", {})
         row = index_row(sample["image"], str(meta.get("SeriesInstanceUID", "")), self.model, weights_id, name,
                         int(vector.size), region=sample["region"], center_lps=sample.get("center_lps"))
@@ -354,19 +360,17 @@ class EmbeddingRunner:
     def _merge(self, order: Mapping[tuple[str, str], int]) -> EmbeddingSummary:
         """Rank 0 once every process is done: one index (each input once: earlier rows first, then this
         run's in input order), ``failed.csv`` (what still has no embedding), and no parts left."""
-        earlier_rows = {(str(r["input"]), str(r.get("region") or "")) for r in read_index_rows(self.index)} \
-            if self.index.is_file() else set()
-        done = self._done_rows()
-        # sorted() is stable: earlier rows keep their order
-        rows = sorted(done.values(), key=lambda row: (0, 0) if _key_of_row(row) in earlier_rows
-                      else (1, order.get(_key_of_row(row), -1)))
+        earlier, new = self._recorded_rows()
+        new.sort(key=lambda row: order.get(_key_of_row(row), -1))
+        done = {_key_of_row(row): row for row in earlier + new}
+        rows = list(done.values())
         write_index_rows(self.index, rows)
         failed_file = self.output_dir / FAILED_FILE
         this_run: dict[tuple[str, str], str] = {}
         for part in sorted(self._parts_dir.glob("failed.rank*.csv")):
-            this_run.update({(r["input"], r["region"]): r["error"] for r in _complete_rows(part)})
-        earlier = {(r["input"], r["region"]): r["error"] for r in _complete_rows(failed_file)}
-        still_failing = {key: error for key, error in {**earlier, **this_run}.items() if key not in done}
+            this_run.update({(r["input"], r["region"]): r["error"] for r in _csv_rows(part)})
+        earlier_failures = {(r["input"], r["region"]): r["error"] for r in _csv_rows(failed_file)}
+        still_failing = {key: error for key, error in {**earlier_failures, **this_run}.items() if key not in done}
         if still_failing:
             with atomic_path(failed_file) as temporary:
                 with open(temporary, "w", newline="", encoding="utf-8") as stream:
