@@ -75,6 +75,15 @@ def test_inputs_sharing_a_base_name_keep_their_own_embeddings(cohort, tmp_path):
     assert not np.allclose(vectors[0], vectors[1]) and not np.allclose(vectors[1], vectors[2])
 
 
+def test_a_missing_input_is_skipped_and_recorded_not_fatal(small_ct, tmp_path):
+    missing = tmp_path / "gone" / "ct.nii.gz"
+    result = run_command(EMBED + ["models_genesis_chest_ct", str(missing), str(small_ct), "--out", str(tmp_path / "out"),
+                                  "--progress", "False"])
+    assert result.returncode == 1 and "1 embedded" in result.stdout
+    assert f"medfm: skipped: {missing}: no such file or folder" in result.stderr
+    assert [row["input"] for row in _rows(tmp_path / "out" / "failed.csv")] == [str(missing)]
+
+
 def test_a_users_own_index_file_is_refused_and_left_untouched(small_ct, tmp_path):
     (tmp_path / "out").mkdir()
     mine = tmp_path / "out" / "embeddings.csv"

@@ -134,9 +134,6 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     if not sources:
         raise MedfmError("no inputs given")
-    for source in sources:
-        if not source.exists():  # caught here, before the network is built
-            raise MedfmError(f"{source}: no such file or folder")
     settings = {"embed_inputs": [str(source) for source in sources], "output_dir": str(Path(out).expanduser()),
                 "embeddings_index": index, "progress": bool(progress), "amp": bool(amp)}
     if num_workers is not None:
