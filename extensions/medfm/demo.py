@@ -8,6 +8,7 @@ kind of corruption.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -42,8 +43,10 @@ def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
     samples.write_dicom_series("ct_head", dicom_input)
     lines = [f"sample CT: {nifti_input}", f"same scan as a DICOM series: {dicom_input}"]
     original = nib.load(nifti_input)
+    full_network_embeddings = {}
     for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
         written = [Path(p) for p in infer(bundle_dir, source, out=out / kind)]
+        full_network_embeddings[kind] = np.load(next(p for p in written if p.name.endswith("_embedding.npy")))
         restored_path = next(p for p in written if p.name.endswith("_restored.nii.gz"))
         restored = nib.load(restored_path)
         shift = np.abs(restored.affine - original.affine).max()
@@ -54,9 +57,11 @@ def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
         raise MedfmError("; ".join(summary.failed.values()))
     vectors = {}
     for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
-        row = next(r for r in summary.rows if Path(r["input"]) == Path(source).absolute())
+        row = next(r for r in summary.rows if r["input"] == os.path.abspath(source))
         vectors[kind] = np.load(out / "embeddings" / row["embedding"])
-        lines.append(f"{kind}: embedding {out / 'embeddings' / row['embedding']} {vectors[kind].shape}")
+        difference = np.abs(vectors[kind] - full_network_embeddings[kind]).max()
+        lines.append(f"{kind}: embedding {out / 'embeddings' / row['embedding']} {vectors[kind].shape}, "
+                     f"max difference from the full inference's {difference:.1e}")
     lines.append(f"embeddings index (encoder only, one run for both inputs): {summary.index}")
     a, b = vectors["nifti"], vectors["dicom"]
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
