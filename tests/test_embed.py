@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -170,3 +171,93 @@ def test_torchrun_two_processes_resume_and_equal_one_process(cohort, tmp_path):
     again = run_command(torchrun[:-7] + ["--out", str(out), "--progress", "False"])  # without the broken input
     assert again.returncode == 0 and "0 embedded (by 2 processes: 0, 0), 5 already in" in again.stdout, again.stderr[-2000:]
     assert [row["input"] for row in _rows(out / "failed.csv")] == [str(broken)], "still without an embedding"
+
+
+def test_points_land_on_the_same_anatomy_from_nifti_and_dicom(tmp_path):
+    """A point at the world centre of a 64x64x32 crop of the real head CT embeds exactly that crop,
+    whether the scan is read from NIfTI or from a DICOM series; a point outside the scan fails alone."""
+    source = medfm.samples.path("ct_head")
+    offset, size = np.array([4, 10, 20]), np.array([64, 64, 32])
+    crop = crop_nifti(source, tmp_path / "crop.nii.gz", tuple(size), tuple(offset))
+    ras = nib.load(source).affine @ np.append(offset + (size - 1) / 2, 1.0)
+    point = (-ras[0], -ras[1], ras[2])  # RAS -> LPS
+    dicom_dir = tmp_path / "dicom" / "ct"
+    medfm.samples.write_dicom_series(source, dicom_dir, modality="CT")
+    table = tmp_path / "points.csv"
+    table.write_text("image,x,y,z,id\n" + "".join(f"{image},{point[0]},{point[1]},{point[2]},nodule\n"
+                                                  for image in (source, "dicom/ct")) + f"{source},500,0,0,far\n")
+    result = run_command(EMBED + ["models_genesis_chest_ct", "--points", str(table), "--out", str(tmp_path / "out"),
+                                  "--progress", "False"])
+    assert result.returncode == 1 and "2 embedded" in result.stdout, result.stderr[-2000:]
+    assert f"medfm: skipped: {source} (point:far): point (500, 0, 0) mm (LPS) lies outside the scan" in result.stderr
+    rows = _rows(tmp_path / "out" / "embeddings.csv")
+    assert [(row["input"], row["region"]) for row in rows] == [(source, "point:nodule"), (str(dicom_dir), "point:nodule")]
+    for row in rows:
+        np.testing.assert_allclose([float(row[f"center_{axis}"]) for axis in "xyz"], point, atol=1e-3)
+    reference = run_command(EMBED + ["models_genesis_chest_ct", str(crop), "--out", str(tmp_path / "crop_out"),
+                                     "--progress", "False"])
+    assert reference.returncode == 0
+    expected = next(iter(_vectors(tmp_path / "crop_out").values()))
+    for row in rows:
+        np.testing.assert_allclose(np.load(tmp_path / "out" / row["embedding"]), expected, rtol=1e-5, atol=1e-6)
+    assert [row["region"] for row in _rows(tmp_path / "out" / "failed.csv")] == ["point:far"]
+
+
+def _labels_on(grid_affine, grid_shape, label_affine, labels):
+    """``labels`` (on the grid of ``label_affine``) carried to another grid of the same space, voxel by voxel."""
+    indices = np.indices(grid_shape).reshape(3, -1)
+    mapped = (np.linalg.inv(label_affine) @ np.asarray(grid_affine) @ np.vstack([indices, np.ones(indices.shape[1])]))[:3]
+    mapped = np.rint(mapped).astype(int)
+    return labels[tuple(mapped)].reshape(grid_shape)
+
+
+def test_mask_labels_from_nifti_and_from_dicom_seg_give_the_same_regions(small_ct, tmp_path):
+    from monai.data import MetaTensor
+
+    from medfm.io import LoadScan, SaveSegmentation
+
+    ct = nib.load(small_ct)
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[8:24, 10:30, 12:30] = 1
+    labels[40:60, 20:44, 5:20] = 2
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(labels, ct.affine), mask)
+    dicom_dir = tmp_path / "dicom" / "ct_small"
+    medfm.samples.write_dicom_series(str(small_ct), dicom_dir, modality="CT")
+    series = LoadScan()(dicom_dir)
+    on_series = _labels_on(series.affine, series.shape, ct.affine, labels)
+    written = SaveSegmentation(tmp_path / "seg", labels={1: "upper", 2: "lower"})(
+        MetaTensor(torch.as_tensor(on_series), affine=series.affine), series.meta)
+    seg = next(path for path in written if path.suffix == ".dcm")
+    assert pydicom.dcmread(seg).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    regions = {}
+    for name, scan, label_file in (("nifti", small_ct, mask), ("dicom", dicom_dir, seg)):
+        result = run_command(EMBED + ["models_genesis_chest_ct", str(scan), "--mask", str(label_file),
+                                      "--out", str(tmp_path / name), "--progress", "False"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        regions[name] = {row["region"]: row for row in _rows(tmp_path / name / "embeddings.csv")}
+    assert sorted(regions["nifti"]) == sorted(regions["dicom"]) == ["label:1", "label:2"]
+    centroid = medfm.transforms.voxel_to_lps(ct.affine, np.argwhere(labels == 1).mean(axis=0))
+    [upper] = [r for r in medfm.io.label_regions(mask, small_ct) if r["region"] == "label:1"]
+    np.testing.assert_allclose(upper["center_lps"], centroid, atol=1e-6)
+    for label in ("label:1", "label:2"):
+        nifti, dicom = regions["nifti"][label], regions["dicom"][label]
+        np.testing.assert_allclose([float(nifti[f"center_{a}"]) for a in "xyz"], [float(dicom[f"center_{a}"]) for a in "xyz"],
+                                   atol=1e-3)
+        np.testing.assert_allclose(np.load(tmp_path / "nifti" / nifti["embedding"]),
+                                   np.load(tmp_path / "dicom" / dicom["embedding"]), rtol=1e-5, atol=1e-6)
+
+
+def test_region_inputs_are_checked_before_any_work(small_ct, tmp_path):
+    table = tmp_path / "points.csv"
+    table.write_text("image,x,y\nct.nii.gz,1,2\n")
+    for extra, message in ((["--points", str(table)], "points.csv: a points table needs the columns image, x, y, z"),
+                           (["--points", str(table), str(small_ct)], "give no other inputs"),
+                           ([str(small_ct), str(small_ct), "--mask", str(small_ct)], "give exactly one input, not 2")):
+        result = run_command(EMBED + ["models_genesis_chest_ct", *extra, "--out", str(tmp_path / "out")])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+    table.write_text(f"image,x,y,z\n{small_ct},1,2,3\n")
+    result = run_command(EMBED + ["medical_transformer_brain_mri", "--points", str(table), "--out", str(tmp_path / "out")])
+    assert result.returncode == 1 and "has no region embeddings" in result.stderr
+    assert not (tmp_path / "out").exists()

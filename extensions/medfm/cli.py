@@ -34,7 +34,8 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
 
 
 def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str = "embeddings.csv",
-          progress: bool = True, num_workers: int | None = None, amp: bool = False, **overrides) -> None:
+          progress: bool = True, num_workers: int | None = None, amp: bool = False, points: str | None = None,
+          mask: str | None = None, **overrides) -> None:
     """Embeddings of many inputs in one run of the bundle's embedding workflow (configs/embed.json).
 
     Args:
@@ -46,6 +47,9 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
         progress: show progress bars.
         num_workers: DataLoader processes reading and preprocessing the next scans.
         amp: bfloat16 mixed precision on CUDA.
+        points: CSV of seed points (``image, x, y, z`` in mm, LPS, optional ``id``): one embedding per point
+            from a crop of the model's input size centred there (no other inputs).
+        mask: label image (NIfTI, NRRD, MHA or DICOM-SEG) of the one input: one embedding per label.
         overrides: further ``--key value`` pairs for the bundle config.
 
     Resumable: inputs already in the index are skipped. A failing input is reported and skipped;
@@ -56,7 +60,7 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
     from .workflows.embedding import FAILED_FILE
 
     summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers, amp=amp,
-                            **overrides)
+                            points=points, mask=mask, **overrides)
     if _is_rank_zero():
         for line in summary.lines():
             print(line)

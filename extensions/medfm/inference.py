@@ -23,6 +23,7 @@ from .bundles import find_bundle
 from .errors import MedfmError, describe_error, innermost
 from .io.embeddings import append_index_rows, is_index_file, read_index_rows
 from .io.input_list import expand_inputs
+from .io.regions import label_regions, read_points
 from .transforms.contract import logger as contract_logger
 from .workflows.embedding import EmbeddingSummary
 
@@ -106,9 +107,10 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike = (),
           out: str | os.PathLike = "medfm_embeddings", index: str = "embeddings.csv", progress: bool = True,
-          num_workers: int | None = None, amp: bool = False, **overrides) -> EmbeddingSummary:
+          num_workers: int | None = None, amp: bool = False, points: str | os.PathLike | None = None,
+          mask: str | os.PathLike | None = None, **overrides) -> EmbeddingSummary:
     """Embed many inputs in one run of the bundle's embedding workflow.
 
     Args:
@@ -121,6 +123,11 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         progress: progress bars (per input; per window for big sliding-window scans).
         num_workers: DataLoader processes reading the next scans (default: the bundle's ``num_workers``).
         amp: bfloat16 mixed precision (CUDA only).
+        points: a CSV of seed points (``image, x, y, z`` in mm, LPS, optional ``id``): one embedding per
+            point from a crop of the model's input size centred there; the scans come from its ``image``
+            column (give no ``inputs``).
+        mask: a label image (NIfTI/NRRD/MHA, or a DICOM-SEG) for the one scan in ``inputs``: one
+            embedding per label, from a crop centred on the label's centroid.
         overrides: further config values (e.g. ``sw_batch_size=8``).
 
     Inputs already in the index (with their ``.npy`` present) are skipped, so running the same call
@@ -132,9 +139,19 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
     sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
-    if not sources:
+    if points is not None and (sources or mask is not None):
+        raise MedfmError("--points names its scans in its image column: give no other inputs and no --mask")
+    if points is not None:
+        items = read_points(points)
+    elif mask is not None:
+        if len(sources) != 1:
+            raise MedfmError(f"--mask labels one scan: give exactly one input, not {len(sources)}")
+        items = label_regions(mask, sources[0])
+    else:
+        items = [str(source) for source in sources]
+    if not items:
         raise MedfmError("no inputs given")
-    settings = {"embed_inputs": [str(source) for source in sources], "output_dir": str(Path(out).expanduser()),
+    settings = {"embed_inputs": items, "output_dir": str(Path(out).expanduser()),
                 "embeddings_index": index, "progress": bool(progress), "amp": bool(amp)}
     if num_workers is not None:
         settings["num_workers"] = int(num_workers)

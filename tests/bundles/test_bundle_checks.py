@@ -43,8 +43,8 @@ def test_required_files_and_shared_config_keys(bundle):
 
 def test_embedding_overlays_differ_only_in_what_the_embedding_runs():
     """Every configs/embed.json has the same keys and the same runner; only the inferer, the output key
-    and the pooling (the layers the embedding needs) are the bundle's own."""
-    own = {"embedding_inferer", "embedding_key", "embedding_pooling"}
+    and the pooling (the layers the embedding needs) and the region crop size are the bundle's own."""
+    own = {"embedding_inferer", "embedding_key", "embedding_pooling", "region_size"}
     overlays = {bundle.name: json.loads((bundle / "configs" / "embed.json").read_text()) for bundle in BUNDLE_DIRS}
     reference = overlays["models_genesis_chest_ct"]
     for name, overlay in overlays.items():

@@ -2,6 +2,7 @@
 
 from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, embedding_file_name, input_stem, read_index_rows
 from .input_list import expand_inputs
+from .regions import label_regions, read_points
 from .image_folder import image_folder_classes, image_folder_datalist
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
 from .target_table import target_table_datalist, target_table_labels
@@ -23,8 +24,10 @@ __all__ = [
     "image_folder_classes",
     "image_folder_datalist",
     "input_stem",
+    "label_regions",
     "list_dicom_series",
     "read_index_rows",
+    "read_points",
     "safe_extract_zip",
     "target_table_datalist",
     "target_table_labels",

@@ -12,6 +12,7 @@ from .brain_mri import (
 from .contract import CheckInputContract, CheckInputContractd, contract_deviations, read_contract
 from .embedding import GlobalAveragePool, GlobalAveragePoold
 from .intensity import ModalityIntensity, ModalityIntensityd, RestoreIntensity, RestoreIntensityd, resolve_modality
+from .region import CropAtWorldPoint, CropAtWorldPointd, PointOutsideScanError, lps_to_voxel, voxel_to_lps
 from .sar import RandMultiScaleCrop, RandMultiScaleCropd
 from .spad import SpadResample, SpadResampled, image_aniso_d, voxel_spacing
 from .spatial import ResampleToSpacingd
@@ -38,6 +39,9 @@ __all__ = [
     "slice_counts",
     "CheckInputContract",
     "CheckInputContractd",
+    "CropAtWorldPoint",
+    "CropAtWorldPointd",
+    "PointOutsideScanError",
     "GenesisCorruptiond",
     "GlobalAveragePool",
     "GlobalAveragePoold",
@@ -62,7 +66,9 @@ __all__ = [
     "ResampleToSpacingd",
     "contract_deviations",
     "image_aniso_d",
+    "lps_to_voxel",
     "read_contract",
     "resolve_modality",
     "voxel_spacing",
+    "voxel_to_lps",
 ]

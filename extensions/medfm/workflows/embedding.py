@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MedfmError, describe_error, innermost
 from ..io.atomic import atomic_path
+from ..transforms.region import CropAtWorldPoint, PointOutsideScanError
 from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
                              save_vector, write_index_rows)
 from ..weights import installed_weights_id, load_checkpoint, sha256_of
@@ -88,10 +89,13 @@ class EmbeddingSummary:
 
 
 def _item(entry: str | os.PathLike | Mapping) -> dict:
-    """An input as ``{"image": absolute path, "region": ""}`` (mappings may carry a region and its centre)."""
+    """An input as ``{"image": absolute path, "region": "", "center_lps": None}``; mappings may name a
+    region (``point:<id>``, ``label:<value>``) and its centre in mm (LPS)."""
     item = dict(entry) if isinstance(entry, Mapping) else {"image": entry}
     item["image"] = os.path.abspath(os.path.expanduser(str(item["image"])))  # "a/../b" and "b" are one input
     item.setdefault("region", "")
+    center = item.get("center_lps")
+    item["center_lps"] = tuple(float(c) for c in center) if center is not None else None
     return item
 
 
@@ -111,22 +115,30 @@ def _failure_message(source: str, error: BaseException) -> str:
     return f"{source}: {describe_error(error)}"
 
 
-class _Preprocessed(Dataset):
-    """Items run through the bundle's preprocessing; a failing item comes back as ``{"failure": message}``."""
+def _by_scan(items: Sequence[dict]) -> list[dict]:
+    """Items grouped per scan, in input order: ``{"image": path, "items": [...]}`` (a scan is read once for all its regions)."""
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        groups.setdefault(item["image"], []).append(item)
+    return [{"image": image, "items": members} for image, members in groups.items()]
 
-    def __init__(self, items: Sequence[dict], preprocessing: Callable) -> None:
-        self.items = list(items)
+
+class _Preprocessed(Dataset):
+    """Scans run through the bundle's preprocessing; a failing scan comes back with ``"failure"``: its message."""
+
+    def __init__(self, scans: Sequence[dict], preprocessing: Callable) -> None:
+        self.scans = list(scans)
         self.preprocessing = preprocessing
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.scans)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
+        scan = self.scans[index]
         try:
-            return {**item, "data": self.preprocessing({"image": item["image"]})}
+            return {**scan, "data": self.preprocessing({"image": scan["image"]})}
         except Exception as error:  # reported per input by the main process; the run goes on
-            return {**item, "failure": _failure_message(item["image"], error)}
+            return {**scan, "failure": _failure_message(scan["image"], error)}
 
 
 def _one(batch: list) -> dict:
@@ -170,7 +182,8 @@ class EmbeddingRunner:
 
     Args:
         inputs: scan paths (files, DICOM folders, ``.zip``), or mappings with ``image`` and optionally
-            ``region`` (``point:<id>`` / ``label:<value>``) and ``center_lps`` (mm).
+            ``region`` (``point:<id>`` / ``label:<value>``) and ``center_lps`` (mm, LPS): the region is
+            embedded from a ``region_size`` crop centred there (:class:`~medfm.transforms.CropAtWorldPoint`).
         preprocessing: the bundle's dictionary preprocessing, called on ``{"image": path}``.
         network: the network, already on ``device``.
         inferer: called as ``inferer(batch, network)`` on a ``(1, C, *spatial)`` MetaTensor.
@@ -181,6 +194,8 @@ class EmbeddingRunner:
         output_key: for inferers returning a dict, the key holding the embedding.
         pooling: applied to the one item's output (e.g. global average pooling of a feature map).
         index_file: index name in ``output_dir`` (``.csv`` or ``.parquet``).
+        region_size: the crop (voxels, after preprocessing) for regions; ``None``: the bundle has no
+            region embeddings (a model of whole registered volumes).
         device: where the network runs.
         num_workers: DataLoader worker processes reading and preprocessing ahead.
         progress: per-input progress bar (and per-window for big sliding-window scans) on rank 0.
@@ -192,6 +207,7 @@ class EmbeddingRunner:
                  output_dir: str | os.PathLike, weights_file: str | os.PathLike | None = None,
                  bundle_root: str | os.PathLike | None = None, model: str | None = None, output_key: str | None = None,
                  pooling: Callable | None = None, index_file: str = "embeddings.csv",
+                 region_size: Sequence[int] | None = None,
                  device: torch.device | str | None = None, num_workers: int = 0, progress: bool = True,
                  amp: bool = False, timeout_hours: float = 24.0) -> None:
         self.items = [_item(entry) for entry in inputs]
@@ -205,6 +221,10 @@ class EmbeddingRunner:
         self.output_key = output_key
         self.pooling = pooling
         self.index = self.output_dir / index_file
+        self.cropper = CropAtWorldPoint(region_size) if region_size is not None else None
+        if self.cropper is None and any(item["center_lps"] is not None for item in self.items):
+            raise MedfmError(f"{self.model or 'this bundle'} has no region embeddings (it embeds whole registered "
+                             "volumes; its embed.json sets no region_size): --points and --mask do not apply")
         self.device = torch.device(device) if device is not None else embedding_device()
         self.num_workers = int(num_workers)
         self.progress = progress
@@ -268,7 +288,7 @@ class EmbeddingRunner:
         pending = [item for item in unique if _key(item) not in done]
         self._barrier()  # every process has read the same done set before any of them writes
         weights_id = self._load_weights()
-        embedded = self._embed_share(pending[rank::world], rank, weights_id)
+        embedded = self._embed_share(_by_scan(pending)[rank::world], rank, weights_id)
         per_process = [embedded]
         if world > 1:
             per_process = [0] * world
@@ -298,37 +318,54 @@ class EmbeddingRunner:
         digest = sha256_of(self.weights_file)
         return installed_weights_id(self.bundle_root, digest) if self.bundle_root else f"unregistered:{digest[:16]}"
 
-    def _embed_share(self, share: list[dict], rank: int, weights_id: str) -> int:
-        """Embed this process's inputs; returns how many were written (failures go to its part file)."""
+    def _embed_share(self, scans: list[dict], rank: int, weights_id: str) -> int:
+        """Embed this process's scans (each read once for all its regions); returns how many embeddings
+        were written (failures go to its part file)."""
         from tqdm import tqdm
 
-        loader = DataLoader(_Preprocessed(share, self.preprocessing), batch_size=1, shuffle=False,
+        loader = DataLoader(_Preprocessed(scans, self.preprocessing), batch_size=1, shuffle=False,
                             num_workers=self.num_workers, collate_fn=_one)
         self.network.eval()
         embedded = 0
-        bar = tqdm(loader, total=len(share), desc="embedding", unit="input", disable=not self.progress or rank != 0,
+        bar = tqdm(loader, total=len(scans), desc="embedding", unit="scan", disable=not self.progress or rank != 0,
                    file=sys.stderr)
-        for sample in bar:
-            key = _key(sample)
-            message = sample.get("failure")
-            if message is None:
-                try:
-                    self._save(sample, self._embedding(sample), rank, weights_id)
-                    embedded += 1
-                    continue
-                except Exception as error:
-                    message = _failure_message(sample["image"], error)
-            tqdm.write(f"medfm: skipped: {message}", file=sys.stderr)
-            _durable_append(self._part("failed", rank), FAILED_COLUMNS,
-                            {"input": key[0], "region": key[1], "error": message})
+        for scan in bar:
+            for item in scan["items"]:
+                message = scan.get("failure")
+                if message is None:
+                    try:
+                        self._embed_item(item, scan["data"]["image"], rank, weights_id)
+                        embedded += 1
+                        continue
+                    except PointOutsideScanError as error:
+                        message = f"{item['image']} ({item['region']}): {error}"
+                    except Exception as error:
+                        message = _failure_message(item["image"], error)
+                tqdm.write(f"medfm: skipped: {message}", file=sys.stderr)
+                _durable_append(self._part("failed", rank), FAILED_COLUMNS,
+                                {"input": item["image"], "region": item["region"], "error": message})
         return embedded
 
-    def _embedding(self, sample: dict) -> np.ndarray:
-        """The embedding vector of one preprocessed item (float32); non-finite values are an error."""
-        image = list_data_collate([sample["data"]])["image"].to(self.device)
-        self._window_progress(image)
+    def _embed_item(self, item: dict, image, rank: int, weights_id: str) -> None:
+        """Embed the whole preprocessed scan, or the crop at the item's point, and save it with its row."""
+        center = None
+        region = image
+        if item["center_lps"] is not None:
+            region = self.cropper(image, item["center_lps"])
+            center = region.meta["region_center_lps"]
+        vector = self._embedding(item, region)
+        name = embedding_file_name(item["image"], item["region"])
+        save_vector(self.output_dir / name, vector)
+        row = index_row(item["image"], str(image.meta.get("SeriesInstanceUID", "")), self.model, weights_id, name,
+                        int(vector.size), region=item["region"], center_lps=center)
+        _durable_append(self._part("index", rank), INDEX_COLUMNS, row)
+
+    def _embedding(self, item: dict, image) -> np.ndarray:
+        """The embedding vector of one preprocessed image ``(C, *spatial)`` (float32); non-finite values are an error."""
+        batch = list_data_collate([{"image": image}])["image"].to(self.device)
+        self._window_progress(batch)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            output = self.inferer(image, self.network)
+            output = self.inferer(batch, self.network)
         if self.output_key is not None:
             output = output[self.output_key]
         output = output[0].float()
@@ -336,7 +373,8 @@ class EmbeddingRunner:
             output = self.pooling(output)
         vector = torch.as_tensor(output).detach().cpu().numpy().astype(np.float32).reshape(-1)
         if not np.isfinite(vector).all():
-            raise MedfmError(f"{sample['image']}: the embedding holds {int((~np.isfinite(vector)).sum())} non-finite "
+            where = f"{item['image']}" + (f" ({item['region']})" if item["region"] else "")
+            raise MedfmError(f"{where}: the embedding holds {int((~np.isfinite(vector)).sum())} non-finite "
                              f"values of {vector.size} (NaN or Inf); not written")
         return vector
 
@@ -348,14 +386,6 @@ class EmbeddingRunner:
         batches = window_count(image.shape[2:], window) // max(1, window.sw_batch_size)
         window.progress = bool(self.progress and batches > WINDOW_PROGRESS_MIN_BATCHES
                                and (not dist.is_initialized() or dist.get_rank() == 0))
-
-    def _save(self, sample: dict, vector: np.ndarray, rank: int, weights_id: str) -> None:
-        name = embedding_file_name(sample["image"], sample["region"])
-        save_vector(self.output_dir / name, vector)
-        meta = getattr(sample["data"]["image"], "meta", {})
-        row = index_row(sample["image"], str(meta.get("SeriesInstanceUID", "")), self.model, weights_id, name,
-                        int(vector.size), region=sample["region"], center_lps=sample.get("center_lps"))
-        _durable_append(self._part("index", rank), INDEX_COLUMNS, row)
 
     def _merge(self, order: Mapping[tuple[str, str], int]) -> EmbeddingSummary:
         """Rank 0 once every process is done: one index (each input once: earlier rows first, then this
