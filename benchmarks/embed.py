@@ -1,9 +1,11 @@
 """Embedding cost: the full inference workflow, the embedding workflow, and the bare network (the floor).
 
-    .venv/bin/python benchmarks/embed.py [--bundle models_genesis_chest_ct] [--shape 256,256,96]
-        [--cohort 20 --cohort_shape 96,96,48] [--skip_full] [--out DIR]
+    .venv/bin/python benchmarks/embed.py [--bundles models_genesis_chest_ct,vdt_resnet3d18,...]
+        [--shape 256,256,96] [--cohort 20 --cohort_shape 96,96,48] [--skip_full] [--out DIR]
 
-For one CT made from the embedded sample (resampled to ``--shape``, int16 HU NIfTI):
+For one CT made from the embedded sample (resampled to ``--shape``, int16 HU NIfTI), per bundle
+(bundles without installed weights get freshly initialised ones in a copy: timing does not depend
+on the weights):
 
 - ``medfm infer`` (``configs/inference.json``: for Models Genesis the whole U-Net, the restored
   volume inverted and written) and ``medfm embed`` (``configs/embed.json``: the encoder only),
@@ -14,7 +16,7 @@ For one CT made from the embedded sample (resampled to ``--shape``, int16 HU NIf
   the achieved GFLOP/s (from the network's conv3d FLOPs per window) next to the conv3d peak of
   one 256->512-channel 3^3 convolution measured in the same run.
 
-Then the throughput of ``medfm embed`` over ``--cohort`` scans of ``--cohort_shape`` with one
+Then the throughput of ``medfm embed`` (first bundle) over ``--cohort`` scans of ``--cohort_shape`` with one
 process and with two (``torchrun --nproc_per_node 2``, gloo). Nothing here is asserted; the
 tables are printed and written to ``--out``.
 """
@@ -106,17 +108,33 @@ def bare_network(bundle: Path, ct: Path) -> dict:
     return {"seconds": round(seconds, 2), "gflops": round(flops / seconds / 1e9, 1), "shape": tuple(image.shape[2:])}
 
 
+def bundle_with_weights(name: str, folder: Path) -> tuple[Path, str]:
+    """The bundle, or a copy holding freshly initialised weights where none are installed (timing only)."""
+    import shutil
+
+    from medfm.bundles import bundle_network
+
+    bundle = REPO / "bundles" / name
+    if (bundle / "models" / "model.pt").is_file():
+        return bundle, "installed"
+    copy = folder / name
+    shutil.copytree(bundle / "configs", copy / "configs")
+    (copy / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(bundle_network(copy).state_dict(), copy / "models" / "model.pt")
+    return copy, "random (none installed; timing only)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default="models_genesis_chest_ct")
+    parser.add_argument("--bundles", default="models_genesis_chest_ct", help="comma-separated bundle names")
     parser.add_argument("--shape", default="256,256,96")
-    parser.add_argument("--cohort", type=int, default=20)
+    parser.add_argument("--cohort", type=int, default=20, help="scans for the throughput table (0: none)")
     parser.add_argument("--cohort_shape", default="96,96,48")
     parser.add_argument("--skip_full", action="store_true", help="leave out the full inference workflow (slow)")
     parser.add_argument("--out", default="benchmark_results")
     args = parser.parse_args()
     shape = tuple(int(n) for n in args.shape.split(","))
-    bundle = REPO / "bundles" / args.bundle
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     medfm = [sys.executable, "-m", "medfm"]
@@ -125,39 +143,52 @@ def main() -> None:
         folder = Path(folder)
         ct = write_resampled_ct(folder / "ct.nii.gz", shape)
         peak = conv3d_peak_gflops()
-        if not args.skip_full:
-            full = timed_process(medfm + ["infer", str(bundle), str(ct), "--out", str(folder / "infer")])
-            rows.append({"run": "medfm infer (inference.json)", **full})
-        embed = timed_process(medfm + ["embed", str(bundle), str(ct), "--out", str(folder / "embed"), "--progress", "False"])
-        rows.append({"run": "medfm embed (embed.json)", **embed})
-        floor = bare_network(bundle, ct)
-        rows.append({"run": f"bare network over the same windows ({floor['gflops']} GFLOP/s)", "seconds": floor["seconds"],
-                     "peak_mib": ""})
-        print(f"{args.bundle} on a {'x'.join(map(str, shape))} CT (preprocessed {floor['shape']}); "
-              f"conv3d peak measured now: {peak:.1f} GFLOP/s")
-        print("| run | seconds | peak MiB |\n|---|---|---|")
+        print(f"a {'x'.join(map(str, shape))} CT; conv3d peak measured now: {peak:.1f} GFLOP/s")
+        for name in args.bundles.split(","):
+            bundle, weights = bundle_with_weights(name, folder)
+            row = {"bundle": name, "weights": weights}
+            if not args.skip_full:
+                full = timed_process(medfm + ["infer", str(bundle), str(ct), "--out", str(folder / f"infer_{name}")])
+                row |= {"infer_seconds": full["seconds"], "infer_peak_mib": full["peak_mib"]}
+            embed = timed_process(medfm + ["embed", str(bundle), str(ct), "--out", str(folder / f"embed_{name}"),
+                                           "--progress", "False"])
+            floor = bare_network(bundle, ct)
+            row |= {"embed_seconds": embed["seconds"], "embed_peak_mib": embed["peak_mib"],
+                    "network_input": "x".join(map(str, floor["shape"])), "bare_network_seconds": floor["seconds"],
+                    "embed_over_bare": round(embed["seconds"] / floor["seconds"], 2),
+                    "conv3d_gflops": floor["gflops"], "conv3d_share_of_peak": f"{100 * floor['gflops'] / peak:.0f}%"}
+            rows.append(row)
+            print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
         for row in rows:
-            print(f"| {row['run']} | {row['seconds']} | {row['peak_mib']} |")
-        print(f"embed / bare network: {embed['seconds'] / floor['seconds']:.2f}x; bare network at "
-              f"{100 * floor['gflops'] / peak:.0f}% of the conv3d peak")
-        write_rows(rows, out / f"embed_{args.bundle}.csv")
+            print("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
+        write_rows([{column: row.get(column, "") for column in columns} for row in rows], out / "embed.csv")
 
-        cohort_shape = tuple(int(n) for n in args.cohort_shape.split(","))
-        scans = [write_resampled_ct(folder / f"cohort_{i}.nii.gz", cohort_shape) for i in range(args.cohort)]
-        throughput = []
-        for processes in (1, 2):
-            launcher = medfm if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     "--nproc_per_node", "2", "-m", "medfm"]
-            measured = timed_process(launcher + ["embed", str(bundle), *map(str, scans), "--out",
-                                                 str(folder / f"cohort_{processes}"), "--progress", "False",
-                                                 "--num_workers", "1"])
-            throughput.append({"processes": processes, **measured,
-                               "scans_per_minute": round(60 * args.cohort / measured["seconds"], 1)})
-        print(f"\n{args.cohort} scans of {'x'.join(map(str, cohort_shape))}:")
-        print("| processes | seconds | scans per minute | peak MiB (largest process) |\n|---|---|---|---|")
-        for row in throughput:
-            print(f"| {row['processes']} | {row['seconds']} | {row['scans_per_minute']} | {row['peak_mib']} |")
-        write_rows(throughput, out / f"embed_{args.bundle}_cohort.csv")
+        if args.cohort:
+            cohort(medfm, folder, args, out)
+
+
+def cohort(medfm: list[str], folder: Path, args, out: Path) -> None:
+    """Throughput of the first bundle over ``--cohort`` scans with one process and with two."""
+    name = args.bundles.split(",")[0]
+    bundle, _ = bundle_with_weights(name, folder)
+    cohort_shape = tuple(int(n) for n in args.cohort_shape.split(","))
+    scans = [write_resampled_ct(folder / f"cohort_{i}.nii.gz", cohort_shape) for i in range(args.cohort)]
+    throughput = []
+    for processes in (1, 2):
+        launcher = medfm if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", "2", "-m", "medfm"]
+        measured = timed_process(launcher + ["embed", str(bundle), *map(str, scans), "--out",
+                                             str(folder / f"cohort_{processes}"), "--progress", "False",
+                                             "--num_workers", "1"])
+        throughput.append({"processes": processes, **measured,
+                           "scans_per_minute": round(60 * args.cohort / measured["seconds"], 1)})
+    print(f"\n{name}, {args.cohort} scans of {'x'.join(map(str, cohort_shape))}:")
+    print("| processes | seconds | scans per minute | peak MiB (largest process) |\n|---|---|---|---|")
+    for row in throughput:
+        print(f"| {row['processes']} | {row['seconds']} | {row['scans_per_minute']} | {row['peak_mib']} |")
+    write_rows(throughput, out / f"embed_{name}_cohort.csv")
 
 
 if __name__ == "__main__":

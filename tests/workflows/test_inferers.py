@@ -48,3 +48,24 @@ def test_feature_tap_inferer_returns_pooled_features_beside_the_output_and_remov
     torch.testing.assert_close(network.fc(outputs["embedding"]), reference)  # the tapped vector feeds the head
     assert not network.avgpool._forward_hooks
     assert set(FeatureTapInferer(taps={"embedding": "avgpool"}, output_key=None)(x, network)) == {"embedding"}
+
+
+def test_tiled_embedding_is_the_voxel_weighted_mean_of_its_tiles_and_whole_when_it_fits():
+    from medfm.workflows import TiledEmbeddingInferer
+
+    tiles = []
+
+    def mean_intensity(x, network):
+        tiles.append(tuple(x.shape[2:]))
+        return {"embedding": x.mean(dim=(2, 3, 4)), "other": x.sum()}
+
+    volume = torch.rand(1, 2, 50, 33, 20)
+    tiled = TiledEmbeddingInferer(mean_intensity, max_size=(20, 20, 20), output_key="embedding")
+    result = tiled(volume, None)
+    assert set(result) == {"embedding"} and len(tiles) == 3 * 2 * 1
+    assert max(t[0] for t in tiles) <= 20 and max(t[1] for t in tiles) <= 20 and {t[2] for t in tiles} == {20}
+    assert sum(a * b * c for a, b, c in tiles) == 50 * 33 * 20  # the tiles cover the volume once
+    torch.testing.assert_close(result["embedding"], volume.mean(dim=(2, 3, 4)))  # exact for a linear pooling
+    tiles.clear()
+    small = torch.rand(1, 2, 20, 10, 5)
+    assert set(tiled(small, None)) == {"embedding", "other"} and tiles == [(20, 10, 5)]

@@ -2,9 +2,9 @@
 
 from .embedding import EmbeddingRunner, EmbeddingSummary, embedding_device
 from .handlers import LossComponentsLogger, PretrainedWeightsLoader, TrainingState, latest_training_state, stacked_outputs
-from .inferers import FeatureTapInferer, MethodInferer
+from .inferers import FeatureTapInferer, MethodInferer, TiledEmbeddingInferer
 from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch, subject_indices
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 from .spad import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, PrepareSpadBatch, SpacingInferer, TokenizerLoss
 
-__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "stacked_outputs", "subject_indices"]
+__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "TiledEmbeddingInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "stacked_outputs", "subject_indices"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -80,3 +82,43 @@ class FeatureTapInferer(Inferer):
             for hook in hooks:
                 hook.remove()
         return {**({self.output_key: output} if self.output_key else {}), **captured}
+
+
+class TiledEmbeddingInferer(Inferer):
+    """Embed a volume larger than ``max_size`` as the voxel-weighted mean of the embeddings of its tiles.
+
+    For whole-volume networks that end in global average pooling (VDT's ResNet): their memory grows
+    with the volume (a 512x512x300 CT needs several GiB of activations), so a volume larger than
+    ``max_size`` along any axis is cut into the fewest nearly equal tiles that fit, each tile is
+    embedded by ``inferer``, and the embeddings are averaged with the tiles' voxel counts as
+    weights, which approximates the global average of the whole feature map (tile borders aside).
+    Volumes that fit go through ``inferer`` whole, unchanged.
+
+    Args:
+        inferer: gives the embedding of one tile, a tensor ``(N, C)`` or a mapping holding one.
+        max_size: the largest tile, in voxels per spatial axis.
+        output_key: for mapping outputs, the key holding the embedding (other keys are dropped when tiling).
+    """
+
+    def __init__(self, inferer: Inferer, max_size: Sequence[int], output_key: str | None = None) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.max_size = [int(n) for n in max_size]
+        self.output_key = output_key
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        shape = inputs.shape[2:]
+        counts = [math.ceil(n / m) for n, m in zip(shape, self.max_size)]
+        if all(count == 1 for count in counts):
+            return self.inferer(inputs, network, *args, **kwargs)
+        bounds = [[round(i * n / count) for i in range(count + 1)] for n, count in zip(shape, counts)]
+        total, voxels = None, 0
+        for tile in itertools.product(*(range(count) for count in counts)):
+            window = tuple(slice(axis[i], axis[i + 1]) for axis, i in zip(bounds, tile))
+            output = self.inferer(inputs[(slice(None), slice(None), *window)], network, *args, **kwargs)
+            vector = output[self.output_key] if self.output_key is not None else output
+            weight = math.prod(w.stop - w.start for w in window)
+            total = vector * weight if total is None else total + vector * weight
+            voxels += weight
+        mean = total / voxels
+        return {self.output_key: mean} if self.output_key is not None else mean
