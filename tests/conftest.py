@@ -47,6 +47,8 @@ def assert_written_by_rank_zero(output_dir: Path, epochs: int = 1) -> None:
     """After a 2-process DDP run: one process wrote the TensorBoard events, the checkpoint and the training state."""
     writers = {name.split(".")[-2] for name in (p.name for p in (output_dir / "logs").glob("events.out.tfevents.*"))}
     assert len(writers) == 1, f"TensorBoard events written by processes {writers}"
+    events = b"".join(p.read_bytes() for p in (output_dir / "logs").glob("events.out.tfevents.*"))
+    assert b"train_loss" in events, "the TensorBoard writer was not flushed before the process ended"
     assert (output_dir / "models" / "model.pt").is_file()
     assert [p.name for p in (output_dir / "training_state").iterdir()] == [f"training_state_epoch={epochs}.pt"]
 

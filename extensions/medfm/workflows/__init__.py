@@ -1,5 +1,6 @@
 """Pieces that MONAI's bundle workflows call but do not provide themselves."""
 
+from .distributed import end_distributed_run
 from .embedding import EmbeddingRunner, EmbeddingSummary, embedding_device
 from .handlers import LossComponentsLogger, PretrainedWeightsLoader, TrainingState, latest_training_state, stacked_outputs
 from .inferers import FeatureTapInferer, MethodInferer, TiledEmbeddingInferer
@@ -7,4 +8,4 @@ from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareM
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 from .spad import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, PrepareSpadBatch, SpacingInferer, TokenizerLoss
 
-__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "TiledEmbeddingInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "stacked_outputs", "subject_indices"]
+__all__ = ["AnisoGroupedBatchSampler", "BatchTripletLoss", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "end_distributed_run", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "TiledEmbeddingInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "stacked_outputs", "subject_indices"]
