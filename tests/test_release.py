@@ -14,7 +14,8 @@ import torch
 import medfm
 from medfm.bundles import list_bundle_dirs
 from medfm.networks import SpadViT, vdt_resnet18
-from medfm.release import MODEL_INFO, release_bundles
+from medfm.errors import MedfmError
+from medfm.release import MODEL_INFO, download_bundle, release_bundles
 from medfm.weights import fetch_weights, import_weights, load_checkpoint, registry, sha256_of
 from tests.conftest import BUNDLES, run_command, save_upstream_checkpoint
 
@@ -144,3 +145,81 @@ def test_medfm_download_refuses_archive_members_that_escape_the_folder(tmp_path)
     result = _cli("download", "evil", "--index", str(served / MODEL_INFO), "--bundle_dir", str(target))
     assert result.returncode == 1 and "outside the extraction folder" in result.stderr
     assert not (tmp_path / "escaped.txt").exists() and list(target.iterdir()) == []
+
+
+def _serve_release(served, name="evil", members=None, **fields):
+    """A release archive of ``name`` and a model_info.json for it, with ``fields`` replacing the entry's own."""
+    served.mkdir(exist_ok=True)
+    archive = served / f"{name}_v0.1.0.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as opened:
+        opened.writestr(f"{name}/configs/metadata.json", json.dumps({"name": name, "version": "0.1.0"}))
+        for member, data in (members or {}).items():
+            opened.writestr(member, data)
+    entry = {"name": name, "version": "0.1.0", "file": archive.name, "sha256": sha256_of(archive),
+             "size": archive.stat().st_size, "source": archive.name}
+    (served / MODEL_INFO).write_text(json.dumps({f"{name}_v0.1.0": {**entry, **fields}}))
+    return served / MODEL_INFO
+
+
+def test_an_index_file_field_cannot_write_outside_the_bundle_folder(tmp_path):
+    victim = tmp_path / "victim.zip"
+    victim.write_text("keep me")
+    index = _serve_release(tmp_path / "served", file=str(victim))
+    (tmp_path / "served" / "evil_v0.1.0.zip").replace(tmp_path / "served" / "x.zip")
+    target = tmp_path / "bundles"
+    result = _cli("download", "evil", "--index", str(index), "--bundle_dir", str(target))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "'file' must be a plain .zip file name (no folders, no '..')" in result.stderr
+    assert victim.read_text() == "keep me" and list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"file": "../../escaped.zip"}, r"'file' must be a plain \.zip file name .* not '\.\./\.\./escaped\.zip'"),
+    ({"file": "/etc/passwd"}, r"'file' must be a plain \.zip file name"),
+    ({"size": "322"}, r"'size' must be a whole number of bytes, not '322'"),
+    ({"size": True}, r"'size' must be a whole number of bytes, not True"),
+    ({"sha256": None}, r"'sha256' must be 64 hexadecimal digits, not None"),
+    ({"sha256": "abc"}, r"'sha256' must be 64 hexadecimal digits, not 'abc'"),
+    ({"version": ["0", "1"]}, r"'version' must be a version string"),
+    ({"source": "ftp://example.org/evil.zip"}, r"'source' has the scheme 'ftp'; only http\(s\) or the index's own"),
+    ({"source": 7}, r"'source' must be a URL or file name, not 7"),
+])
+def test_every_field_of_an_index_entry_is_checked(tmp_path, fields, expected):
+    index = _serve_release(tmp_path / "served", **fields)
+    with pytest.raises(MedfmError, match=r"model_info\.json: entry 'evil_v0\.1\.0': " + expected):
+        download_bundle("evil", str(index), bundle_dir=tmp_path / "bundles")
+    assert list((tmp_path / "bundles").iterdir()) == []
+
+
+def test_an_index_that_is_not_an_object_and_a_name_that_is_a_path(tmp_path):
+    (tmp_path / MODEL_INFO).write_text("[1, 2]")
+    with pytest.raises(MedfmError, match=r"model_info\.json: not a model_info\.json: its top level is a JSON list"):
+        download_bundle("evil", str(tmp_path / MODEL_INFO), bundle_dir=tmp_path / "bundles")
+    with pytest.raises(MedfmError, match=r"'\.\./evil' is not a bundle name"):
+        download_bundle("../evil", str(tmp_path / MODEL_INFO), bundle_dir=tmp_path / "bundles")
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_unpacked(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_MAX_UNPACKED_GIB", "0.01")  # 10 MiB; the member below unpacks to 64 MiB
+    index = _serve_release(tmp_path / "served", members={"evil/docs/zeros.bin": bytes(64 << 20)})
+    assert (tmp_path / "served" / "evil_v0.1.0.zip").stat().st_size < 1 << 20
+    with pytest.raises(MedfmError, match=r"evil_v0\.1\.0\.zip: refused: its members unpack to 0\.06 GiB, over the 0\.01 GiB "
+                                         r"limit \(\$MEDFM_MAX_UNPACKED_GIB\)"):
+        download_bundle("evil", str(index), bundle_dir=tmp_path / "bundles")
+    assert list((tmp_path / "bundles").iterdir()) == []
+
+
+@pytest.mark.parametrize("link_at", ["docs/notes.md", "docs", "LICENSE"])
+def test_release_refuses_symbolic_links_instead_of_packing_their_targets(tmp_path, link_at):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for publication")
+    bundle = tmp_path / "vdt_resnet3d18"
+    shutil.copytree(BUNDLES / "vdt_resnet3d18", bundle)
+    link = bundle / link_at
+    if link.is_dir():
+        shutil.rmtree(link)
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret if link_at != "docs" else tmp_path)
+    with pytest.raises(MedfmError, match=rf"{link}: is a symbolic link; a release holds only the bundle's own regular files"):
+        release_bundles(tmp_path / "out", [str(bundle)])
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

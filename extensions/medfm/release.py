@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -20,7 +21,7 @@ from pathlib import Path
 from .bundles import cache_dir, find_bundle, list_bundle_dirs
 from .errors import MedfmError
 from .io.atomic import atomic_path
-from .io.reading import ScanError, safe_extract_zip
+from .io.archives import ArchiveError, safe_extract_zip
 from .weights import registry
 from .weights.checkpoint import sha256_of
 from .weights.download import download
@@ -52,13 +53,25 @@ class ReleasedBundle:
 
 
 def _release_files(bundle_dir: Path) -> tuple[list[Path], str]:
-    """The files to archive and which weights they include (``none`` when not redistributable)."""
-    missing = [name for name in RELEASED if not (bundle_dir / name).exists()]
+    """The files to archive and which weights they include (``none`` when not redistributable).
+
+    A symbolic link anywhere in the released parts is refused: following it would pack whatever
+    it points at, from anywhere on the machine, into a public archive.
+    """
+    missing = [name for name in RELEASED if not (bundle_dir / name).exists() and not (bundle_dir / name).is_symlink()]
     if missing:
         raise MedfmError(f"{bundle_dir}: cannot be released, missing {', '.join(missing)}")
-    files = [path for name in RELEASED for path in
-             (sorted(p for p in (bundle_dir / name).rglob("*") if p.is_file()) if (bundle_dir / name).is_dir()
-              else [bundle_dir / name])]
+    files = []
+    for name in RELEASED:
+        top = bundle_dir / name
+        for path in [top, *(sorted(top.rglob("*")) if top.is_dir() and not top.is_symlink() else [])]:
+            if path.is_symlink():
+                raise MedfmError(f"{path}: is a symbolic link; a release holds only the bundle's own regular files")
+            if path.is_file():
+                files.append(path)
+    for weights_file in (bundle_dir / w for w in WEIGHTS):
+        if weights_file.is_symlink():
+            raise MedfmError(f"{weights_file}: is a symbolic link; a release holds only the bundle's own regular files")
     model = bundle_dir / WEIGHTS[0]
     if not model.is_file():
         return files, "none"
@@ -101,42 +114,77 @@ def release_bundles(out_dir: str | os.PathLike, bundles: list[str] | None = None
     return released
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _read_index(index_url: str, scratch: Path) -> dict:
-    """``model_info.json`` from a URL."""
+    """``model_info.json`` from a URL: a JSON object of entries."""
     index_file = download(index_url, scratch / MODEL_INFO, progress=False)
     try:
-        return json.loads(index_file.read_text())
-    except ValueError as error:
+        index = json.loads(index_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
         raise MedfmError(f"{index_url}: not a readable {MODEL_INFO} ({error})") from None
+    if not isinstance(index, dict):
+        raise MedfmError(f"{index_url}: not a {MODEL_INFO}: its top level is a JSON {type(index).__name__}, not an object")
+    return index
+
+
+def _checked_entry(key: str, entry: dict, index_url: str) -> dict:
+    """An index entry whose every field has the type and form a release writes (an index is untrusted)."""
+    where = f"{index_url}: entry {key!r}"
+    version = entry.get("version")
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+-]*", version):
+        raise MedfmError(f"{where}: 'version' must be a version string such as '0.1.0', not {version!r}")
+    file = entry.get("file")
+    if not isinstance(file, str) or not _PLAIN_NAME.fullmatch(file) or not file.endswith(".zip"):
+        raise MedfmError(f"{where}: 'file' must be a plain .zip file name (no folders, no '..'), not {file!r}")
+    sha256 = entry.get("sha256")
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+        raise MedfmError(f"{where}: 'sha256' must be 64 hexadecimal digits, not {sha256!r}")
+    size = entry.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise MedfmError(f"{where}: 'size' must be a whole number of bytes, not {size!r}")
+    source = entry.get("source")
+    if source is not None and not isinstance(source, str):
+        raise MedfmError(f"{where}: 'source' must be a URL or file name, not {source!r}")
+    scheme = urllib.parse.urlparse(source or "").scheme
+    if scheme and scheme not in ("http", "https", urllib.parse.urlparse(index_url).scheme):
+        raise MedfmError(f"{where}: 'source' has the scheme {scheme!r}; only http(s) or the index's own are followed")
+    return entry
 
 
 def download_bundle(name: str, index: str, version: str | None = None, bundle_dir: str | os.PathLike | None = None,
                     progress: bool = True) -> Path:
     """Download a released bundle listed in ``index`` (a ``model_info.json`` URL or path) and unpack it.
 
-    Unlike ``monai.bundle.download``, the archive's size and sha256 are checked against the index
-    before anything is unpacked, members that would land outside the target are refused, and
-    the bundle appears under ``bundle_dir`` (default ``$MEDFM_HOME/bundles``) only once it is
-    complete. An existing copy of the bundle is replaced.
+    Unlike ``monai.bundle.download``, every field of the index entry is checked, the archive's
+    size and sha256 are checked against the index before anything is unpacked, members that
+    would land outside the target (or unpack beyond ``$MEDFM_MAX_UNPACKED_GIB``) are refused,
+    and the bundle appears under ``bundle_dir`` (default ``$MEDFM_HOME/bundles``) only once it
+    is complete. An existing copy of the bundle is replaced.
     """
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise MedfmError(f"{name!r} is not a bundle name (letters, digits, '.', '_' and '-')")
     if not urllib.parse.urlparse(index).scheme:
         index = Path(index).resolve().as_uri()
     target_root = Path(bundle_dir) if bundle_dir else cache_dir() / "bundles"
     target_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target_root) as scratch:
         scratch = Path(scratch)
-        entries = {k: v for k, v in _read_index(index, scratch).items() if isinstance(v, dict) and v.get("name") == name}
+        entries = {k: _checked_entry(k, v, index) for k, v in _read_index(index, scratch).items()
+                   if isinstance(v, dict) and v.get("name") == name}
         if version:
-            entries = {k: v for k, v in entries.items() if v.get("version") == version}
+            entries = {k: v for k, v in entries.items() if v["version"] == version}
         if not entries:
             raise MedfmError(f"{index}: lists no bundle {name!r}{f' version {version}' if version else ''}")
-        entry = max(entries.values(), key=lambda e: tuple(int(p) if p.isdigit() else 0 for p in str(e["version"]).split(".")))
+        entry = max(entries.values(), key=lambda e: tuple(int(p) if p.isdigit() else 0 for p in e["version"].split(".")))
         source = entry.get("source") or entry["file"]
         url = source if urllib.parse.urlparse(source).scheme else urllib.parse.urljoin(index, entry["file"])
-        archive = download(url, scratch / entry["file"], sha256=entry["sha256"], size=entry.get("size"), progress=progress)
+        archive = download(url, scratch / "archive.zip", sha256=entry["sha256"], size=entry.get("size"), progress=progress)
         try:
             unpacked = safe_extract_zip(archive, scratch / "unpacked")
-        except (ScanError, zipfile.BadZipFile) as error:
+        except ArchiveError as error:
             raise MedfmError(f"{url}: {str(error).split(': ', 1)[-1]}") from None
         top = [p.name for p in unpacked.iterdir()]
         if top != [name] or not (unpacked / name / "configs" / "metadata.json").is_file():

@@ -6,6 +6,8 @@ prints the same message as its one error line).
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,7 +120,20 @@ def folder_without_dicom(small_ct, tmp_path, real_file):
     return folder, r"notes: no DICOM files found in the folder"
 
 
+def named_pipe(small_ct, tmp_path, real_file):
+    path = tmp_path / "pipe.nii.gz"
+    os.mkfifo(path)  # nothing ever writes to it: opening it for reading would block forever
+    return path, r"pipe\.nii\.gz: not a regular file or folder \(a pipe, socket or device cannot be read as a scan\)"
+
+
+def zip_with_an_escaping_member(small_ct, tmp_path, real_file):
+    path = tmp_path / "series.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("../outside.dcm", b"x")
+    return path, r"series\.zip: refused: archive member '\.\./outside\.dcm' would be written outside the extraction folder"
+
+
 CORPUS: dict[str, Callable] = {case.__name__: case for case in (
     duplicated_slice, missing_slices, non_uniform_spacing, gantry_tilt, mixed_orientations,
     enhanced_mr_mixed_orientations, multiframe_without_geometry, single_dicom_slice, two_dimensional,
-    four_dimensional, non_finite, not_an_image, folder_without_dicom)}
+    four_dimensional, non_finite, not_an_image, folder_without_dicom, named_pipe, zip_with_an_escaping_member)}

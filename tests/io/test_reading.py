@@ -14,7 +14,7 @@ from monai.transforms import LoadImage
 from pydicom.data import get_testdata_file
 
 import medfm
-from medfm.io import LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
+from medfm.io import ArchiveError, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
 
 from .bad_inputs import CORPUS, ct_series
 
@@ -67,7 +67,7 @@ def test_archive_members_escaping_the_folder_are_refused(tmp_path, member):
         bundle.writestr(member, b"payload")
     target = tmp_path / "extract"
     target.mkdir()
-    with pytest.raises(ScanError, match=r"evil\.zip: refused: archive member .* would be written outside"):
+    with pytest.raises(ArchiveError, match=r"evil\.zip: refused: archive member .* would be written outside"):
         safe_extract_zip(archive, target)
     assert not (tmp_path / "escaped.dcm").exists() and list(target.iterdir()) == []
     with pytest.raises(ScanError, match="refused"):
@@ -80,7 +80,7 @@ def test_symlink_members_are_refused(tmp_path):
         info = zipfile.ZipInfo("series/link.dcm")
         info.external_attr = (0o120777 << 16)
         bundle.writestr(info, "/etc/passwd")
-    with pytest.raises(ScanError, match="is a symbolic link"):
+    with pytest.raises(ArchiveError, match="is a symbolic link"):
         safe_extract_zip(archive, tmp_path / "out")
 
 
@@ -221,3 +221,13 @@ def test_a_2d_nifti_keeps_its_own_affine(tmp_path):
     assert image.shape == (20, 30, 1)
     np.testing.assert_allclose(image.affine.numpy(), affine)
     np.testing.assert_array_equal(image[..., 0].numpy(), plane)
+
+
+def test_a_zipped_series_that_unpacks_beyond_the_limit_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_MAX_UNPACKED_GIB", "0.01")
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("slice.dcm", bytes(64 << 20))
+    with pytest.raises(ScanError, match=r"bomb\.zip: refused: its members unpack to 0\.06 GiB, over the 0\.01 GiB limit "
+                                        r"\(\$MEDFM_MAX_UNPACKED_GIB\)$"):
+        LoadScan()(bomb)

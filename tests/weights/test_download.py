@@ -1,5 +1,8 @@
 import hashlib
+import http.server
 import socket
+import threading
+import time
 
 import pytest
 
@@ -65,3 +68,49 @@ def test_http_error_and_unreachable_host(server, tmp_path):
     with pytest.raises(WeightsError, match="cannot download http://127.0.0.1:.*no network"):
         download(f"http://127.0.0.1:{port}/w.bin", tmp_path / "w.bin", progress=False)
     assert not (tmp_path / "w.bin").exists()
+
+
+class _DrippingHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes and sends one every 50 ms: each read succeeds, the whole never ends in time."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client gave up, as it should
+            pass
+
+
+def test_a_dripping_server_is_stopped_by_the_whole_download_deadline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_DOWNLOAD_DEADLINE_S", "1")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DrippingHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(WeightsError, match=r"not complete within \$MEDFM_DOWNLOAD_DEADLINE_S=1 s; the download was discarded"):
+            download(f"http://127.0.0.1:{httpd.server_port}/w.bin", tmp_path / "w.bin", progress=False, timeout=5)
+    finally:
+        httpd.shutdown()
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_deadline_setting_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_DOWNLOAD_DEADLINE_S", "soon")
+    with pytest.raises(WeightsError, match=r"\$MEDFM_DOWNLOAD_DEADLINE_S='soon' is not a positive number of seconds"):
+        download("http://127.0.0.1:9/w.bin", tmp_path / "w.bin", progress=False)
+
+
+def test_reading_stops_once_more_than_the_promised_size_arrives(server, http_root, tmp_path):
+    data, digest = _payload(http_root)
+    with pytest.raises(WeightsError, match="size mismatch: expected 1000 bytes, got more; the download was discarded"):
+        download(server.url("weights.bin"), tmp_path / "w.bin", size=1000, progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "served"]

@@ -4,11 +4,14 @@ from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, embedd
 from .input_list import expand_inputs
 from .regions import label_regions, read_points
 from .image_folder import image_folder_classes, image_folder_datalist
-from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series, safe_extract_zip
+from .archives import ArchiveError, MAX_UNPACKED_GIB_ENV, safe_extract_zip
+from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series
 from .target_table import target_table_datalist, target_table_labels
 from .segmentation import SaveSegmentation, SaveSegmentationd, SegmentationWriteError
 
 __all__ = [
+    "ArchiveError",
+    "MAX_UNPACKED_GIB_ENV",
     "DicomSeries",
     "LoadScan",
     "LoadScand",

@@ -24,6 +24,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import SpaceKeys
 
 from ..errors import MedfmError, first_line, innermost
+from .archives import ArchiveError, safe_extract_zip
 from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
                     series_geometry, stack_series)
 
@@ -31,7 +32,6 @@ __all__ = [
     "ScanError",
     "DicomSeries",
     "list_dicom_series",
-    "safe_extract_zip",
     "LoadScan",
     "LoadScand",
     "MAX_INPUT_GIB_ENV",
@@ -46,20 +46,6 @@ DEFAULT_MAX_INPUT_GIB = 8.0
 
 class ScanError(MedfmError):
     """An input scan that cannot be processed safely, explained in one line."""
-
-
-def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Extract ``archive`` into ``target``, refusing members that would land outside it."""
-    target = Path(target).resolve()
-    with zipfile.ZipFile(archive) as bundle:
-        for member in bundle.infolist():
-            destination = (target / member.filename).resolve()
-            if destination != target and target not in destination.parents:
-                raise ScanError(f"{archive}: refused: archive member {member.filename!r} would be written outside the extraction folder")
-            if (member.external_attr >> 16) & 0o170000 == 0o120000:
-                raise ScanError(f"{archive}: refused: archive member {member.filename!r} is a symbolic link")
-        bundle.extractall(target)
-    return target
 
 
 def _max_input_bytes(max_gib: float | None) -> tuple[float, int]:
@@ -97,9 +83,15 @@ class LoadScan(Transform):
         source = Path(path)
         if not source.exists():
             raise ScanError(f"{source}: no such file or folder")
+        if not (source.is_file() or source.is_dir()):  # reading a FIFO or a device would block or never end
+            raise ScanError(f"{source}: not a regular file or folder (a pipe, socket or device cannot be read as a scan)")
         if source.is_file() and zipfile.is_zipfile(source):
             with tempfile.TemporaryDirectory(prefix="medfm-zip-") as folder:
-                return self._load_folder(safe_extract_zip(source, folder), source)
+                try:
+                    unpacked = safe_extract_zip(source, folder)
+                except ArchiveError as error:
+                    raise ScanError(str(error)) from None
+                return self._load_folder(unpacked, source)
         if source.is_dir():
             return self._load_folder(source, source)
         if pydicom.misc.is_dicom(source):

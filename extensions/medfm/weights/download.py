@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,9 +13,35 @@ from tqdm import tqdm
 
 from ..errors import WeightsError
 
-__all__ = ["download"]
+__all__ = ["download", "DOWNLOAD_DEADLINE_ENV"]
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16
+#: Environment variable with the most seconds one download may take as a whole.
+DOWNLOAD_DEADLINE_ENV = "MEDFM_DOWNLOAD_DEADLINE_S"
+DEFAULT_DOWNLOAD_DEADLINE_S = 4 * 3600.0
+
+
+def _deadline_seconds() -> float:
+    text = os.environ.get(DOWNLOAD_DEADLINE_ENV, str(DEFAULT_DOWNLOAD_DEADLINE_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise WeightsError(f"${DOWNLOAD_DEADLINE_ENV}={text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _chunks(response, url: str):
+    """The body as it arrives (``read1`` returns what one read gave: a dripping server is seen drip by drip)."""
+    while True:
+        try:
+            chunk = response.read1(CHUNK)
+        except OSError as error:  # timeouts and resets: the .part file stays for a resumed attempt
+            raise WeightsError(f"cannot download {url}: {error or type(error).__name__} (run the command again to resume)") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def download(url: str, destination: str | os.PathLike, sha256: str | None = None, size: int | None = None,
@@ -23,8 +50,12 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
 
     Bytes go to ``destination + '.part'`` first; an interrupted download resumes from there when
     the server honours HTTP ranges. Only a file whose size and sha256 (or published sha256 prefix)
-    match is renamed into place; a mismatching one is deleted and reported.
+    match is renamed into place; a mismatching one is deleted and reported. ``timeout`` bounds
+    each network read; the whole download is bounded by ``$MEDFM_DOWNLOAD_DEADLINE_S`` (default
+    4 hours), so a server that drips bytes cannot hold it forever, and reading stops as soon as
+    more than ``size`` bytes arrive.
     """
+    deadline = time.monotonic() + _deadline_seconds()
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
@@ -51,19 +82,26 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
             if done and response.status != 206:  # server ignored the range: start over
                 digest, done = hashlib.sha256(), 0
             length = response.headers.get("Content-Length")
-            total = done + int(length) if length else size
+            total = done + int(length) if length and length.isdigit() else size
             with open(partial, "ab" if done else "wb") as out, tqdm(
                 total=total, initial=done, unit="B", unit_scale=True, desc=destination.name, disable=not progress
             ) as bar:
-                for chunk in iter(lambda: response.read(CHUNK), b""):
+                for chunk in _chunks(response, url):
                     out.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
                     bar.update(len(chunk))
+                    if size is not None and done > size:
+                        break  # reported as a size mismatch below
+                    if time.monotonic() > deadline:
+                        out.close()
+                        partial.unlink(missing_ok=True)
+                        raise WeightsError(f"cannot download {url}: not complete within ${DOWNLOAD_DEADLINE_ENV}="
+                                           f"{_deadline_seconds():g} s; the download was discarded")
     actual = digest.hexdigest()
     if size is not None and done != size:
         partial.unlink(missing_ok=True)
-        raise WeightsError(f"{url}: size mismatch: expected {size} bytes, got {done}; the download was discarded")
+        raise WeightsError(f"{url}: size mismatch: expected {size} bytes, got {'more' if done > size else done}; the download was discarded")
     if sha256 is not None and not actual.startswith(sha256.lower()):
         partial.unlink(missing_ok=True)
         raise WeightsError(f"{url}: sha256 mismatch: expected {sha256}, got {actual}; the download was discarded")
