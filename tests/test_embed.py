@@ -67,6 +67,18 @@ def test_nifti_and_dicom_in_one_run_through_the_python_api(small_ct, tmp_path):
     assert (again.embedded, again.already_done) == (0, 2) and len(again.rows) == 2
 
 
+def test_scans_of_eight_slices_or_fewer_embed_with_the_shipped_genesis_weights(small_ct, tmp_path):
+    """They gave an all-NaN embedding: MONAI's crop of the 1/8-resolution features after padding rounded to nothing."""
+    thin = crop_nifti(str(small_ct), tmp_path / "thin.nii.gz", (48, 48, 8))
+    dicom_dir = tmp_path / "thin_dicom"
+    medfm.samples.write_dicom_series(str(thin), dicom_dir, modality="CT")
+    summary = medfm.embed(GENESIS, [thin, dicom_dir], out=tmp_path / "out", progress=False, num_workers=0)
+    assert (summary.embedded, summary.failed) == (2, {})
+    vectors = [np.load(tmp_path / "out" / row["embedding"]) for row in summary.rows]
+    assert all(np.isfinite(v).all() and v.std() > 0 for v in vectors)
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-6)
+
+
 def test_inputs_sharing_a_base_name_keep_their_own_embeddings(cohort, tmp_path):
     result = run_command(EMBED + ["models_genesis_chest_ct", *map(str, cohort[:3]), "--out", str(tmp_path / "out"),
                                   "--progress", "False"])

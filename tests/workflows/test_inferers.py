@@ -69,3 +69,21 @@ def test_tiled_embedding_is_the_voxel_weighted_mean_of_its_tiles_and_whole_when_
     tiles.clear()
     small = torch.rand(1, 2, 20, 10, 5)
     assert set(tiled(small, None)) == {"embedding", "other"} and tiles == [(20, 10, 5)]
+
+
+@pytest.mark.parametrize("shape, cells", [((48, 48, 8), (6, 6, 2)), ((20, 64, 3), (4, 8, 2)), ((64, 64, 12), (8, 8, 2))])
+def test_inputs_smaller_than_the_window_keep_the_low_resolution_cells_that_cover_them(shape, cells):
+    """MONAI's own pad-then-crop rounds the 1/8-resolution bottleneck of a scan of 8 or fewer slices to an empty map
+    (whose average is NaN); every bottleneck cell that overlaps the scan is kept (a 48x48x8 scan padded by 8, 8 and
+    12 voxels before it overlaps cells 1-6, 1-6 and 1-2), and the full-resolution output stays exactly MONAI's."""
+    torch.manual_seed(0)
+    net = GenesisUNet3D(norm="batch").eval()
+    window = SlidingWindowInferer(roi_size=(64, 64, 32), sw_batch_size=1, overlap=0.25, mode="gaussian")
+    x = torch.rand(1, 1, *shape)
+    with torch.no_grad():
+        ours = MethodInferer(window, "forward_with_bottleneck")(x, net)
+        monai_restored = window(x, lambda w: tuple(net.forward_with_bottleneck(w).values()))[0]
+        features = MethodInferer(window, "forward_features")(x, net)
+    torch.testing.assert_close(ours["restored"], monai_restored)
+    assert ours["bottleneck"].shape[2:] == features.shape[2:] == cells
+    assert torch.isfinite(features).all()

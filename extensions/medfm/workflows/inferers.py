@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
+from monai.utils import fall_back_tuple
 
 
 class MethodInferer(Inferer):
@@ -46,8 +47,46 @@ class MethodInferer(Inferer):
 
         # monai 1.6.1's sliding window sorts dict outputs by key and mis-sizes its weight maps when
         # a lower-resolution output sorts first; a tuple keeps the method's full-resolution-first order
-        result = self.inferer(inputs, predictor, *args, **kwargs)
+        padded, before = self._padded_to_window(inputs)
+        result = self.inferer(padded, predictor, *args, **kwargs)
+        if before is not None:
+            result = tuple(_crop_to_input(r, padded.shape[2:], inputs.shape[2:], before) for r in result) \
+                if isinstance(result, tuple) else _crop_to_input(result, padded.shape[2:], inputs.shape[2:], before)
         return dict(zip(names, result)) if names else result
+
+    def _padded_to_window(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """The input padded up to the sliding window (as MONAI pads it) and the padding before each axis.
+
+        MONAI pads an input smaller than ``roi_size`` itself and crops every output back by the
+        same voxel counts scaled to the output's resolution; at 1/8 resolution that crop rounds
+        to nothing for a scan of 8 slices or fewer (a 12-voxel pad is 1.5 cells), and the
+        bottleneck pooled over an empty map is NaN. Padding here and cropping with
+        :func:`_crop_to_input` keeps every cell that covers the scan.
+        """
+        roi = getattr(self.inferer, "roi_size", None)
+        if roi is None:
+            return inputs, None
+        spatial = inputs.shape[2:]
+        roi = fall_back_tuple(roi, spatial)
+        missing = [max(int(r) - n, 0) for r, n in zip(roi, spatial)]
+        if not any(missing):
+            return inputs, None
+        before = [m // 2 for m in missing]
+        pad = [p for b, m in reversed(list(zip(before, missing))) for p in (b, m - b)]
+        mode = str(getattr(self.inferer, "padding_mode", "constant"))
+        value = float(getattr(self.inferer, "cval", 0.0))
+        padded = torch.nn.functional.pad(inputs, pad, mode=mode, value=value) if mode == "constant" \
+            else torch.nn.functional.pad(inputs, pad, mode=mode)
+        return padded, before
+
+
+def _crop_to_input(output: torch.Tensor, padded: Sequence[int], original: Sequence[int], before: Sequence[int]) -> torch.Tensor:
+    """``output`` of a padded input cut to the cells that cover the original input, at the output's own scale."""
+    window = []
+    for size, padded_size, original_size, start in zip(output.shape[2:], padded, original, before):
+        scale = size / padded_size
+        window.append(slice(math.floor(start * scale), max(math.ceil((start + original_size) * scale), math.floor(start * scale) + 1)))
+    return output[(slice(None), slice(None), *window)]
 
 
 class FeatureTapInferer(Inferer):
