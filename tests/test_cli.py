@@ -1,14 +1,20 @@
 """The ``medfm`` command line as a user runs it."""
 
 import csv
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import medfm
 from medfm import cli
+from medfm.io import output_stem, read_index_rows
 from tests.conftest import GENESIS, run_command, save_upstream_checkpoint
 from tests.io.bad_inputs import CORPUS
 
@@ -27,17 +33,17 @@ def test_infer_by_name_writes_outputs_and_nothing_else(small_ct, tmp_path):
     out = tmp_path / "results"
     result = run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(small_ct), "--out", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["ct_small_embedding.npy", "ct_small_restored.nii.gz", "embeddings.csv"]
+    stem = output_stem(small_ct)
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}_embedding.npy", f"{stem}_restored.nii.gz", "embeddings.csv"]
+    assert stem.startswith("ct_small-") and len(stem) == len("ct_small-") + 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"], "no staging folder left behind"
-    assert str(out / "ct_small_restored.nii.gz") in result.stdout
+    assert str(out / f"{stem}_restored.nii.gz") in result.stdout
     # a second scan into the same folder adds a row to the index instead of replacing it
     renamed = tmp_path / "second.nii.gz"
     renamed.write_bytes(small_ct.read_bytes())
     assert run_command(MEDFM + ["infer", "models_genesis_chest_ct", str(renamed), "--out", str(out)]).returncode == 0
-    from medfm.io import read_index_rows
-
     rows = read_index_rows(out / "embeddings.csv")
-    assert [r["embedding"] for r in rows] == ["ct_small_embedding.npy", "second_embedding.npy"]
+    assert [r["embedding"] for r in rows] == [f"{stem}_embedding.npy", f"{output_stem(renamed)}_embedding.npy"]
     assert {r["model"] for r in rows} == {"models_genesis_chest_ct"} and {r["weights"] for r in rows} == {"medfm_genesis_demo"}
 
 
@@ -46,6 +52,41 @@ def test_missing_input_is_one_line_and_creates_nothing(tmp_path):
                                                    "--out", str(tmp_path / "out")]))
     assert "nope.nii.gz: no such file or folder" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_infer_outputs_of_inputs_sharing_a_base_name_never_collide_and_reruns_replace_their_row(small_ct, tmp_path):
+    out = tmp_path / "out"
+    scans = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        scans.append(tmp_path / folder / "ct.nii.gz")
+        scans[-1].write_bytes(small_ct.read_bytes())
+    for scan in scans + scans[:1]:
+        result = run_command(MEDFM + ["infer", str(GENESIS), str(scan), "--out", str(out)])
+        assert result.returncode == 0, result.stderr[-2000:]
+    stems = [output_stem(scan) for scan in scans]
+    assert stems[0] != stems[1] and all(stem.startswith("ct-") for stem in stems)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{stem}_{kind}" for stem in stems for kind in ("embedding.npy", "restored.nii.gz")] + ["embeddings.csv"])
+    rows = read_index_rows(out / "embeddings.csv")
+    assert sorted(row["input"] for row in rows) == sorted(str(scan) for scan in scans)  # the rerun replaced its row
+
+
+@pytest.mark.parametrize("problem", ["foreign index", "out is a file"])
+def test_infer_refuses_an_unusable_out_before_any_work(small_ct, tmp_path, problem):
+    out = tmp_path / "out"
+    if problem == "foreign index":
+        out.mkdir()
+        (out / "embeddings.csv").write_text("subject,age\n1,54\n")
+        expected = "embeddings.csv: exists and is not a medfm embeddings index"
+    else:
+        out.write_text("notes")
+        expected = "out: exists and is not a folder; give --out a folder"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(small_ct), "--out", str(out)]))
+    assert expected in line, line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("case", list(CORPUS))
@@ -203,3 +244,58 @@ def test_demo_restores_and_embeds_the_sample_as_nifti_and_dicom(tmp_path):
     rows = list(csv.DictReader((tmp_path / "demo" / "embeddings" / "embeddings.csv").open()))
     assert len(rows) == 2 and {row["dimension"] for row in rows} == {"512"}
     assert (tmp_path / "demo" / "montage.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", ["infer", "embed"])
+def test_a_misspelt_override_is_refused_with_the_keys_it_could_mean(small_ct, tmp_path, command):
+    line = _single_error_line(run_command(MEDFM + [command, str(GENESIS), str(small_ct), "--out", str(tmp_path / "out"),
+                                                   "--sw_batchsize", "2"]))
+    assert "has no key 'sw_batchsize'; did you mean sw_batch_size" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_argument_of_a_component_is_not_refused_as_unknown(small_ct, tmp_path):
+    from medfm.inference import check_overrides
+
+    check_overrides(GENESIS, ["inference.json"], {"network_def#norm": "batch", "network_def#new_argument": 1})
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`medfm info B | head -n 0`: the reader is gone before medfm writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(MEDFM + ["info", str(GENESIS)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_staging_folder(small_ct, tmp_path):
+    process = subprocess.Popen(MEDFM + ["infer", str(GENESIS), str(small_ct), "--out", str(tmp_path / "out")],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".out.") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until the run has started writing into its staging folder
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr.strip().splitlines() == ["medfm: interrupted"], stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_cached_bundle_is_a_warning_in_list_and_a_damaged_import_record_never_stops_inference(small_ct, tmp_path):
+    home = tmp_path / "home"
+    (home / "bundles" / "damaged" / "configs").mkdir(parents=True)
+    (home / "bundles" / "damaged" / "configs" / "metadata.json").write_text("{not json")
+    listed = run_command(MEDFM + ["list"], env={"MEDFM_HOME": str(home)})
+    assert listed.returncode == 0 and "models_genesis_chest_ct" in listed.stdout
+    (warning,) = listed.stderr.strip().splitlines()
+    assert warning.startswith("medfm: warning: ") and "damaged/configs/metadata.json: unreadable (JSONDecodeError" in warning
+
+    bundle = tmp_path / "models_genesis_chest_ct"
+    shutil.copytree(GENESIS, bundle)
+    (bundle / "models" / "weights.json").write_text("[garbage")
+    info = run_command(MEDFM + ["info", str(bundle)])
+    assert info.returncode == 0 and "models/weights.json: unreadable (JSONDecodeError" in info.stdout
+    summary = medfm.embed(bundle, [small_ct], out=tmp_path / "out", progress=False, num_workers=0)
+    assert summary.embedded == 1 and summary.rows[0]["weights"] == "medfm_genesis_demo"  # known by its sha256

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from medfm.io import output_stem
 from medfm.weights import load_checkpoint
 from tests.conftest import BUNDLES, GENESIS, SCHEMA, bundle_run, run_command
 
@@ -23,7 +24,7 @@ def _label_bundle(*arguments: str):
 
 def _segment(bundle, scan, output_dir, *overrides):
     bundle_run(bundle, ["configs/inference.json"], "--input_image", str(scan), "--output_dir", str(output_dir), *overrides)
-    label = nib.load(output_dir / scan.name.replace(".nii.gz", "_seg.nii.gz"))
+    label = nib.load(output_dir / f"{output_stem(scan)}_seg.nii.gz")
     source = nib.load(scan)
     assert label.shape == source.shape
     np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)

@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 from .bundles import find_bundle, list_bundle_dirs
+from .errors import describe_error
 from .weights import registry
-from .weights.importer import PROVENANCE_FILE, installed_weights_id
+from .weights.importer import installed_weights_id, read_provenance
 
 __all__ = ["bundle_summary", "bundle_summaries", "bundle_info"]
 
@@ -50,9 +51,16 @@ def bundle_summary(bundle_dir: Path) -> dict[str, str]:
     }
 
 
-def bundle_summaries() -> list[dict[str, str]]:
-    """Rows for every bundle found (repository and ``$MEDFM_HOME/bundles``)."""
-    return [bundle_summary(d) for d in list_bundle_dirs()]
+def bundle_summaries() -> tuple[list[dict[str, str]], list[str]]:
+    """Rows for every bundle found (repository and ``$MEDFM_HOME/bundles``), and one line for each
+    bundle that cannot be read (a damaged download never hides the others)."""
+    rows, broken = [], []
+    for bundle_dir in list_bundle_dirs():
+        try:
+            rows.append(bundle_summary(bundle_dir))
+        except (ValueError, UnicodeDecodeError, OSError, AttributeError) as error:
+            broken.append(f"{bundle_dir / 'configs' / 'metadata.json'}: unreadable ({describe_error(error)}); bundle skipped")
+    return rows, broken
 
 
 def bundle_info(bundle: str | os.PathLike) -> list[str]:
@@ -64,9 +72,10 @@ def bundle_info(bundle: str | os.PathLike) -> list[str]:
              f"intended use: {metadata.get('intended_use', '')}", "", "input contract:"]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in metadata.get("input_contract", {}).items()]
     lines += ["", f"installed weights: {installed_weights_id(bundle_dir)}"]
-    provenance = bundle_dir / PROVENANCE_FILE
-    if provenance.is_file():
-        record = json.loads(provenance.read_text())
+    record, problem = read_provenance(bundle_dir)
+    if problem:
+        lines.append(f"  {problem}")
+    if record is not None:
         lines.append(f"  imported from {record.get('source')} (sha256 {str(record.get('source_sha256'))[:16]}...) "
                      f"at {record.get('imported_at')}")
     for entry in registry.for_bundle(bundle_dir.name):

@@ -86,7 +86,9 @@ def list_bundles() -> None:
     """Table of the bundles found: task, modality, weights installed and registered, licences."""
     from .catalog import bundle_summaries
 
-    rows = bundle_summaries()
+    rows, broken = bundle_summaries()
+    for problem in broken:
+        print(f"medfm: warning: {problem}", file=sys.stderr)
     if not rows:
         raise MedfmError("no bundles found (repository bundles/ or $MEDFM_HOME/bundles)")
     for row in rows:
@@ -190,11 +192,18 @@ def main(argv: list[str] | None = None) -> int:
                 "label-bundle": label_bundle, "weights": _weights_commands()}
     try:
         fire.Fire(commands, command=argv, name="medfm")
+        sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit
     except MedfmError as error:
         print(f"medfm: error: {error}", file=sys.stderr)
         return 1
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("medfm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `medfm info | head` closed the pipe: stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141
     except Exception as error:  # anything else still gets one line, with its type to help a bug report
         print(f"medfm: error: {describe_error(error)}", file=sys.stderr)
         return 1

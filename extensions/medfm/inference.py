@@ -11,6 +11,7 @@ process or under ``torchrun``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .bundles import find_bundle
 from .errors import MedfmError, describe_error, innermost
-from .io.embeddings import append_index_rows, is_index_file, read_index_rows
+from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
 from .transforms.contract import logger as contract_logger
@@ -49,6 +50,26 @@ def _workflow(bundle_dir: Path, configs: list[str], logging_file: str | bool, **
         workflows_logger.setLevel(level)
 
 
+def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> None:
+    """Refuse override keys the bundle's configs do not have (a misspelt ``--sw_batchsize 2`` would
+    otherwise be added as a new key and silently do nothing). A new argument of a component
+    (``network_def#new_argument``, whose parent has a ``_target_``) is allowed."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle_dir / "configs" / name) for name in configs])
+    for key in overrides:
+        if key in parser:
+            continue
+        parent = key.rpartition("#")[0]
+        if parent and parent in parser and isinstance(parser[parent], dict) and "_target_" in parser[parent]:
+            continue
+        known = sorted(k for k in parser.config if not k.startswith("_"))
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise MedfmError(f"{bundle_dir.name}: {', '.join(configs)} has no key {key!r}; {hint}its keys are {', '.join(known)}")
+
+
 def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike = "medfm_output",
           verbose: bool = False, **overrides) -> list[str]:
     """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
@@ -63,10 +84,14 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
     Returns the paths written. Contract deviations are printed as ``medfm: warning:`` lines.
     """
     bundle_dir = find_bundle(bundle)
+    check_overrides(bundle_dir, ["inference.json"], overrides)
     source = Path(input).expanduser()
     if not source.exists():
         raise MedfmError(f"{source}: no such file or folder")
     out_dir = Path(out).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedfmError(f"{out_dir}: exists and is not a folder; give --out a folder")
+    check_index_file(out_dir / str(overrides.get("embeddings_index", "embeddings.csv")))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -75,7 +100,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         with _output_captured(verbose) as log:
             try:
                 workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
-                                     input_image=str(source.resolve()), output_dir=str(staging), **overrides)
+                                     input_image=os.path.abspath(source), output_dir=str(staging), **overrides)
                 workflow.initialize()
                 workflow.run()
                 workflow.finalize()
@@ -97,8 +122,10 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         results = []
         for path in written:
             target = out_dir / path.name
-            if target.exists() and is_index_file(path):  # one index accumulates across runs
-                append_index_rows(target, read_index_rows(path))
+            if target.exists() and is_index_file(path):  # one index accumulates across runs, a row per output
+                added = read_index_rows(path)
+                replaced = {row["embedding"] for row in added}
+                write_index_rows(target, [row for row in read_index_rows(target) if row["embedding"] not in replaced] + added)
             else:
                 path.replace(target)
             results.append(str(target))
@@ -138,6 +165,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     bundle_dir = find_bundle(bundle)
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
+    check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
     sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     if points is not None and (sources or mask is not None):
         raise MedfmError("--points names its scans in its image column: give no other inputs and no --mask")

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def _inference(bundle, source, output_dir):
     bundle_run(bundle, ["configs/inference.json"], "--input_image", str(source), "--output_dir", str(output_dir))
-    stem = medfm.io.input_stem(source)
+    stem = medfm.io.output_stem(source)
     return nib.load(output_dir / f"{stem}_restored.nii.gz"), np.load(output_dir / f"{stem}_embedding.npy")
 
 
@@ -121,11 +121,11 @@ def test_fine_tuning_from_pretrained_then_evaluation(tiny_segmentation_dataset, 
     bundle_run(GENESIS, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir", str(dicom_dataset),
                "--output_dir", str(tmp_path / "ft"), "--eval_dir", str(tmp_path / "eval_dicom"),
                "--patch_size", "[32,32,16]", "--val_fraction", "0.25")
-    seg = hd.seg.segread(tmp_path / "eval_dicom" / "ct_3_seg.dcm")
+    seg = hd.seg.segread(next((tmp_path / "eval_dicom").glob("ct_3-*_seg.dcm")))
     series_uid = pydicom.dcmread(next((dicom_dataset / "ct_3").iterdir())).SeriesInstanceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["tissue above 25 HU (synthetic)"]
-    from_dicom = nib.load(tmp_path / "eval_dicom" / "ct_3_seg.nii.gz")
+    from_dicom = nib.load(next((tmp_path / "eval_dicom").glob("ct_3-*_seg.nii.gz")))
     np.testing.assert_allclose(from_dicom.affine, source.affine, atol=1e-4)
     assert int(seg.NumberOfFrames) == source.shape[2]
 

@@ -103,7 +103,7 @@ def test_inference_feeds_the_network_the_scan_spacing(spad_bundle, tmp_path):
     spacing = medfm.transforms.voxel_spacing(image)
     assert float(spacing[2] / spacing[0]) == pytest.approx(4) and image.shape[-1] % 4 == 0
     bundle_run(spad_bundle, ["configs/inference.json"], "--input_image", str(thick), "--output_dir", str(tmp_path / "out"), *TINY_ARGS)
-    saved = np.load(tmp_path / "out" / "ct_thick_embedding.npy")
+    saved = np.load(next((tmp_path / "out").glob("ct_thick-*_embedding.npy")))
     with torch.no_grad():
         expected = network.eval().embed(image.as_tensor(), aniso_d=2)[0].numpy()
         as_isotropic = network.embed(image.as_tensor(), aniso_d=3)[0].numpy()

@@ -48,7 +48,7 @@ def test_pretraining_logs_all_three_tasks_and_keeps_the_heads_apart(tmp_path):
 
 def _inference(bundle, source, output_dir, *extra):
     bundle_run(bundle, ["configs/inference.json"], "--input_image", str(source), "--output_dir", str(output_dir), *extra)
-    stem = medfm.io.input_stem(source)
+    stem = medfm.io.output_stem(source)
     return nib.load(output_dir / f"{stem}_restored.nii.gz"), np.load(output_dir / f"{stem}_embedding.npy")
 
 
@@ -95,7 +95,7 @@ def test_fine_tuning_from_pretrained_then_evaluation_and_the_scratch_baseline(sa
                "--output_dir", str(tmp_path / "ft"), "--num_classes", "2", "--patch_size", "[32,32,16]",
                "--val_fraction", "0.25", "--modality", "CT")
     assert (tmp_path / "ft" / "eval" / "metrics.csv").read_text().startswith("val_mean_dice,")
-    segmentation = nib.load(tmp_path / "ft" / "eval" / "ct_3_seg.nii.gz")
+    segmentation = nib.load(next((tmp_path / "ft" / "eval").glob("ct_3-*_seg.nii.gz")))
     assert segmentation.shape == nib.load(tiny_segmentation_dataset / "ct_3.nii.gz").shape
     scratch = _fine_tune(sar_bundle, tiny_segmentation_dataset, tmp_path / "scratch", "--pretrained", "False")
     assert "pretrained weights" not in scratch.stdout + scratch.stderr

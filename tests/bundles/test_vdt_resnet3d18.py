@@ -107,7 +107,7 @@ def test_classification_fine_tuning_evaluation_inference_and_scratch(vdt_bundle,
                "--output_dir", str(out), "--input_image", str(crop_classification_dataset / "MR_1.nii.gz"))
     (name, *probabilities), = csv.reader((out / "predictions.csv").open())
     assert name.endswith("MR_1.nii.gz") and len(probabilities) == 2 and abs(sum(map(float, probabilities)) - 1) < 1e-5
-    assert np.load(out / "MR_1_embedding.npy").shape == (512,)
+    assert np.load(next(out.glob("MR_1-*_embedding.npy"))).shape == (512,)
 
     scratch = _fine_tune(vdt_bundle, crop_classification_dataset, tmp_path / "scratch", "--pretrained", "False")
     assert "pretrained weights" not in scratch.stdout + scratch.stderr
@@ -133,7 +133,7 @@ def test_embedding_inference_on_the_sample_and_without_weights(vdt_bundle, tmp_p
     (vdt_bundle / "models").mkdir(exist_ok=True)
     torch.save(vdt_resnet18(feed_forward=False).state_dict(), vdt_bundle / "models" / "model.pt")
     bundle_run(vdt_bundle, ["configs/inference.json"], "--output_dir", str(tmp_path / "out"))
-    embedding = np.load(tmp_path / "out" / "mr_head_t1_itk_embedding.npy")
+    embedding = np.load(next((tmp_path / "out").glob("mr_head_t1_itk-*_embedding.npy")))
     assert embedding.shape == (512,) and np.isfinite(embedding).all() and embedding.std() > 0
     assert not (tmp_path / "out" / "predictions.csv").exists()  # no classification head: embedding only
 

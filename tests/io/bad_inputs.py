@@ -120,6 +120,108 @@ def folder_without_dicom(small_ct, tmp_path, real_file):
     return folder, r"notes: no DICOM files found in the folder"
 
 
+def mixed_pixel_spacing(small_ct, tmp_path, real_file):
+    files = ct_series(small_ct, tmp_path)
+    spacing = [float(v) for v in pydicom.dcmread(files[0]).PixelSpacing]
+    _edit(files[9], PixelSpacing=[spacing[0] * 1.25, spacing[1] * 1.25])
+    return files[0].parent, r"series: slices have 2 different PixelSpacing values \(.* mm\); they are not one volume"
+
+
+def missing_pixel_spacing(small_ct, tmp_path, real_file):
+    files = ct_series(small_ct, tmp_path)
+    dataset = pydicom.dcmread(files[0])
+    del dataset.PixelSpacing
+    dataset.save_as(files[0])
+    return files[0].parent, r"series: 1 slice\(s\) without PixelSpacing; the voxel size is unknown"
+
+
+def non_finite_position(small_ct, tmp_path, real_file):
+    files = ct_series(small_ct, tmp_path)
+    x, y, z = (float(v) for v in pydicom.dcmread(files[4]).ImagePositionPatient)
+    _edit(files[4], ImagePositionPatient=[x, y, "NaN"])
+    return files[0].parent, r"series: 1 slice\(s\) with a NaN or infinite ImagePositionPatient"
+
+
+def degenerate_orientation(small_ct, tmp_path, real_file):
+    files = ct_series(small_ct, tmp_path)
+    for path in files:
+        _edit(path, ImageOrientationPatient=[1, 0, 0, 1, 0, 0])
+    return files[0].parent, r"series: ImageOrientationPatient \[1\.0, 0\.0, 0\.0, 1\.0, 0\.0, 0\.0\] is degenerate"
+
+
+def non_unit_orientation(small_ct, tmp_path, real_file):
+    files = ct_series(small_ct, tmp_path)
+    for path in files:
+        _edit(path, ImageOrientationPatient=[0.5, 0, 0, 0, 1, 0])
+    return files[0].parent, r"series: ImageOrientationPatient direction cosines are not unit vectors \(lengths 0\.5 and 1\)"
+
+
+def slice_of_another_size(small_ct, tmp_path, real_file):
+    files = ct_series(small_ct, tmp_path)
+    dataset = pydicom.dcmread(files[6])
+    pixels = dataset.pixel_array[:-8, :-8].copy()
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.PixelData = pixels.tobytes()
+    dataset.save_as(files[6])
+    return files[0].parent, r"series: slices have 2 different sizes \(\d+x\d+, \d+x\d+\); they are not one volume"
+
+
+def _nifti_with(small_ct, path, edit):
+    """The real CT with ``edit`` applied to a copy of its header, saved with that header as it is (no affine given,
+    so nibabel does not rewrite the forms)."""
+    image = nib.load(small_ct)
+    header = image.header.copy()
+    edit(header)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), None, header), path)
+    return path
+
+
+def qform_sform_disagree(small_ct, tmp_path, real_file):
+    def shift_sform(header):
+        sform = header.get_best_affine()
+        header.set_qform(sform, code=1)
+        sform[:3, 3] += [12.0, 0.0, 0.0]
+        header.set_sform(sform, code=2)
+    path = _nifti_with(small_ct, tmp_path / "two_forms.nii.gz", shift_sform)
+    return path, r"two_forms\.nii\.gz: its qform and sform disagree \(affine entries up to 12 apart\)"
+
+
+def _patched_pixdim(small_ct, path, axis, value):
+    """An uncompressed copy of the real CT with pixdim[axis] overwritten in the file's bytes (nibabel would
+    correct the header on save)."""
+    image = nib.load(small_ct)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine), path)
+    data = bytearray(path.read_bytes())
+    data[76 + 4 * axis:80 + 4 * axis] = np.float32(value).tobytes()  # pixdim: 8 float32 at byte 76
+    path.write_bytes(bytes(data))
+    return path
+
+
+def zero_voxel_size(small_ct, tmp_path, real_file):
+    path = _patched_pixdim(small_ct, tmp_path / "flat.nii", 2, 0.0)
+    return path, r"flat\.nii: a voxel size \(pixdim\) is zero \(\[2\.0, 0\.0, 2\.0\]\)"
+
+
+def negative_voxel_size(small_ct, tmp_path, real_file):
+    path = _patched_pixdim(small_ct, tmp_path / "mirrored.nii", 1, -2.0)
+    return path, r"mirrored\.nii: negative voxel size in pixdim \(\[-2\.0, 2\.0, 2\.0\]\)"
+
+
+def complex_voxels(small_ct, tmp_path, real_file):
+    image = nib.load(small_ct)
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj).astype(np.complex64), image.affine), path)
+    return path, r"complex\.nii\.gz: holds complex-valued voxels"
+
+
+def rgb_voxels(small_ct, tmp_path, real_file):
+    image = nib.load(small_ct)
+    rgb = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "colour.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, image.affine), path)
+    return path, r"colour\.nii\.gz: holds RGB\(A\) voxels"
+
+
 def named_pipe(small_ct, tmp_path, real_file):
     path = tmp_path / "pipe.nii.gz"
     os.mkfifo(path)  # nothing ever writes to it: opening it for reading would block forever
@@ -136,4 +238,6 @@ def zip_with_an_escaping_member(small_ct, tmp_path, real_file):
 CORPUS: dict[str, Callable] = {case.__name__: case for case in (
     duplicated_slice, missing_slices, non_uniform_spacing, gantry_tilt, mixed_orientations,
     enhanced_mr_mixed_orientations, multiframe_without_geometry, single_dicom_slice, two_dimensional,
-    four_dimensional, non_finite, not_an_image, folder_without_dicom, named_pipe, zip_with_an_escaping_member)}
+    four_dimensional, non_finite, not_an_image, folder_without_dicom, named_pipe, zip_with_an_escaping_member,
+    mixed_pixel_spacing, missing_pixel_spacing, non_finite_position, degenerate_orientation, non_unit_orientation,
+    slice_of_another_size, qform_sform_disagree, zero_voxel_size, negative_voxel_size, complex_voxels, rgb_voxels)}

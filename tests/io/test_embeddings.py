@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem, read_index_rows
+from medfm.io import SaveEmbedding, SaveEmbeddingd, input_stem, output_stem, read_index_rows
 from medfm.errors import MedfmError
 from medfm.io.embeddings import (INDEX_COLUMNS, append_index_rows, check_index_file, embedding_file_name, index_row,
                                  is_index_file, write_index_rows)
@@ -22,9 +22,10 @@ def test_pool_and_save_embedding(tmp_path):
     assert not isinstance(pooled, MetaTensor)
     image = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": "/data/case_7.nii.gz"})
     SaveEmbeddingd("f", tmp_path / "out", index_file=None)({"f": pooled, "image": image})
-    saved = np.load(tmp_path / "out" / "case_7_embedding.npy")
+    name = f"{output_stem('/data/case_7.nii.gz')}_embedding.npy"
+    saved = np.load(tmp_path / "out" / name)
     assert saved.dtype == np.float32 and saved.tolist() == [5.5, 17.5]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["case_7_embedding.npy"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]
 
 
 def test_index_gets_one_row_per_saved_embedding(tmp_path):
@@ -36,9 +37,9 @@ def test_index_gets_one_row_per_saved_embedding(tmp_path):
     whole_scan = {"region": "", "center_x": "", "center_y": "", "center_z": ""}
     assert rows == [
         {"input": "/data/a.nii.gz", "series_uid": "", **whole_scan, "model": "some_bundle", "weights": "w1",
-         "embedding": "a_embedding.npy", "dimension": "4"},
+         "embedding": embedding_file_name("/data/a.nii.gz"), "dimension": "4"},
         {"input": "/data/series_dir", "series_uid": "1.2.3", **whole_scan, "model": "some_bundle", "weights": "w1",
-         "embedding": "series_dir_embedding.npy", "dimension": "4"},
+         "embedding": embedding_file_name("/data/series_dir"), "dimension": "4"},
     ]
 
 
@@ -51,7 +52,7 @@ def test_errors():
 
 def test_array_saver_returns_the_path(tmp_path):
     path = SaveEmbedding(tmp_path, postfix="vec")(np.arange(3), "/scans/series_12/")
-    assert path == tmp_path / "series_12_vec.npy" and np.load(path).dtype == np.float32
+    assert path == tmp_path / embedding_file_name("/scans/series_12/", postfix="vec") and np.load(path).dtype == np.float32
 
 
 def test_parquet_index_appends_typed_rows(tmp_path):
@@ -60,8 +61,8 @@ def test_parquet_index_appends_typed_rows(tmp_path):
         saver({"f": torch.ones(3), "image": MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": f"/d/{name}"})})
     rows = read_index_rows(tmp_path / "embeddings.parquet")
     assert [(r["input"], r["embedding"], r["dimension"]) for r in rows] == [
-        ("/d/a.nii.gz", "a_embedding.npy", 3), ("/d/b.nii.gz", "b_embedding.npy", 3)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_embedding.npy", "b_embedding.npy", "embeddings.parquet"]
+        ("/d/a.nii.gz", embedding_file_name("/d/a.nii.gz"), 3), ("/d/b.nii.gz", embedding_file_name("/d/b.nii.gz"), 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([r["embedding"] for r in rows] + ["embeddings.parquet"])
 
 
 @pytest.mark.parametrize("name", ["embeddings.csv", "embeddings.parquet"])

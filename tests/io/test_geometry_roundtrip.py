@@ -11,7 +11,7 @@ from monai.transforms import Compose, DivisiblePadd, EnsureChannelFirstd, Invert
 from pydicom.data import get_testdata_file
 
 import medfm
-from medfm.io import LoadScand, SaveSegmentation, SaveSegmentationd, SegmentationWriteError
+from medfm.io import LoadScand, SaveSegmentation, SaveSegmentationd, SegmentationWriteError, output_stem
 from medfm.io.dicom import LPS_TO_RAS, read_mosaic
 from medfm.io.segmentation import corner_offset_mm
 
@@ -149,7 +149,7 @@ def test_segmentations_off_the_input_grid_or_unnamed_are_refused(small_ct, tmp_p
 def test_mosaic_input_gets_nifti_and_a_warning_instead_of_dicom_seg(real_file, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="medfm.io.segmentation"):
         written = _run_round_trip(real_file("siemens_mosaic_mr"), tmp_path / "out")
-    assert [p.name for p in written] == ["axasc35_seg.nii.gz"]
+    assert [p.name for p in written] == [f"{output_stem(real_file('siemens_mosaic_mr'))}_seg.nii.gz"]
     assert "axasc35.dcm: no DICOM-SEG written: a Siemens mosaic packs many slices into one frame" in caplog.text
 
 
@@ -157,4 +157,4 @@ def test_dicom_seg_can_be_switched_off(small_ct, tmp_path):
     folder, _ = _series_folder(small_ct, tmp_path)
     loaded = LoadScand("image")({"image": str(folder)})["image"]
     written = SaveSegmentation(tmp_path / "out", {1: "tissue"}, dicom_seg=False)(loaded > 0, loaded.meta)
-    assert [p.name for p in written] == ["series_seg.nii.gz"]
+    assert [p.name for p in written] == [f"{output_stem(folder)}_seg.nii.gz"]

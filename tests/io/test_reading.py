@@ -231,3 +231,20 @@ def test_a_zipped_series_that_unpacks_beyond_the_limit_is_refused_unread(tmp_pat
     with pytest.raises(ScanError, match=r"bomb\.zip: refused: its members unpack to 0\.06 GiB, over the 0\.01 GiB limit "
                                         r"\(\$MEDFM_MAX_UNPACKED_GIB\)$"):
         LoadScan()(bomb)
+
+
+def test_per_slice_rescale_keeps_every_slices_values(series):
+    """Slices 0-19 stored with slope 1, slices 20-39 with slope 0.01: ITK would keep int16 and truncate 4.74 to 4."""
+    files = sorted(series.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    reference = LoadScan()(series)
+    for path in files[len(files) // 2:]:
+        dataset = pydicom.dcmread(path)
+        dataset.RescaleSlope, dataset.RescaleIntercept = 0.01, 0
+        dataset.save_as(path)
+    image = LoadScan()(series)
+    assert image.dtype == torch.float32
+    stored = reference.as_tensor().float() - float(pydicom.dcmread(files[0]).RescaleIntercept)
+    half = image.shape[2] // 2
+    torch.testing.assert_close(image[..., :half], reference[..., :half].float(), check_dtype=False)
+    torch.testing.assert_close(image[..., half:], stored[..., half:] * 0.01, rtol=1e-5, atol=1e-4, check_dtype=False)
+    assert not torch.equal(image[..., half:], image[..., half:].round())

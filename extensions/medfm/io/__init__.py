@@ -1,6 +1,7 @@
 """Reading scans and writing results that line up with them."""
 
-from .embeddings import SaveEmbedding, SaveEmbeddingd, append_index_rows, embedding_file_name, input_stem, read_index_rows
+from .embeddings import (OutputLayout, SaveEmbedding, SaveEmbeddingd, append_index_rows, embedding_file_name, input_stem,
+                         output_stem, read_index_rows)
 from .input_list import expand_inputs
 from .regions import label_regions, read_points
 from .image_folder import image_folder_classes, image_folder_datalist
@@ -15,6 +16,7 @@ __all__ = [
     "DicomSeries",
     "LoadScan",
     "LoadScand",
+    "OutputLayout",
     "SaveEmbedding",
     "SaveEmbeddingd",
     "SaveSegmentation",
@@ -29,6 +31,7 @@ __all__ = [
     "input_stem",
     "label_regions",
     "list_dicom_series",
+    "output_stem",
     "read_index_rows",
     "read_points",
     "safe_extract_zip",

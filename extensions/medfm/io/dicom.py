@@ -25,6 +25,8 @@ __all__ = [
     "list_dicom_series",
     "sorted_slices",
     "series_geometry",
+    "check_plane_geometry",
+    "rescale_varies",
     "stack_series",
     "read_multiframe",
     "read_mosaic",
@@ -157,10 +159,62 @@ def series_geometry(headers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     if any("ImageOrientationPatient" not in h or "ImagePositionPatient" not in h for h in headers):
         raise DicomGeometryError("slices without ImagePositionPatient / ImageOrientationPatient; "
                                  "they cannot be placed in space")
-    orientations = np.array([np.asarray(h.ImageOrientationPatient, float) for h in headers])
-    positions = np.array([np.asarray(h.ImagePositionPatient, float) for h in headers])
+    orientations = _numbers(headers, "ImageOrientationPatient", 6)
+    positions = _numbers(headers, "ImagePositionPatient", 3)
+    check_plane_geometry(orientations[0], headers)
     order, step = sorted_slices(orientations, positions)
     return orientations[0], order, positions[order[0]], step
+
+
+def _numbers(headers: list, keyword: str, count: int) -> np.ndarray:
+    """One multi-valued attribute of every slice as a finite float array ``(slices, count)``."""
+    try:
+        values = np.array([np.asarray(h.get(keyword), float).reshape(count) for h in headers])
+    except (TypeError, ValueError):
+        raise DicomGeometryError(f"{keyword} is not {count} numbers in every slice") from None
+    bad = int(np.sum(~np.isfinite(values).all(axis=1)))
+    if bad:
+        raise DicomGeometryError(f"{bad} slice(s) with a NaN or infinite {keyword}; they cannot be placed in space")
+    return values
+
+
+def check_plane_geometry(orientation: np.ndarray, headers: list) -> None:
+    """Check what places and sizes each slice: unit, orthogonal direction cosines, and one pixel
+    spacing and one size (Rows x Columns) for all slices (ITK reads the first slice's and
+    silently applies it to all, or takes 1 mm when PixelSpacing is missing)."""
+    row, column = np.asarray(orientation, float).reshape(2, 3)
+    lengths = np.linalg.norm(row), np.linalg.norm(column)
+    if min(lengths) < 1e-6 or np.linalg.norm(np.cross(row, column)) < 1e-3:
+        raise DicomGeometryError(f"ImageOrientationPatient {[float(v) for v in orientation]} is degenerate (a zero direction, "
+                                 "or row and column directions that are parallel)")
+    if any(abs(n - 1) > 1e-3 for n in lengths):
+        raise DicomGeometryError(f"ImageOrientationPatient direction cosines are not unit vectors (lengths "
+                                 f"{lengths[0]:.3g} and {lengths[1]:.3g})")
+    if abs(float(row @ column)) > 1e-3:
+        raise DicomGeometryError(f"ImageOrientationPatient row and column directions are not perpendicular "
+                                 f"({np.degrees(np.arccos(np.clip(row @ column, -1, 1))):.1f} degrees apart)")
+    if any("PixelSpacing" not in h for h in headers):
+        missing = sum("PixelSpacing" not in h for h in headers)
+        raise DicomGeometryError(f"{missing} slice(s) without PixelSpacing; the voxel size is unknown")
+    spacings = _numbers(headers, "PixelSpacing", 2)
+    if np.any(spacings <= 0):
+        raise DicomGeometryError(f"PixelSpacing {spacings[np.any(spacings <= 0, axis=1)][0].tolist()} is not positive")
+    distinct = np.unique(np.round(spacings, 4), axis=0)
+    if len(distinct) > 1:
+        raise DicomGeometryError(f"slices have {len(distinct)} different PixelSpacing values ("
+                                 f"{', '.join('x'.join(f'{v:g}' for v in d) for d in distinct[:3])} mm); "
+                                 "they are not one volume")
+    sizes = sorted({(int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)) for h in headers})
+    if len(sizes) > 1:
+        raise DicomGeometryError(f"slices have {len(sizes)} different sizes ({', '.join(f'{r}x{c}' for r, c in sizes[:3])}); "
+                                 "they are not one volume")
+
+
+def rescale_varies(headers: list) -> bool:
+    """Whether RescaleSlope / RescaleIntercept differ between slices (ITK then keeps the first
+    slice's integer type and truncates the others' values; pydicom's stacking does not)."""
+    pairs = {(float(h.get("RescaleSlope", 1) or 1), float(h.get("RescaleIntercept", 0) or 0)) for h in headers}
+    return len(pairs) > 1
 
 
 def stack_series(files: list[Path], geometry: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]

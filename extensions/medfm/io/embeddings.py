@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import FolderLayoutBase, MetaTensor
 from monai.transforms import MapTransform
 from monai.utils.type_conversion import convert_data_type
 
@@ -18,7 +18,7 @@ from ..errors import MedfmError
 from .atomic import atomic_path
 
 __all__ = ["INDEX_COLUMNS", "SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "check_index_file", "embedding_file_name", "index_row",
-           "input_meta", "input_stem", "is_index_file", "read_index_rows", "save_vector", "write_index_rows"]
+           "input_meta", "input_stem", "is_index_file", "OutputLayout", "output_stem", "read_index_rows", "save_vector", "write_index_rows"]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -54,7 +54,7 @@ def save_vector(target: str | os.PathLike, vector) -> Path:
 
 
 class SaveEmbedding:
-    """Save a vector as ``<output_dir>/<input stem>_<postfix>.npy`` (float32), named after its input.
+    """Save a vector as ``<output_dir>/<output stem>_<postfix>.npy`` (float32), named after its input (:func:`output_stem`).
 
     The file is written under a temporary name and renamed, so a failed run leaves no truncated
     ``.npy``. Returns the path written.
@@ -65,7 +65,7 @@ class SaveEmbedding:
         self.postfix = postfix
 
     def __call__(self, embedding, source: str | os.PathLike) -> Path:
-        return save_vector(self.output_dir / f"{input_stem(source)}_{self.postfix}.npy", embedding)
+        return save_vector(self.output_dir / embedding_file_name(source, postfix=self.postfix), embedding)
 
 
 class SaveEmbeddingd(MapTransform):
@@ -113,14 +113,39 @@ def index_row(input: str, series_uid: str, model: str, weights: str, embedding: 
             "center_z": center[2], "model": model, "weights": weights, "embedding": embedding, "dimension": dimension}
 
 
-def embedding_file_name(source: str | os.PathLike, region: str = "", postfix: str = "embedding") -> str:
-    """``<input stem>-<10 hex digits>_<postfix>.npy``, unique per (input path, region).
+def output_stem(source: str | os.PathLike, region: str = "") -> str:
+    """``<input stem>-<10 hex digits>``: the start of every output file name medfm writes for an input.
 
-    Two inputs with the same base name (``a/ct.nii.gz``, ``b/ct.nii.gz``) or a folder and a zip of
-    one name get different files, and every process of a distributed run derives the same name.
+    The digits hash the input's absolute path (and region), so two inputs with the same base name
+    (``a/ct.nii.gz``, ``b/ct.nii.gz``) or a folder and a zip of one name never share an output,
+    the name still says which scan it came from, and every process of a distributed run derives
+    the same name.
     """
-    digest = hashlib.sha1(f"{source}\0{region}".encode()).hexdigest()[:10]
-    return f"{input_stem(source)}-{digest}_{postfix}.npy"
+    digest = hashlib.sha1(f"{os.path.abspath(str(source))}\0{region}".encode()).hexdigest()[:10]
+    return f"{input_stem(source)}-{digest}"
+
+
+def embedding_file_name(source: str | os.PathLike, region: str = "", postfix: str = "embedding") -> str:
+    """``<output stem>_<postfix>.npy`` (see :func:`output_stem`), unique per (input path, region)."""
+    return f"{output_stem(source, region)}_{postfix}.npy"
+
+
+class OutputLayout(FolderLayoutBase):
+    """MONAI ``SaveImage`` file naming by :func:`output_stem`: ``<output_dir>/<stem>-<digits>_<postfix><extension>``.
+
+    MONAI's default layout names outputs after the input's base name alone (so ``a/ct.nii.gz`` and
+    ``b/ct.nii.gz`` overwrite each other) and cuts anything after a dot in a folder's name.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, postfix: str, extension: str = ".nii.gz") -> None:
+        self.output_dir = Path(output_dir)
+        self.postfix = postfix
+        self.extension = extension
+
+    def filename(self, subject: str = "", idx=None, **kwargs) -> Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        patch = f"_{idx}" if idx is not None else ""
+        return self.output_dir / f"{output_stem(subject)}_{self.postfix}{patch}{self.extension}"
 
 
 def check_index_file(index: str | os.PathLike) -> None:

@@ -26,7 +26,7 @@ from monai.utils import SpaceKeys
 from ..errors import MedfmError, first_line, innermost
 from .archives import ArchiveError, safe_extract_zip
 from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
-                    series_geometry, stack_series)
+                    rescale_varies, series_geometry, stack_series)
 
 __all__ = [
     "ScanError",
@@ -96,6 +96,8 @@ class LoadScan(Transform):
             return self._load_folder(source, source)
         if pydicom.misc.is_dicom(source):
             return self._load_dicom_file(source)
+        if source.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_header(source)
         self._check_memory(source, self._file_voxels(source))
         return self._validated(self._read(str(source), source), source)
 
@@ -143,10 +145,13 @@ class LoadScan(Transform):
         self._check_memory(source, int(headers[0].Rows) * int(headers[0].Columns) * len(headers))
         with _geometry_errors(source):
             geometry = series_geometry(headers)  # ITK would read a broken series without complaint
-        try:
-            image = self._read([str(series.files[i]) for i in geometry[1]], source)
-        except ScanError as error:
-            logger.warning("%s; reading it with pydicom instead", error)
+        image = None
+        if not rescale_varies(headers):  # ITK would keep the first slice's integer type for all
+            try:
+                image = self._read([str(series.files[i]) for i in geometry[1]], source)
+            except ScanError as error:
+                logger.warning("%s; reading it with pydicom instead", error)
+        if image is None:
             with _geometry_errors(source):
                 volume, affine = stack_series(series.files, geometry)
             image = _meta_tensor(volume, affine, source)
@@ -242,6 +247,39 @@ def _as_single_slice(image: MetaTensor) -> MetaTensor:
     meta.update(original_channel_dim=float("nan"), spatial_shape=np.asarray([*plane.shape, 1]),
                 original_affine=affine.clone(), spacing=np.asarray([*np.linalg.norm(affine[:2, :2].numpy(), axis=0), 1.0]))
     return MetaTensor(plane.unsqueeze(-1), affine=affine, meta=meta)
+
+
+def _check_nifti_header(source: Path) -> None:
+    """Refuse NIfTI headers that readers interpret differently (nibabel prefers the sform, ITK the
+    qform; a zero or negative voxel size is replaced or mirrored depending on the reader) and voxel
+    types no model reads, before any voxel is loaded."""
+    try:  # the raw header: nibabel's load replaces a zero pixdim with 1 (and logs it)
+        with nib.openers.ImageOpener(source) as stream:
+            block = stream.read(nib.Nifti2Header.template_dtype.itemsize)
+    except Exception as error:
+        raise ScanError(f"{source}: cannot be read as an image ({first_line(error)})") from None
+    kinds = [k for k in (nib.Nifti1Header, nib.Nifti2Header) if k.may_contain_header(block)]
+    if not kinds:
+        raise ScanError(f"{source}: cannot be read as an image (no NIfTI-1 or NIfTI-2 header)")
+    header = kinds[0](block[:kinds[0].template_dtype.itemsize], check=False)
+    dtype = header.get_data_dtype()
+    if dtype.names is not None:
+        raise ScanError(f"{source}: holds RGB(A) voxels ({dtype}); give a gray-scale volume")
+    if dtype.kind == "c":
+        raise ScanError(f"{source}: holds complex-valued voxels ({dtype}); give magnitude images")
+    sizes = [float(v) for v in header["pixdim"][1:1 + min(3, len(header.get_data_shape()))]]
+    if 0 in sizes:
+        raise ScanError(f"{source}: a voxel size (pixdim) is zero ({sizes}); the scan cannot be placed in space")
+    if any(v < 0 for v in sizes):
+        raise ScanError(f"{source}: negative voxel size in pixdim ({sizes}); readers mirror "
+                        "or keep such axes differently, so fix the header (e.g. with nibabel) first")
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if sform_code and qform_code:
+        apart = float(np.abs(np.asarray(sform) - np.asarray(qform)).max())
+        if apart > 1e-3:
+            raise ScanError(f"{source}: its qform and sform disagree (affine entries up to {apart:.3g} apart); nibabel "
+                            "places the scan by the sform and ITK by the qform, so make them agree first")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import MedfmError
 from .atomic import atomic_path
 from .dicom import LPS_TO_RAS, frame_positions, is_mosaic, list_dicom_series
-from .embeddings import input_meta, input_stem
+from .embeddings import input_meta, output_stem
 from .reading import safe_extract_zip
 
 __all__ = ["SegmentationWriteError", "SaveSegmentation", "SaveSegmentationd", "corner_offset_mm", "source_datasets"]
@@ -103,7 +103,7 @@ class SaveSegmentation:
         dicom_seg = None
         if self.dicom_seg and image_meta.get("SeriesInstanceUID"):
             dicom_seg = self._dicom_seg(values, affine, source, str(image_meta["SeriesInstanceUID"]))
-        stem = self.output_dir / f"{input_stem(source)}_{self.postfix}"
+        stem = self.output_dir / f"{output_stem(source)}_{self.postfix}"
         written = [stem.with_name(stem.name + ".nii.gz")]
         self._write_nifti(values, affine, written[0])
         if dicom_seg is not None:

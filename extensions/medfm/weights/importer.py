@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..bundles import bundle_network, cache_dir, find_bundle
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from . import registry
 from .checkpoint import load_checkpoint, save_state_dict, sha256_of
 from .download import download
@@ -146,17 +146,33 @@ def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
     return lines
 
 
+def read_provenance(bundle_dir: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """The bundle's ``models/weights.json`` import record, or ``None`` and a line saying why it
+    cannot be used (absent: no line). A damaged record never stops a run: the weights themselves
+    are identified by their sha256."""
+    provenance = Path(bundle_dir) / PROVENANCE_FILE
+    if not provenance.is_file():
+        return None, None
+    try:
+        record = json.loads(provenance.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        return None, f"{provenance}: unreadable ({type(error).__name__}: {first_line(error)}); provenance unknown"
+    if not isinstance(record, dict):
+        return None, f"{provenance}: not a JSON object; provenance unknown"
+    return record, None
+
+
 def _identify_weights(bundle_dir: Path, digest: str) -> tuple[str | None, str | None]:
     """Registry name of the model file with sha256 ``digest`` (from its import record, else its
     hash), and a line saying where the record says it came from."""
     provenance = bundle_dir / PROVENANCE_FILE
-    note, name = None, None
-    if provenance.is_file():
-        record = json.loads(provenance.read_text())
+    name = None
+    record, note = read_provenance(bundle_dir)
+    if record is not None:
         if record.get("output_sha256") != digest:
             note = f"{provenance}: describes another file (sha256 {record.get('output_sha256')}); provenance unknown"
         else:
-            name = record.get("weights")
+            name = record.get("weights") if isinstance(record.get("weights"), str) else None
             note = (f"imported from {record.get('source')} as "
                     f"{f'registered weights {name!r}' if name else 'unregistered weights'}")
     if name is None:
