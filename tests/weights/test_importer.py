@@ -129,3 +129,31 @@ def test_installed_weights_id(genesis_bundle, tmp_path):
     assert installed_weights_id(genesis_bundle) == f"unregistered:{sha256_of(genesis_bundle / 'models' / 'model.pt')[:16]}"
     (genesis_bundle / "models" / "model.pt").unlink()
     assert installed_weights_id(genesis_bundle) == "none"
+
+
+def test_a_checkpoint_with_nan_in_one_tensor_is_refused_at_import_and_at_verify(genesis_bundle, tmp_path):
+    source = tmp_path / "upstream.pt"
+    weights = save_upstream_checkpoint(source)
+    key = next(k for k in weights if k.endswith("conv1.weight"))
+    weights[key][0, 0, 0, 0, 0] = float("nan")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, source)
+    before = sha256_of(genesis_bundle / "models" / "model.pt")
+    with pytest.raises(WeightsError, match=r"upstream\.pt: 1 tensor\(s\) hold NaN or infinite values: .*conv1\.weight \(1\); nothing written"):
+        import_weights(genesis_bundle, source)
+    assert sha256_of(genesis_bundle / "models" / "model.pt") == before
+    installed = load_checkpoint(genesis_bundle / "models" / "model.pt")
+    installed["out_tr.final_conv.bias"] = installed["out_tr.final_conv.bias"] + float("inf")
+    torch.save(installed, genesis_bundle / "models" / "model.pt")
+    with pytest.raises(WeightsError, match=r"model\.pt: 1 tensor\(s\) hold NaN or infinite values: out_tr\.final_conv\.bias \(1\)$"):
+        verify_bundle_weights(genesis_bundle)
+
+
+def test_verify_names_the_tensors_a_partial_import_left_fresh(genesis_bundle, tmp_path):
+    source = tmp_path / "encoder_only.pt"
+    weights = save_upstream_checkpoint(source)
+    encoder = {k: v for k, v in weights.items() if k.startswith("down_tr")}
+    torch.save({"state_dict": encoder}, source)
+    report = import_weights(genesis_bundle, source, strict=False)
+    assert report.missing_keys and all(not k.startswith("down_tr") for k in report.missing_keys)
+    (line, *_) = verify_bundle_weights(genesis_bundle)
+    assert "loads strictly" not in line and f"found no weights for {len(report.missing_keys)} of them" in line

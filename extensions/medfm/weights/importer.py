@@ -98,6 +98,7 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
 
     target = DTYPES[dtype]
     converted = {k: (v.to(target) if v.is_floating_point() else v) for k, v in network.state_dict().items()}
+    _refuse_non_finite(converted, source, "; nothing written")
     output = save_state_dict(converted, bundle_dir / MODEL_FILE)
     report = ImportReport(
         source=str(source.resolve()), source_sha256=digest, weights=matched.name if matched else None,
@@ -125,8 +126,19 @@ def installed_weights_path(bundle: str | os.PathLike) -> str:
     return str(model_file)
 
 
+def _refuse_non_finite(state: dict, source: Path, consequence: str = "") -> None:
+    """A :class:`WeightsError` naming the tensors that hold NaN or Inf (such weights give NaN outputs for every input)."""
+    bad = {key: int((~torch.isfinite(value)).sum()) for key, value in state.items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())}
+    if bad:
+        named = ", ".join(f"{key} ({count:,})" for key, count in list(bad.items())[:3])
+        raise WeightsError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: {named}"
+                           f"{', ...' if len(bad) > 3 else ''}{consequence}")
+
+
 def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
-    """Check that ``models/model.pt`` loads strictly into the bundle network; report what it is."""
+    """Check that ``models/model.pt`` loads strictly into the bundle network and holds finite
+    values; report what it is, and which tensors a partial import left at fresh initialisation."""
     bundle_dir = find_bundle(bundle)
     model_file = Path(installed_weights_path(bundle_dir))
     state = load_checkpoint(model_file)
@@ -135,8 +147,16 @@ def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise WeightsError(f"{model_file}: does not load into the bundle network: {str(error).splitlines()[0]}") from None
+    _refuse_non_finite(state, model_file)
     digest = sha256_of(model_file)
-    lines = [f"{model_file}: loads strictly ({len(state)} tensors, sha256 {digest})"]
+    record, _ = read_provenance(bundle_dir)
+    fresh = record.get("missing_keys") if record is not None and record.get("output_sha256") == digest else None
+    if fresh:
+        lines = [f"{model_file}: loads into the bundle network ({len(state)} tensors, sha256 {digest}), but the "
+                 f"import (--strict False) found no weights for {len(fresh)} of them, which hold fresh random values: "
+                 f"{', '.join(map(str, fresh[:5]))}{', ...' if len(fresh) > 5 else ''}"]
+    else:
+        lines = [f"{model_file}: loads strictly ({len(state)} tensors, sha256 {digest})"]
     name, note = _identify_weights(bundle_dir, digest)
     if note:
         lines.append(note)
