@@ -222,6 +222,12 @@ def rgb_voxels(small_ct, tmp_path, real_file):
     return path, r"colour\.nii\.gz: holds RGB\(A\) voxels"
 
 
+def empty_axis(small_ct, tmp_path, real_file):
+    path = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 0, 40), np.int16), nib.load(small_ct).affine), path)
+    return path, r"empty\.nii\.gz: has an empty axis \(shape \(64, 0, 40\)\); it holds no voxels"
+
+
 def named_pipe(small_ct, tmp_path, real_file):
     path = tmp_path / "pipe.nii.gz"
     os.mkfifo(path)  # nothing ever writes to it: opening it for reading would block forever
@@ -240,4 +246,5 @@ CORPUS: dict[str, Callable] = {case.__name__: case for case in (
     enhanced_mr_mixed_orientations, multiframe_without_geometry, single_dicom_slice, two_dimensional,
     four_dimensional, non_finite, not_an_image, folder_without_dicom, named_pipe, zip_with_an_escaping_member,
     mixed_pixel_spacing, missing_pixel_spacing, non_finite_position, degenerate_orientation, non_unit_orientation,
-    slice_of_another_size, qform_sform_disagree, zero_voxel_size, negative_voxel_size, complex_voxels, rgb_voxels)}
+    slice_of_another_size, qform_sform_disagree, zero_voxel_size, negative_voxel_size, complex_voxels, rgb_voxels,
+    empty_axis)}

@@ -34,7 +34,7 @@ def test_mri_is_reported_from_its_dicom_tag_or_its_intensities():
 
 
 def test_spacing_outside_the_pretraining_range_is_reported():
-    [message] = contract_deviations(_image(torch.full((1, 4, 4, 4), -500.0), spacing=(0.7, 0.7, 5.0)), CONTRACT)
+    [message] = contract_deviations(_image(torch.linspace(-900, 500, 64).reshape(1, 4, 4, 4), spacing=(0.7, 0.7, 5.0)), CONTRACT)
     assert message == ("voxel spacing 0.7 x 0.7 x 5 mm is outside the pre-training range "
                        "(0.4-1 x 0.4-1 x 0.5-2.5 mm, LUNA16 chest CT at native spacing)")
 
@@ -51,6 +51,11 @@ def test_warnings_are_logged_with_the_input_and_a_wrong_channel_count_is_an_erro
 
 def test_a_volume_off_the_model_grid_is_reported_with_the_grid_note():
     contract = {"modality": "MR", "grid_shape": [193, 229, 193], "grid_note": "MNI152 1 mm"}
-    assert contract_deviations(torch.zeros(1, 193, 229, 193), contract) == []
-    (message,) = contract_deviations(torch.zeros(1, 181, 217, 181), contract)
+    assert contract_deviations(torch.rand(1, 193, 229, 193), contract) == []
+    (message,) = contract_deviations(torch.rand(1, 181, 217, 181), contract)
     assert message.startswith("voxel grid 181 x 217 x 181 is not the model grid 193 x 229 x 193 (MNI152 1 mm)")
+
+
+def test_a_constant_volume_is_reported():
+    (message,) = contract_deviations(_image(torch.full((1, 4, 4, 4), -1000.0)), CONTRACT)
+    assert message == "every voxel is -1000 (a constant volume): the embedding describes no anatomy"

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from medfm.networks import GenesisUNet3D
@@ -86,4 +87,14 @@ def test_inputs_smaller_than_the_window_keep_the_low_resolution_cells_that_cover
         features = MethodInferer(window, "forward_features")(x, net)
     torch.testing.assert_close(ours["restored"], monai_restored)
     assert ours["bottleneck"].shape[2:] == features.shape[2:] == cells
+
     assert torch.isfinite(features).all()
+
+
+def test_a_scan_smaller_than_the_window_is_reported_as_padded(caplog):
+    window = SlidingWindowInferer(roi_size=(64, 64, 32))
+    scan = MetaTensor(torch.rand(1, 1, 48, 48, 8), meta={"filename_or_obj": ["/data/thin.nii.gz"]})
+    with caplog.at_level("WARNING", logger="medfm.contract"), torch.no_grad():
+        MethodInferer(window, "forward_features")(scan, GenesisUNet3D(norm="batch").eval())
+    assert "/data/thin.nii.gz: voxel grid 48 x 48 x 8 is smaller than the 64 x 64 x 32 window the network was trained on; " \
+           "it is padded" in caplog.text

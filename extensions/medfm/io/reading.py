@@ -208,6 +208,8 @@ class LoadScan(Transform):
 
     def _validated(self, image: MetaTensor, source: Path) -> MetaTensor:
         shape = tuple(image.shape)
+        if 0 in shape:
+            raise ScanError(f"{source}: has an empty axis (shape {shape}); it holds no voxels")
         if image.ndim == 2 or _is_colour_2d(image) or (image.ndim == 3 and 1 in shape):
             if not self.allow_2d:
                 raise ScanError(f"{source}: is a 2D image (shape {shape}); this model needs a 3D volume")
@@ -267,7 +269,10 @@ def _check_nifti_header(source: Path) -> None:
         raise ScanError(f"{source}: holds RGB(A) voxels ({dtype}); give a gray-scale volume")
     if dtype.kind == "c":
         raise ScanError(f"{source}: holds complex-valued voxels ({dtype}); give magnitude images")
-    sizes = [float(v) for v in header["pixdim"][1:1 + min(3, len(header.get_data_shape()))]]
+    shape = header.get_data_shape()
+    if 0 in shape:
+        raise ScanError(f"{source}: has an empty axis (shape {tuple(int(n) for n in shape)}); it holds no voxels")
+    sizes = [float(v) for v in header["pixdim"][1:1 + min(3, len(shape))]]
     if 0 in sizes:
         raise ScanError(f"{source}: a voxel size (pixdim) is zero ({sizes}); the scan cannot be placed in space")
     if any(v < 0 for v in sizes):

@@ -10,7 +10,7 @@ A bundle's ``configs/metadata.json`` declares the contract under ``input_contrac
      "pretraining_data": "LUNA16 chest CT, native spacing"}
 
 Deviations that still allow processing (another modality, spacing outside the pre-training
-range, a voxel grid other than the model's) are logged as one-line warnings by the
+range, a voxel grid other than the model's, a constant volume) are logged as one-line warnings by the
 ``medfm.contract`` logger, which ``medfm infer`` prints; a wrong channel count is an error.
 """
 
@@ -82,13 +82,20 @@ def _grid_deviation(image: torch.Tensor, contract: dict) -> str | None:
             "it is resampled and padded or cropped, not registered")
 
 
+def _content_deviation(image: torch.Tensor, contract: dict) -> str | None:
+    low, high = float(image.min()), float(image.max())
+    if low == high:
+        return f"every voxel is {low:g} (a constant volume): the embedding describes no anatomy"
+    return None
+
+
 def contract_deviations(image: MetaTensor, contract: dict) -> list[str]:
     """What about ``image`` (channel-first, after the bundle's reorientation) differs from ``contract``."""
     channels = contract.get("channels")
     if channels is not None and image.shape[0] != channels:
         source = image.meta.get("filename_or_obj", "input") if isinstance(image, MetaTensor) else "input"
         raise ScanError(f"{source}: has {image.shape[0]} channel(s), the model takes {channels}")
-    checks = (_modality_deviation, _spacing_deviation, _grid_deviation)
+    checks = (_modality_deviation, _spacing_deviation, _grid_deviation, _content_deviation)
     return [message for message in (check(image, contract) for check in checks) if message]
 
 

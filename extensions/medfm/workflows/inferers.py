@@ -8,8 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import fall_back_tuple
+
+from ..transforms.contract import logger as contract_logger
 
 
 class MethodInferer(Inferer):
@@ -71,6 +74,11 @@ class MethodInferer(Inferer):
         missing = [max(int(r) - n, 0) for r, n in zip(roi, spatial)]
         if not any(missing):
             return inputs, None
+        source = inputs.meta.get("filename_or_obj", "input") if isinstance(inputs, MetaTensor) else "input"
+        source = ", ".join(map(str, source)) if isinstance(source, (list, tuple)) else source  # a collated batch
+        shown, wanted = (" x ".join(str(int(n)) for n in size) for size in (spatial, roi))
+        contract_logger.warning(f"{source}: voxel grid {shown} is smaller than the {wanted} window the network was "
+                                "trained on; it is padded, so part of what the network sees is padding")
         before = [m // 2 for m in missing]
         pad = [p for b, m in reversed(list(zip(before, missing))) for p in (b, m - b)]
         mode = str(getattr(self.inferer, "padding_mode", "constant"))
