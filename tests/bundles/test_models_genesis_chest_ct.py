@@ -209,7 +209,7 @@ def test_training_resumes_after_being_killed_in_epoch_two(tiny_segmentation_data
     arguments = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
                  "configs/metadata.json", "--bundle_root", str(GENESIS), "--dataset_dir", str(tiny_segmentation_dataset),
                  "--output_dir", str(output), "--patch_size", "[32,32,16]", "--patches_per_volume", "2",
-                 "--volumes_per_batch", "1", "--max_epochs", "3", "--num_workers", "0", "--val_fraction", "0.25"]
+                 "--volumes_per_batch", "1", "--max_epochs", "3", "--val_interval", "3", "--num_workers", "0", "--val_fraction", "0.25"]
     process = subprocess.Popen(arguments, cwd=GENESIS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:
@@ -238,3 +238,24 @@ def test_training_resumes_after_being_killed_in_epoch_two(tiny_segmentation_data
     nothing_to_resume = run_command(arguments[:12] + ["--output_dir", str(tmp_path / "empty")] + arguments[14:]
                                     + ["--resume", "True"], cwd=GENESIS)
     assert nothing_to_resume.returncode != 0 and "nothing to resume from" in nothing_to_resume.stderr + nothing_to_resume.stdout
+
+
+def test_a_schedule_that_never_validates_fails_before_training(tiny_segmentation_dataset, tmp_path):
+    """The default --val_interval is 5: one epoch would validate never and save no checkpoint."""
+    result = run_command([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
+                          "configs/metadata.json", "--bundle_root", str(GENESIS), "--dataset_dir", str(tiny_segmentation_dataset),
+                          "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,16]", "--num_workers", "0",
+                          "--val_fraction", "0.25", "--max_epochs", "1"], cwd=GENESIS)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "no validation would run in epochs 1 to 1 (--val_interval 5), so no checkpoint would be saved" in result.stderr
+    assert not (tmp_path / "ft" / "models" / "model.pt").exists()
+
+
+def test_evaluation_without_a_fine_tuned_checkpoint_says_so(tiny_segmentation_dataset, tmp_path):
+    result = run_command([sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
+                          "--meta_file", "configs/metadata.json", "--bundle_root", str(GENESIS), "--dataset_dir",
+                          str(tiny_segmentation_dataset), "--output_dir", str(tmp_path / "never_trained"), "--patch_size",
+                          "[32,32,16]", "--val_fraction", "0.25"], cwd=GENESIS)
+    assert result.returncode != 0
+    assert "never_trained/models/model.pt: no fine-tuned checkpoint to evaluate; run configs/train.json" in result.stderr
+

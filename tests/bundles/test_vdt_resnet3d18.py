@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import re
 import sys
 
 import nibabel as nib
@@ -210,3 +211,15 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(vdt_bundle, crop_classif
                         "--batch_size", "2", launcher=torchrun)
     assert (result.stdout + result.stderr).count("loaded 120 of 122 tensors") == 2
     assert_written_by_rank_zero(tmp_path / "ddp")
+
+
+def test_a_batch_larger_than_the_training_cases_fails_before_training(vdt_bundle, crop_classification_dataset, tmp_path):
+    """train.json drops the last incomplete batch: with more batch than cases MONAI would skip training and exit 0."""
+    result = run_command([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
+                          "configs/metadata.json", "--bundle_root", str(vdt_bundle), "--dataset_dir", str(crop_classification_dataset),
+                          "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,32]", "--num_workers", "0",
+                          "--val_fraction", "0.25", "--max_epochs", "1", "--batch_size", "64", "--pretrained", "False"], cwd=vdt_bundle)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert re.search(r"no training step would run: \d+ training case\(s\) with batch size 64 and drop_last give no batch",
+                     result.stderr), result.stderr[-2000:]
+

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medfm.errors import WeightsError
+from medfm.errors import MedfmError, WeightsError
 from medfm.networks import GenesisUNet3D
 from medfm.workflows import PretrainedWeightsLoader
 
@@ -41,3 +41,32 @@ def test_too_small_a_match_is_an_error(pretrained):
     with pytest.raises(WeightsError, match="only 14 of 106"):
         PretrainedWeightsLoader(path, GenesisUNet3D())()
     assert len(PretrainedWeightsLoader(path, GenesisUNet3D(), min_fraction=0.1)()["loaded"]) == 14
+
+
+def _trainer(loader, max_epochs, val_interval):
+    from monai.engines import SupervisedTrainer
+
+    from medfm.workflows import CheckTrainingSchedule
+
+    network = torch.nn.Linear(1, 1)
+    return SupervisedTrainer(device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader, network=network,
+                             optimizer=torch.optim.SGD(network.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
+                             prepare_batch=lambda batch, device, non_blocking, **kwargs: (batch, batch),
+                             train_handlers=[CheckTrainingSchedule(val_interval)])
+
+
+def test_a_loader_that_yields_no_batch_is_refused_before_training():
+    loader = torch.utils.data.DataLoader(torch.ones(5, 1), batch_size=8, drop_last=True)
+    with pytest.raises(MedfmError, match=r"no training step would run: 5 training case\(s\) with batch size 8 and drop_last "
+                                         r"give no batch; lower --batch_size or add cases"):
+        _trainer(loader, 3, 1)
+
+
+def test_a_schedule_that_never_validates_is_refused_and_one_that_does_runs():
+    loader = torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=2)
+    with pytest.raises(MedfmError, match=r"no validation would run in epochs 1 to 1 \(--val_interval 5\), so no checkpoint "
+                                         r"would be saved; set --val_interval to at most 1 or raise --max_epochs"):
+        _trainer(loader, 1, 5).run()
+    trainer = _trainer(loader, 5, 5)
+    trainer.run()
+    assert trainer.state.epoch == 5

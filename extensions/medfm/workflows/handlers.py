@@ -18,7 +18,7 @@ from ..errors import MedfmError, WeightsError
 from ..io.atomic import atomic_path
 from ..weights.checkpoint import load_checkpoint
 
-__all__ = ["LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "stacked_outputs"]
+__all__ = ["CheckTrainingSchedule", "LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs"]
 
 #: File name of the state saved after epoch N: ``training_state_epoch=N.pt``.
 TRAINING_STATE_PATTERN = re.compile(r"training_state_epoch=(\d+)\.pt")
@@ -192,3 +192,44 @@ def stacked_outputs(keys: list[str]):
         return [torch.stack([torch.as_tensor(value) for value in values]) for values in from_engine(keys)(output)]
 
     return transform
+
+
+class CheckTrainingSchedule:
+    """Refuse a training run that would train nothing or save nothing.
+
+    The training loader must yield at least one batch (a batch size above the number of training
+    cases with ``drop_last`` yields none, and MONAI then skips the run with only a warning),
+    checked when attached; and, when training starts (after :class:`TrainingState` may have
+    resumed it, so attach this last), at least one validation, which is where the best
+    checkpoint is saved, must fall within the epochs left.
+
+    Args:
+        val_interval: validation every this many epochs, as given to MONAI's ``ValidationHandler``.
+    """
+
+    def __init__(self, val_interval: int) -> None:
+        self.val_interval = int(val_interval)
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.state.epoch_length:
+            loader = getattr(engine, "data_loader", None)
+            dataset = getattr(loader, "dataset", None)
+            cases = f"{len(dataset)} training case(s)" if dataset is not None else "the training data"
+            drop = " and drop_last" if getattr(loader, "drop_last", False) else ""
+            raise MedfmError(f"no training step would run: {cases} with batch size {getattr(loader, 'batch_size', '?')}"
+                             f"{drop} give no batch; lower --batch_size or add cases")
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        first, last = engine.state.epoch + 1, engine.state.max_epochs
+        if not any(epoch % self.val_interval == 0 for epoch in range(first, last + 1)):
+            raise MedfmError(f"no validation would run in epochs {first} to {last} (--val_interval {self.val_interval}), so no "
+                             f"checkpoint would be saved; set --val_interval to at most {last} or raise --max_epochs")
+
+
+def require_checkpoint(path: str | os.PathLike) -> str:
+    """``path`` when it is a file; otherwise a one-line error saying that evaluation needs a fine-tuned checkpoint."""
+    if not Path(path).is_file():
+        raise MedfmError(f"{path}: no fine-tuned checkpoint to evaluate; run configs/train.json with the same "
+                         "--output_dir first (it saves the best validation epoch there)")
+    return str(path)
