@@ -175,8 +175,9 @@ def test_contract_deviations_are_printed_as_warnings(tmp_path):
     result = run_command(MEDFM + ["infer", "models_genesis_chest_ct", medfm.samples.path("mr_head_t1"), "--out", str(tmp_path / "o")])
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("medfm: warning: ")]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "are not CT Hounsfield units" in warnings[0] and "outside the pre-training range" in warnings[1]
+    assert "is smaller than the 64 x 64 x 32 window the network was trained on; it is padded" in warnings[2]
 
 
 def test_list_shows_every_bundle_with_weights_and_flags_restricted_licences():

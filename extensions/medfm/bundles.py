@@ -10,7 +10,7 @@ from monai.bundle import ConfigParser
 
 from .errors import BundleNotFoundError
 
-__all__ = ["bundle_config", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
+__all__ = ["bundle_name", "bundle_config", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
 
 #: Environment variable naming medfm's cache folder (downloaded bundles and weights).
 CACHE_ENV = "MEDFM_HOME"
@@ -55,6 +55,18 @@ def find_bundle(name_or_path: str | os.PathLike) -> Path:
     known = ", ".join(d.name for d in list_bundle_dirs()) or "none"
     searched = ", ".join(str(d) for d in _search_dirs()) or f"no bundle folders (set {CACHE_ENV})"
     raise BundleNotFoundError(f"unknown bundle {str(name_or_path)!r}: known bundles: {known} (searched {searched})")
+
+
+def bundle_name(bundle_dir: str | os.PathLike) -> str:
+    """The bundle's identity: the ``name`` in its ``configs/metadata.json`` (a renamed copy of the
+    folder keeps it), else the folder's name."""
+    import json
+
+    try:
+        name = json.loads((Path(bundle_dir) / "configs" / "metadata.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else Path(bundle_dir).name
 
 
 def bundle_config(bundle_dir: str | os.PathLike, config: str = "inference.json") -> ConfigParser:

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .bundles import find_bundle, list_bundle_dirs
+from .bundles import bundle_name, find_bundle, list_bundle_dirs
 from .errors import describe_error
 from .weights import registry
 from .weights.importer import installed_weights_id, read_provenance
@@ -36,7 +36,7 @@ def bundle_summary(bundle_dir: Path) -> dict[str, str]:
     """One row of ``medfm list``."""
     metadata = _metadata(bundle_dir)
     modality = metadata.get("input_contract", {}).get("modality", "")
-    entries = registry.for_bundle(bundle_dir.name)
+    entries = registry.for_bundle(bundle_name(bundle_dir))
     upstream = [f"{e.name} ({'download' if e.url else 'ships with the bundle' if e.redistributable else 'import your copy'})"
                 for e in entries]
     return {
@@ -78,7 +78,7 @@ def bundle_info(bundle: str | os.PathLike) -> list[str]:
     if record is not None:
         lines.append(f"  imported from {record.get('source')} (sha256 {str(record.get('source_sha256'))[:16]}...) "
                      f"at {record.get('imported_at')}")
-    for entry in registry.for_bundle(bundle_dir.name):
+    for entry in registry.for_bundle(bundle_name(bundle_dir)):
         lines += ["", f"registered weights {entry.name}: {entry.title}",
                   f"  licence: {entry.license}{'' if entry.commercial_use else ' [no commercial use]'}",
                   f"  source: {entry.url or entry.source}",

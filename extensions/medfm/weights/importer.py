@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..bundles import bundle_network, cache_dir, find_bundle
-from ..errors import WeightsError, first_line
+from ..bundles import bundle_name, bundle_network, cache_dir, find_bundle
+from ..errors import MedfmError, WeightsError, first_line
 from . import registry
 from .checkpoint import load_checkpoint, save_state_dict, sha256_of
 from .download import download
@@ -74,7 +74,7 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
         raise WeightsError(f"{source}: no such file")
     digest = sha256_of(source)
     expected = registry.get(weights) if weights else next(
-        (e for e in registry.for_bundle(bundle_dir.name) if e.file_name == source.name != MODEL_FILE.name), None)
+        (e for e in registry.for_bundle(bundle_name(bundle_dir)) if e.file_name == source.name != MODEL_FILE.name), None)
     if expected is not None and expected.sha256 is not None and not expected.matches(digest):
         raise WeightsError(f"{source}: sha256 {digest} does not match registered weights "
                            f"{expected.name!r} ({expected.sha256}); refusing to import a corrupted or different file")
@@ -82,7 +82,7 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
 
     overrides = {"in_channels": in_channels} if in_channels is not None else {}
     network = bundle_network(bundle_dir, **overrides)
-    filter_fn = _network_module(bundle_dir.name).checkpoint_filter_fn
+    filter_fn = _network_module(bundle_name(bundle_dir)).checkpoint_filter_fn
     try:
         state = filter_fn(load_checkpoint(source, strip_objects=strip_objects), network)
     except ValueError as error:
@@ -121,9 +121,25 @@ def installed_weights_path(bundle: str | os.PathLike) -> str:
     bundle_dir = Path(bundle).resolve()
     model_file = bundle_dir / MODEL_FILE
     if not model_file.is_file():
-        raise WeightsError(f"{model_file}: missing; run 'medfm weights fetch {bundle_dir.name}' or "
-                           f"'medfm weights import {bundle_dir.name} FILE'")
+        raise WeightsError(f"{model_file}: missing; {how_to_get_weights(bundle_dir)}")
     return str(model_file)
+
+
+def how_to_get_weights(bundle_dir: Path) -> str:
+    """The command that installs weights into this bundle folder: fetch where a download is
+    registered, else import of the user's own copy (with where the authors publish it)."""
+    name = bundle_name(bundle_dir)
+    try:
+        target = name if find_bundle(name) == bundle_dir else str(bundle_dir)
+    except MedfmError:
+        target = str(bundle_dir)
+    entries = registry.for_bundle(name)
+    downloadable = [e for e in entries if e.url]
+    if downloadable:
+        return f"run 'medfm weights fetch {target}' (downloads {downloadable[0].name}) or 'medfm weights import {target} FILE'"
+    published = "; ".join(f"{e.name}: {e.source}" for e in entries if e.source)
+    return (f"no download is registered: get the checkpoint{f' ({published})' if published else ''} and run "
+            f"'medfm weights import {target} FILE', or fine-tune from scratch with --pretrained False")
 
 
 def _refuse_non_finite(state: dict, source: Path, consequence: str = "") -> None:
@@ -209,8 +225,8 @@ def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: st
     sha256 are checked either way. Downloads are cached in ``$MEDFM_HOME/weights``.
     """
     bundle_dir = find_bundle(bundle)
-    entry = registry.get(weights) if weights else registry.default_for_bundle(bundle_dir.name)
-    if entry.bundle != bundle_dir.name:
+    entry = registry.get(weights) if weights else registry.default_for_bundle(bundle_name(bundle_dir))
+    if entry.bundle != bundle_name(bundle_dir):
         raise WeightsError(f"weights {entry.name!r} belong to bundle {entry.bundle!r}, not {bundle_dir.name!r}")
     source = url or entry.url
     if not source:
