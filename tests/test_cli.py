@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,10 +93,11 @@ def test_infer_refuses_an_unusable_out_before_any_work(small_ct, tmp_path, probl
 @pytest.mark.parametrize("case", list(CORPUS))
 def test_bad_inputs_give_their_message_in_one_line_and_no_output(case, small_ct, tmp_path, real_file):
     path, expected = CORPUS[case](small_ct, tmp_path, real_file)
-    before = set(tmp_path.iterdir())
+    before, logs = set(tmp_path.iterdir()), set(Path(tempfile.gettempdir()).glob("medfm-*.log"))
     line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(path), "--out", str(tmp_path / "out")]))
     assert re.search(expected, line), line
     assert set(tmp_path.iterdir()) == before, "no output or staging folder left behind"
+    assert set(Path(tempfile.gettempdir()).glob("medfm-*.log")) == logs, "no log kept for a problem the line explains"
 
 
 def test_unknown_bundle_lists_the_known_ones(tmp_path):

@@ -105,11 +105,12 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
                 workflow.run()
                 workflow.finalize()
             except Exception as error:
-                log.keep = True
                 cause = innermost(error)
-                message = str(cause) if isinstance(cause, MedfmError) else (
-                    f"{source}: {bundle_dir.name} inference failed: {describe_error(error)}")
-                raise MedfmError(f"{message} (full log: {log.path})") from error
+                if isinstance(cause, MedfmError):  # the input's own problem: the line says it all, no log kept
+                    raise MedfmError(str(cause)) from error
+                log.keep = True
+                raise MedfmError(f"{source}: {bundle_dir.name} inference failed: {describe_error(error)} "
+                                 f"(full log: {log.path})") from error
             finally:
                 contract_logger.removeHandler(warnings)
         if not verbose:  # verbose output already holds them
