@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from medfm.errors import WeightsError
+from medfm.errors import MedfmError, WeightsError
 from medfm.weights import download
 from tests.conftest import LoopbackServer
 
@@ -105,7 +105,7 @@ def test_a_dripping_server_is_stopped_by_the_whole_download_deadline(tmp_path, m
 
 def test_a_bad_deadline_setting_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFM_DOWNLOAD_DEADLINE_S", "soon")
-    with pytest.raises(WeightsError, match=r"\$MEDFM_DOWNLOAD_DEADLINE_S='soon' is not a positive number of seconds"):
+    with pytest.raises(MedfmError, match=r"\$MEDFM_DOWNLOAD_DEADLINE_S='soon' is not a positive number of seconds"):
         download("http://127.0.0.1:9/w.bin", tmp_path / "w.bin", progress=False)
 
 

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import MedfmError
+from ..limits import positive_setting
 
 __all__ = ["ArchiveError", "MAX_UNPACKED_GIB_ENV", "safe_extract_zip"]
 
@@ -22,14 +23,7 @@ class ArchiveError(MedfmError):
 
 def max_unpacked_bytes() -> int:
     """The unpacking budget from ``$MEDFM_MAX_UNPACKED_GIB`` (default 8 GiB)."""
-    text = os.environ.get(MAX_UNPACKED_GIB_ENV, str(DEFAULT_MAX_UNPACKED_GIB))
-    try:
-        gib = float(text)
-    except ValueError:
-        gib = -1.0
-    if not gib > 0:
-        raise MedfmError(f"${MAX_UNPACKED_GIB_ENV}={text!r} is not a positive number of GiB")
-    return int(gib * 2**30)
+    return int(positive_setting(MAX_UNPACKED_GIB_ENV, DEFAULT_MAX_UNPACKED_GIB, "GiB") * 2**30)
 
 
 def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike, max_bytes: int | None = None) -> Path:

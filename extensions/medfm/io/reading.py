@@ -24,6 +24,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import SpaceKeys
 
 from ..errors import MedfmError, first_line, innermost
+from ..limits import positive_setting
 from .archives import ArchiveError, safe_extract_zip
 from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
                     rescale_varies, series_geometry, stack_series)
@@ -49,7 +50,7 @@ class ScanError(MedfmError):
 
 
 def _max_input_bytes(max_gib: float | None) -> tuple[float, int]:
-    gib = max_gib if max_gib is not None else float(os.environ.get(MAX_INPUT_GIB_ENV, DEFAULT_MAX_INPUT_GIB))
+    gib = max_gib if max_gib is not None else positive_setting(MAX_INPUT_GIB_ENV, DEFAULT_MAX_INPUT_GIB, "GiB")
     return gib, int(gib * 2**30)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import WeightsError
+from ..limits import positive_setting
 
 __all__ = ["download", "DOWNLOAD_DEADLINE_ENV"]
 
@@ -22,14 +23,7 @@ DEFAULT_DOWNLOAD_DEADLINE_S = 4 * 3600.0
 
 
 def _deadline_seconds() -> float:
-    text = os.environ.get(DOWNLOAD_DEADLINE_ENV, str(DEFAULT_DOWNLOAD_DEADLINE_S))
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise WeightsError(f"${DOWNLOAD_DEADLINE_ENV}={text!r} is not a positive number of seconds")
-    return seconds
+    return positive_setting(DOWNLOAD_DEADLINE_ENV, DEFAULT_DOWNLOAD_DEADLINE_S, "seconds")
 
 
 def _chunks(response, url: str):
