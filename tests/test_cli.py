@@ -274,16 +274,33 @@ def test_output_into_a_closed_pipe_ends_quietly():
     assert result.returncode == 141 and result.stderr == "", result.stderr
 
 
-def test_ctrl_c_is_one_line_and_leaves_no_staging_folder(small_ct, tmp_path):
+def _infer_until_staging(small_ct, tmp_path):
     process = subprocess.Popen(MEDFM + ["infer", str(GENESIS), str(small_ct), "--out", str(tmp_path / "out")],
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".out.") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+    while not any(p.name.startswith(".out.staging-") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)  # wait until the run has started writing into its staging folder
-    process.send_signal(signal.SIGINT)
+    return process
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_is_one_line_and_leaves_no_staging_folder(small_ct, tmp_path, stop):
+    process = _infer_until_staging(small_ct, tmp_path)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and stderr.strip().splitlines() == ["medfm: interrupted"], stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_next_run_removes_what_a_sigkilled_run_left_beside_out(small_ct, tmp_path):
+    process = _infer_until_staging(small_ct, tmp_path)
+    process.kill()
+    process.communicate(timeout=60)
+    (abandoned,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.staging-")]
+    result = run_command(MEDFM + ["infer", str(GENESIS), str(small_ct), "--out", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not abandoned.exists()
 
 
 def test_a_damaged_cached_bundle_is_a_warning_in_list_and_a_damaged_import_record_never_stops_inference(small_ct, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
     commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "demo": demo, "download": download, "release": release,
                 "label-bundle": label_bundle, "weights": _weights_commands()}
+    # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so staging folders are removed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         fire.Fire(commands, command=argv, name="medfm")
         sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit

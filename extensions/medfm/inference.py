@@ -50,6 +50,25 @@ def _workflow(bundle_dir: Path, configs: list[str], logging_file: str | bool, **
         workflows_logger.setLevel(level)
 
 
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Remove staging folders beside ``out_dir`` left by runs that were killed (their process is gone):
+    SIGKILL gives a run no chance to clean up, so the next run into the same ``--out`` does it."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.staging-*-*"):
+        pid = folder.name[len(f".{out_dir.name}.staging-"):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> None:
     """Refuse override keys the bundle's configs do not have (a misspelt ``--sw_batchsize 2`` would
     otherwise be added as a new key and silently do nothing). A new argument of a component
@@ -93,7 +112,8 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         raise MedfmError(f"{out_dir}: exists and is not a folder; give --out a folder")
     check_index_file(out_dir / str(overrides.get("embeddings_index", "embeddings.csv")))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _remove_abandoned_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
     try:
         warnings = _Collector()
         contract_logger.addHandler(warnings)
