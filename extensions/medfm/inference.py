@@ -187,6 +187,8 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
+    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise MedfmError(f"{Path(out).expanduser()}: exists and is not a folder; give --out a folder")
     sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     if points is not None and (sources or mask is not None):
         raise MedfmError("--points names its scans in its image column: give no other inputs and no --mask")

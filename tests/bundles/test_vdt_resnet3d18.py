@@ -223,3 +223,13 @@ def test_a_batch_larger_than_the_training_cases_fails_before_training(vdt_bundle
     assert re.search(r"no training step would run: \d+ training case\(s\) with batch size 64 and drop_last give no batch",
                      result.stderr), result.stderr[-2000:]
 
+
+
+def test_fine_tuning_without_installed_weights_says_to_install_them_or_train_from_scratch(vdt_bundle, crop_classification_dataset, tmp_path):
+    assert not (vdt_bundle / "models" / "model.pt").exists()
+    result = run_command([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
+                          "configs/metadata.json", "--bundle_root", str(vdt_bundle), "--dataset_dir", str(crop_classification_dataset),
+                          "--output_dir", str(tmp_path / "ft"), "--num_workers", "0"], cwd=vdt_bundle)
+    assert result.returncode != 0
+    assert "models/model.pt: no pre-trained weights to start from" in result.stderr
+    assert "fine-tune from scratch with --pretrained False" in result.stderr

@@ -49,6 +49,9 @@ class PretrainedWeightsLoader:
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
+        if not Path(self.load_path).is_file():  # before any data is read or cached
+            raise WeightsError(f"{self.load_path}: no pre-trained weights to start from; install them (see "
+                               "'medfm weights verify' for how) or fine-tune from scratch with --pretrained False")
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict[str, list[str]]:
