@@ -11,6 +11,7 @@ process or under ``torchrun``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import difflib
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from .bundles import find_bundle
 from .errors import MedfmError, describe_error, innermost
+from .io.atomic import atomic_path
 from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
@@ -48,6 +50,28 @@ def _workflow(bundle_dir: Path, configs: list[str], logging_file: str | bool, **
                               workflow_type="inference", bundle_root=str(bundle_dir), **overrides)
     finally:
         workflows_logger.setLevel(level)
+
+
+def _merged_table(staged: Path, target: Path) -> bool:
+    """Merge a per-input table (``input,...`` header, e.g. ``predictions.csv``) into the one already in
+    ``--out``: the other inputs' rows stay, this input's row is replaced. False when the two are not
+    such tables with the same columns (the new file then replaces the old)."""
+    if staged.suffix.lower() != ".csv":
+        return False
+    try:
+        with open(staged, newline="", encoding="utf-8") as stream:
+            new_header, *new_rows = list(csv.reader(stream))
+        with open(target, newline="", encoding="utf-8") as stream:
+            old_header, *old_rows = list(csv.reader(stream))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    if new_header != old_header or not new_header or new_header[0] != "input":
+        return False
+    replaced = {row[0] for row in new_rows if row}
+    with atomic_path(target) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            csv.writer(stream, lineterminator="\n").writerows([new_header, *(r for r in old_rows if r and r[0] not in replaced), *new_rows])
+    return True
 
 
 def _remove_abandoned_staging(out_dir: Path) -> None:
@@ -147,7 +171,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
                 added = read_index_rows(path)
                 replaced = {row["embedding"] for row in added}
                 write_index_rows(target, [row for row in read_index_rows(target) if row["embedding"] not in replaced] + added)
-            else:
+            elif not (target.exists() and _merged_table(path, target)):
                 path.replace(target)
             results.append(str(target))
         return results

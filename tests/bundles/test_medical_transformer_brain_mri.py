@@ -89,7 +89,8 @@ def test_classification_fine_tuning_evaluation_and_scratch(mt_bundle, labelled_t
     assert f"loaded {pretrained} of {total} tensors" in log and "val_auc" in log and "val_accuracy" in log
     bundle_run(mt_bundle, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir", str(labelled_table),
                "--output_dir", str(tmp_path / "ft"), *SMALL_GRID, "--val_fraction", "0.34")
-    rows = list(csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open()))
+    header, *rows = csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open())
+    assert header[0] == "input" and len(header) == 3  # the input, then one probability per class name
     assert len(rows) == 2 and all(abs(float(a) + float(b) - 1) < 1e-5 for _, a, b in rows)
     assert (tmp_path / "ft" / "eval" / "metrics.csv").read_text().startswith("val_auc")
     scratch = _fine_tune(mt_bundle, labelled_table, tmp_path / "scratch", "--pretrained", "False")
@@ -118,12 +119,18 @@ def test_inference_writes_the_embedding_and_the_masked_slice_error_and_warns_off
     assert "medfm: warning:" in cli.stderr and "is not the model grid" in cli.stderr
     scores = {}
     for name, image in (("mni", mni), ("ct", ct)):
-        (source, score), = csv.reader((tmp_path / name / "masked_slice_error.csv").open())
+        header, (source, score) = csv.reader((tmp_path / name / "masked_slice_error.csv").open())
+        assert header == ["input", "masked_slice_error"]
         embedding = np.load(next((tmp_path / name).glob("*_embedding.npy")))
         assert source == image and embedding.shape == (192,) and np.isfinite(embedding).all()
         scores[name] = float(score)
     # the committed weights predict the MNI T1's slices better than a head CT's (docs: 0.58 vs 0.67)
     assert scores["mni"] < scores["ct"] < 1
+    # a second input into the same --out adds its row to the table instead of replacing the file
+    again = run_command([sys.executable, "-m", "medfm.cli", "infer", str(mt_bundle), mni, "--out", str(tmp_path / "ct")])
+    assert again.returncode == 0, again.stderr
+    header, *rows = csv.reader((tmp_path / "ct" / "masked_slice_error.csv").open())
+    assert header == ["input", "masked_slice_error"] and sorted(row[0] for row in rows) == sorted([ct, mni])
 
 
 def test_the_committed_weights_reproduce_the_documented_held_out_numbers(brain_t1s, tmp_path):

@@ -160,7 +160,8 @@ def test_2d_classification_fine_tuning_evaluation_and_scratch(spad_bundle, slice
     assert f"loaded {pretrained} of {total} tensors" in log and "val_auc" in log and "val_accuracy" in log
     bundle_run(spad_bundle, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir", str(slice_table),
                "--output_dir", str(tmp_path / "ft"), *TINY_ARGS, "--patch_size", "[64,64,1]", "--val_fraction", "0.34")
-    rows = list(csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open()))
+    header, *rows = csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open())
+    assert header[0] == "input" and len(header) == 3
     assert len(rows) == 2 and all(abs(float(a) + float(b) - 1) < 1e-5 for _, a, b in rows)
     scratch = _fine_tune(spad_bundle, slice_table, tmp_path / "scratch", "--pretrained", "False")
     assert "pretrained weights" not in scratch.stdout + scratch.stderr

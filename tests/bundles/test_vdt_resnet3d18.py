@@ -99,14 +99,16 @@ def test_classification_fine_tuning_evaluation_inference_and_scratch(vdt_bundle,
     bundle_run(vdt_bundle, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir",
                str(crop_classification_dataset), "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,32]",
                "--val_fraction", "0.25")
-    rows = list(csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open()))
+    header, *rows = csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open())
+    assert header[0] == "input" and len(header) == 3
     assert len(rows) == 2 and all(abs(float(a) + float(b) - 1) < 1e-5 for _, a, b in rows)
     assert (tmp_path / "ft" / "eval" / "metrics.csv").read_text().startswith("val_auc")
 
     out = tmp_path / "infer"
     bundle_run(vdt_bundle, ["configs/inference.json"], "--ckpt_path", str(fine_tuned), "--num_classes", "2",
                "--output_dir", str(out), "--input_image", str(crop_classification_dataset / "MR_1.nii.gz"))
-    (name, *probabilities), = csv.reader((out / "predictions.csv").open())
+    header, (name, *probabilities) = csv.reader((out / "predictions.csv").open())
+    assert header == ["input", "class_0", "class_1"]
     assert name.endswith("MR_1.nii.gz") and len(probabilities) == 2 and abs(sum(map(float, probabilities)) - 1) < 1e-5
     assert np.load(next(out.glob("MR_1-*_embedding.npy"))).shape == (512,)
 

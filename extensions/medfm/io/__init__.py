@@ -7,10 +7,12 @@ from .regions import label_regions, read_points
 from .image_folder import image_folder_classes, image_folder_datalist
 from .archives import ArchiveError, MAX_UNPACKED_GIB_ENV, safe_extract_zip
 from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_series
+from .tables import HeaderedCSVSaver
 from .target_table import target_table_datalist, target_table_labels
 from .segmentation import SaveSegmentation, SaveSegmentationd, SegmentationWriteError
 
 __all__ = [
+    "HeaderedCSVSaver",
     "ArchiveError",
     "MAX_UNPACKED_GIB_ENV",
     "DicomSeries",
