@@ -253,9 +253,9 @@ def _as_single_slice(image: MetaTensor) -> MetaTensor:
 
 
 def _check_nifti_header(source: Path) -> None:
-    """Refuse NIfTI headers that readers interpret differently (nibabel prefers the sform, ITK the
-    qform; a zero or negative voxel size is replaced or mirrored depending on the reader) and voxel
-    types no model reads, before any voxel is loaded."""
+    """Refuse NIfTI headers that readers interpret differently (which of two disagreeing forms wins
+    differs between nibabel, ITK versions and viewers; a zero or negative voxel size is replaced or
+    mirrored depending on the reader) and voxel types no model reads, before any voxel is loaded."""
     try:  # the raw header: nibabel's load replaces a zero pixdim with 1 (and logs it)
         with nib.openers.ImageOpener(source) as stream:
             block = stream.read(nib.Nifti2Header.template_dtype.itemsize)
@@ -284,8 +284,8 @@ def _check_nifti_header(source: Path) -> None:
     if sform_code and qform_code:
         apart = float(np.abs(np.asarray(sform) - np.asarray(qform)).max())
         if apart > 1e-3:
-            raise ScanError(f"{source}: its qform and sform disagree (affine entries up to {apart:.3g} apart); nibabel "
-                            "places the scan by the sform and ITK by the qform, so make them agree first")
+            raise ScanError(f"{source}: its qform and sform disagree (affine entries up to {apart:.3g} apart); readers "
+                            "and viewers differ in which one places the scan, so make them agree first")
 
 
 @contextlib.contextmanager
