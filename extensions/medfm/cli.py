@@ -191,8 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
     commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "demo": demo, "download": download, "release": release,
                 "label-bundle": label_bundle, "weights": _weights_commands()}
-    # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so staging folders are removed
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT and SIGTERM (Ctrl-C, a scheduler's kill, `timeout`) unwind the run, so staging folders are removed
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, interrupt)
     try:
         fire.Fire(commands, command=argv, name="medfm")
         sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit
@@ -203,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     except KeyboardInterrupt:
         print("medfm: interrupted", file=sys.stderr)
-        return 130
+        sys.stderr.flush()
+        # end by the same signal, as Unix tools do, so a calling shell loop or scheduler sees it
+        stop = received[0] if received else signal.SIGINT
+        signal.signal(stop, signal.SIG_DFL)
+        os.kill(os.getpid(), stop)
+        return 128 + stop
     except BrokenPipeError:  # `medfm info | head` closed the pipe: stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 141
