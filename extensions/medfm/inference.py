@@ -74,6 +74,12 @@ def _merged_table(staged: Path, target: Path) -> bool:
     return True
 
 
+def _check_out_folder(out_dir: Path) -> None:
+    """Refuse an ``--out`` that exists as something other than a folder, before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedfmError(f"{out_dir}: exists and is not a folder; give --out a folder")
+
+
 def _remove_abandoned_staging(out_dir: Path) -> None:
     """Remove staging folders beside ``out_dir`` left by runs that were killed (their process is gone):
     SIGKILL gives a run no chance to clean up, so the next run into the same ``--out`` does it."""
@@ -132,8 +138,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
     if not source.exists():
         raise MedfmError(f"{source}: no such file or folder")
     out_dir = Path(out).expanduser().resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedfmError(f"{out_dir}: exists and is not a folder; give --out a folder")
+    _check_out_folder(out_dir)
     check_index_file(out_dir / str(overrides.get("embeddings_index", "embeddings.csv")))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(out_dir)
@@ -211,8 +216,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
-    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
-        raise MedfmError(f"{Path(out).expanduser()}: exists and is not a folder; give --out a folder")
+    _check_out_folder(Path(out).expanduser())
     sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     if points is not None and (sources or mask is not None):
         raise MedfmError("--points names its scans in its image column: give no other inputs and no --mask")
