@@ -61,17 +61,31 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
+#: How the deepest ``(h, w)`` map of a slice becomes one vector: ``"window"`` is the authors'
+#: ``Multiview_MEP`` (a fixed ``AvgPool3d((3, 3, 1))``: on the 96 x 114 planes, a 3 x 4 map, it
+#: averages the first 3 of 4 columns); ``"plane"`` averages the whole map, as the authors'
+#: stage-1 network does.
+SLICE_POOLING = ("window", "plane")
+#: Upstream's window; its one window covers maps of 3 to 5 cells per side.
+POOL_WINDOW = 3
+
+
 class SliceEncoder(nn.Module):
     """2D ResNet-18 over the slices of a stack: ``(B, C, H, W, S)`` -> ``(B, S, embed_dim)``.
 
     Instance norm statistics span all slices of the stack (upstream's ``InstanceNorm3d``), so a
-    slice's embedding depends slightly on the stack it is encoded in. The pooled map is averaged
-    over the whole slice plane (upstream: a fixed 3x3 window that fits the 96 x 114 planes).
+    slice's embedding depends slightly on the stack it is encoded in. ``slice_pooling``: see
+    ``SLICE_POOLING``. With ``"window"``, maps under 3 cells per side (planes under 65 pixels,
+    which upstream cannot run) are averaged whole, and maps over 5 (planes over 160 pixels,
+    where upstream's linear layer would not fit) are refused.
     """
 
     def __init__(self, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64, 128),
-                 blocks: Sequence[int] = (2, 2, 2, 2), embed_dim: int = 64) -> None:
+                 blocks: Sequence[int] = (2, 2, 2, 2), embed_dim: int = 64, slice_pooling: str = "window") -> None:
         super().__init__()
+        if slice_pooling not in SLICE_POOLING:
+            raise ValueError(f"slice_pooling must be one of {SLICE_POOLING}, got {slice_pooling!r}")
+        self.slice_pooling = slice_pooling
         self.conv1 = _slice_conv(in_channels, widths[0], 7, stride=2)
         self.bn1 = nn.InstanceNorm3d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -93,9 +107,21 @@ class SliceEncoder(nn.Module):
         stage3 = self.layer3(stage2)
         return [stem, stage1, stage2, stage3, self.layer4(stage3)]
 
+    def pool(self, deepest: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w, S)`` deepest map -> ``(B, C, S)``."""
+        if self.slice_pooling == "window":
+            rows, columns = deepest.shape[2:4]
+            if max(rows, columns) >= 2 * POOL_WINDOW:
+                raise ValueError(f"the slice planes give a {rows}x{columns} map at the last stage; the authors' "
+                                 f"{POOL_WINDOW}x{POOL_WINDOW} pooling window covers maps up to "
+                                 f"{2 * POOL_WINDOW - 1}x{2 * POOL_WINDOW - 1} (planes up to 160 pixels); "
+                                 "use slice_pooling='plane' for larger planes")
+            deepest = deepest[:, :, :POOL_WINDOW, :POOL_WINDOW]
+        return deepest.mean(dim=(2, 3))
+
     def embed(self, deepest: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w, S)`` deepest map -> ``(B, S, embed_dim)``."""
-        return self.fc(deepest.mean(dim=(2, 3)).transpose(1, 2))
+        return self.fc(self.pool(deepest).transpose(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.feature_maps(x)[-1])
@@ -134,15 +160,33 @@ class FeedForward(nn.Module):
         return self.linear_2(self.dropout(F.relu(self.linear_1(x))))
 
 
+class StdNorm(nn.Module):
+    """The authors' feature norm: ``weight * (x - mean) / (std + eps) + bias`` over the last axis.
+
+    Unlike ``nn.LayerNorm``, the standard deviation is the unbiased one (``n - 1``) and ``eps``
+    is added to it, not to the variance (upstream names ``weight`` ``alpha``).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(dim=-1, keepdim=True)
+        return self.weight * centred / (x.std(dim=-1, keepdim=True) + self.eps) + self.bias
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm transformer layer."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, ff_dim: int, dropout: float) -> None:
         super().__init__()
-        self.norm_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_1 = StdNorm(dim)
         self.attn = MultiHeadAttention(dim, num_heads, head_dim, dropout)
         self.dropout_1 = nn.Dropout(dropout)
-        self.norm_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_2 = StdNorm(dim)
         self.ff = FeedForward(dim, ff_dim, dropout)
         self.dropout_2 = nn.Dropout(dropout)
 
@@ -151,20 +195,25 @@ class EncoderLayer(nn.Module):
         return x + self.dropout_2(self.ff(self.norm_2(x)))
 
 
-def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
-    """The fixed ``(length, dim)`` sine/cosine position table of Vaswani et al."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
-    return table
+def slice_positions(length: int, dim: int) -> torch.Tensor:
+    """The authors' fixed ``(length, dim)`` slice-position table.
+
+    Column ``j`` of row ``p`` is ``sin(p / length ** (2 j / dim))`` for even ``j`` and
+    ``cos(p / length ** (2 j / dim))`` for odd ``j``: a sine table whose base is the table length
+    (114 upstream) rather than Vaswani et al.'s 10000, and whose cosine columns take their own
+    column index (not the sine's) in the exponent.
+    """
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    exponent = 2 * torch.arange(dim, dtype=torch.float64) / dim
+    angles = position / float(length) ** exponent
+    return torch.where(torch.arange(dim) % 2 == 0, angles.sin(), angles.cos()).float()
 
 
 class SliceTransformer(nn.Module):
     """Contextual slice embeddings of one view: ``(B, S, dim)`` and the view index -> ``(B, S, dim)``.
 
-    Inputs are scaled by sqrt(dim), then the view embedding and the slice-position table are added.
+    Inputs are scaled by sqrt(dim), then the view embedding and the slice-position table
+    (:func:`slice_positions`, a buffer saved with the weights as upstream's ``pe``) are added.
     ``final_norm=False`` returns the residual stream before the closing layer norm, divided by
     the input scale (so it starts as the input plus the layers' updates): masked prediction
     regresses encoder embeddings from there, because a layer norm's output has the same norm for
@@ -172,12 +221,12 @@ class SliceTransformer(nn.Module):
     """
 
     def __init__(self, dim: int = 64, num_heads: int = 4, head_dim: int = 256, ff_dim: int = 128,
-                 num_layers: int = 1, dropout: float = 0.1, max_slices: int = 512, num_views: int = len(VIEWS)) -> None:
+                 num_layers: int = 1, dropout: float = 0.1, max_slices: int = 114, num_views: int = len(VIEWS)) -> None:
         super().__init__()
         self.view_embedding = nn.Embedding(num_views, dim)
-        self.register_buffer("positions", sinusoidal_positions(max_slices, dim), persistent=False)
+        self.register_buffer("positions", slice_positions(max_slices, dim))
         self.layers = nn.ModuleList([EncoderLayer(dim, num_heads, head_dim, ff_dim, dropout) for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = StdNorm(dim)
         self.scale = math.sqrt(dim)
 
     def forward(self, slices: torch.Tensor, view: int, final_norm: bool = True) -> torch.Tensor:
@@ -241,7 +290,9 @@ class MedicalTransformer(nn.Module):
         widths: slice encoder widths of the four ResNet stages.
         embed_dim: slice embedding size, also the transformer's model size.
         num_heads, head_dim, ff_dim, num_layers, dropout: transformer sizes (defaults: the paper's).
-        max_slices: longest view the position table covers.
+        max_slices: longest view the position table covers, also the table's base (upstream's
+            ``max_slicelen``, 114: the longest view of the 96 x 114 x 96 grid).
+        slice_pooling: ``"window"`` (the authors' network) or ``"plane"``, see ``SLICE_POOLING``.
         head_hidden: hidden units of the classification / regression MLP.
     """
 
@@ -250,7 +301,7 @@ class MedicalTransformer(nn.Module):
     def __init__(self, in_channels: int = 1, num_outputs: int = 0, task: str = "embedding",
                  widths: Sequence[int] = (16, 32, 64, 128), embed_dim: int = 64, num_heads: int = 4,
                  head_dim: int = 256, ff_dim: int = 128, num_layers: int = 1, dropout: float = 0.1,
-                 max_slices: int = 512, head_hidden: int = 64) -> None:
+                 max_slices: int = 114, head_hidden: int = 64, slice_pooling: str = "window") -> None:
         super().__init__()
         if task not in self.TASKS:
             raise ValueError(f"task must be one of {self.TASKS}, got {task!r}")
@@ -259,7 +310,7 @@ class MedicalTransformer(nn.Module):
         self.task = task
         self.in_channels = in_channels
         self.embed_dim = embed_dim
-        self.encoding = SliceEncoder(in_channels, widths, embed_dim=embed_dim)
+        self.encoding = SliceEncoder(in_channels, widths, embed_dim=embed_dim, slice_pooling=slice_pooling)
         self.transformer = SliceTransformer(embed_dim, num_heads, head_dim, ff_dim, num_layers, dropout, max_slices)
         self.head = (
             nn.Sequential(nn.Linear(len(VIEWS) * embed_dim, head_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
@@ -366,21 +417,23 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: MedicalTransformer) -> dict
 
     Accepts ``{"state_dict": ...}`` or a bare state dict and strips DataParallel's ``module.``.
     Upstream names its transformer ``TF.encoding_block`` with ``Norm`` layers holding ``alpha`` /
-    ``bias``, its view embedding ``TF.pos_embed.seg_embedding``, and stores the position table
-    ``TF.pos_embed.pe`` (recomputed here, so dropped). Downstream heads (``head.``, ``decoder.``)
+    ``bias``, its view embedding ``TF.pos_embed.seg_embedding``, and its position table
+    ``TF.pos_embed.pe`` ``(1, L, dim)`` (loaded as it is, since upstream computes with the stored
+    table). Downstream heads (``head.``, ``decoder.``)
     are kept only where ``model`` has them with the same shapes, so a fine-tuned checkpoint seeds
     a network for another task; any other key is kept, so a strict load reports it.
     """
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     renames = [(r"^module\.", ""), (r"^TF\.pos_embed\.seg_embedding\.", "transformer.view_embedding."),
-               (r"^TF\.encoding_block\.", "transformer."), (r"^transformer\.(.*)\.alpha$", r"transformer.\1.weight")]
+               (r"^TF\.pos_embed\.pe$", "transformer.positions"), (r"^TF\.encoding_block\.", "transformer."),
+               (r"^transformer\.(.*)\.alpha$", r"transformer.\1.weight")]
     expected = model.state_dict()
     converted = {}
     for key, value in state.items():
         for pattern, replacement in renames:
             key = re.sub(pattern, replacement, key)
-        if key == "TF.pos_embed.pe":
-            continue
+        if key == "transformer.positions" and value.ndim == 3 and value.shape[0] == 1:
+            value = value[0]
         if key.startswith(("head.", "decoder.")) and (key not in expected or expected[key].shape != value.shape):
             continue
         converted[key] = value
