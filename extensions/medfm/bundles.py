@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -69,10 +70,12 @@ def bundle_name(bundle_dir: str | os.PathLike) -> str:
     return name if isinstance(name, str) and name else Path(bundle_dir).name
 
 
-def bundle_config(bundle_dir: str | os.PathLike, config: str = "inference.json") -> ConfigParser:
-    """A parser for one of the bundle's configs, with ``bundle_root`` set to the bundle folder."""
+def bundle_config(bundle_dir: str | os.PathLike, config: str | Sequence[str] = "inference.json") -> ConfigParser:
+    """A parser for one of the bundle's configs (or a base and its overlays, merged in order),
+    with ``bundle_root`` set to the bundle folder."""
     parser = ConfigParser()
-    parser.read_config(str(Path(bundle_dir) / "configs" / config))
+    names = [config] if isinstance(config, str) else list(config)
+    parser.read_config([str(Path(bundle_dir) / "configs" / name) for name in names])
     parser["bundle_root"] = str(bundle_dir)
     return parser
 

@@ -163,16 +163,17 @@ def _weights_commands() -> dict:
             print(line)
 
     def import_(bundle: str, file: str, weights: str | None = None, in_channels: int | None = None,
-                dtype: str = "float32", strict: bool = True, strip_objects: bool = False) -> None:
+                dtype: str = "float32", strict: bool = True, strip_objects: bool = False, stage: str | None = None) -> None:
         """Import a checkpoint (upstream layout or plain state dict) into BUNDLE/models/model.pt.
 
         ``--strict False`` imports a partial match (missing keys keep their fresh values) and
         lists what did not match. ``--strip_objects`` imports a file that pickles objects beyond
         tensors (e.g. an mmcv config in its meta) by keeping only its tensors; none of the
-        objects' code runs.
+        objects' code runs. ``--stage tokenizer`` (spad_vit_base) imports the authors' tokenizer
+        into the file the masked-image-modelling pre-training reads (pretrain/models/tokenizer.pt).
         """
         report = import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype, strict=strict,
-                                strip_objects=strip_objects)
+                                strip_objects=strip_objects, stage=stage)
         for line in report.lines():
             print(line)
         for kind, keys in (("missing", report.missing_keys), ("unexpected", report.unexpected_keys)):

@@ -14,15 +14,17 @@ coarser than the in-plane grid. Inputs and outputs are MONAI-style ``(N, C, H, W
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import adapt_input_channels
 from .spad_vit import batch_aniso_d, check_token_multiple, reduce_kernel
 
-__all__ = ["SpadTokenizer", "AdaptiveConv3d"]
+__all__ = ["SpadTokenizer", "AdaptiveConv3d", "checkpoint_filter_fn"]
 
 
 class AdaptiveConv3d(nn.Module):
@@ -157,3 +159,63 @@ class SpadTokenizer(nn.Module):
         usage = (mean * mean.clamp_min(1e-12).log()).sum()
         entropy = -(probabilities * log).sum(-1).mean()
         return usage, entropy
+
+
+#: Module paths of the authors' ``SimpleVQTokenizer`` (PUMIT ``pumit/tokenizer/simple.py``, one
+#: ``nn.Sequential`` per side; their channel LayerNorm is a Sequential holding the norm at ``.1``)
+#: -> this network's.
+AUTHORS_MODULES = {
+    "quantize.proj": "quantize_logits", "quantize.embedding": "codebook",
+    "encoder.0": "encoder.0.conv.conv", "encoder.1.1": "encoder.0.norm",
+    "encoder.3": "encoder.1.conv.conv", "encoder.4.1": "encoder.1.norm",
+    "encoder.6": "encoder.2.conv.conv", "encoder.7.1": "encoder.2.norm",
+    "encoder.9": "encoder.3.conv.conv", "encoder.10": "encoder.3.norm",
+    "encoder.12": "encoder.4.conv.conv", "encoder.13": "encoder.4.norm",
+    "decoder.0": "decoder.0.conv.conv", "decoder.1": "decoder.0.norm",
+    "decoder.3": "decoder.1.conv.conv", "decoder.4": "decoder.1.norm",
+    "decoder.6.transposed_conv": "decoder.2.conv.conv",
+    "decoder.6.conv.0": "decoder.3.conv.conv", "decoder.6.conv.1": "decoder.3.norm",
+    "decoder.7.transposed_conv": "decoder.4.conv.conv",
+    "decoder.7.conv.0": "decoder.5.conv.conv", "decoder.7.conv.1": "decoder.5.norm",
+    "decoder.8": "decoder.6.conv.conv",
+}
+_AUTHORS_KEY = re.compile(r"^(?P<module>.+)\.(?P<tensor>weight|bias)$")
+OUTPUT_KEYS = ("decoder.6.conv.conv.weight", "decoder.6.conv.conv.bias")
+
+
+def checkpoint_filter_fn(checkpoint: Mapping, model: SpadTokenizer) -> dict[str, torch.Tensor]:
+    """Map the authors' tokenizer checkpoint (or ours) onto ``model``'s keys.
+
+    Accepts their Lightning Fabric file (the tokenizer under ``model``; discriminator and
+    optimiser states beside it are ignored), ``{"state_dict": ...}`` or a bare state dict, with or
+    without ``module.`` / ``tokenizer.`` prefixes. Their convolutions run on ``(N, C, D, H, W)``,
+    so every kernel is moved from ``(kD, kH, kW)`` to this network's ``(kH, kW, kD)``. Their
+    tokenizer reads and writes RGB (a gray image repeated): the first kernel is summed over its
+    input channels, and a one-channel output is the mean of their three output channels. Any key
+    neither network knows is kept, so a strict load reports it.
+    """
+    state = checkpoint if isinstance(checkpoint, Mapping) else None
+    if state is not None:
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("checkpoint holds no state dict (expected the tokenizer's tensors, under 'model' or "
+                         "'state_dict' or bare)")
+    expected = model.state_dict()
+    converted = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = re.sub(r"^(module\.|tokenizer\.)+", "", key)
+        match = _AUTHORS_KEY.match(key)
+        if key not in expected and match and match["module"] in AUTHORS_MODULES:
+            key = f"{AUTHORS_MODULES[match['module']]}.{match['tensor']}"
+            if value.ndim == 5:
+                value = value.permute(0, 1, 3, 4, 2)
+        converted[key] = value
+    if "encoder.0.conv.conv.weight" in converted:
+        converted = adapt_input_channels(converted, model.in_channels, key="encoder.0.conv.conv.weight")
+    weight, bias = (converted.get(key) for key in OUTPUT_KEYS)
+    if weight is not None and bias is not None and weight.shape[1] != model.in_channels and model.in_channels == 1:
+        converted[OUTPUT_KEYS[0]] = weight.mean(dim=1, keepdim=True)
+        converted[OUTPUT_KEYS[1]] = bias.mean(dim=0, keepdim=True)
+    return converted

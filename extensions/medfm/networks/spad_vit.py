@@ -30,6 +30,8 @@ __all__ = ["SpadViT", "AdaptivePatchEmbed", "aniso_d_from_spacing", "batch_aniso
 MAX_ANISO_D = 5
 TWO_D_ANISO_D = MAX_ANISO_D
 TASKS = ("embedding", "classification", "segmentation", "mim")
+#: SwiGLU hidden width over model width (upstream's ``mlp_ratio``; the width is truncated to an int).
+MLP_RATIO = 8 / 3
 #: Blocks of ViT-B whose outputs feed the segmentation FPN in PUMIT's BTCV setup.
 UPSTREAM_TAPS = (3, 5, 7, 11)
 
@@ -302,7 +304,8 @@ class SpadViT(nn.Module):
     Args:
         in_channels: input channels (upstream pre-training: 3, a gray image repeated; the bundle: 1).
         embed_dim, depth, num_heads: transformer width, blocks and heads (ViT-B: 768, 12, 12).
-        mlp_hidden: SwiGLU hidden width (ViT-B: 2048; default ``int(embed_dim * 8 / 3)`` rounded).
+        mlp_hidden: SwiGLU hidden width (default upstream's ``int(embed_dim * 8 / 3)``, truncated:
+            ViT-B 2048, ViT-L 2730).
         patch_size: in-plane patch edge and full depth taps (16).
         pos_embed_grid: ``(d, h, w)`` of the learned position table (upstream: 5, 10, 10).
         task: ``"embedding"`` (cls and mean patch token), ``"classification"`` (cls -> Linear),
@@ -341,7 +344,7 @@ class SpadViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *pos_embed_grid))
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_hidden or int(round(embed_dim * 8 / 3))) for _ in range(depth))
+            Block(embed_dim, num_heads, mlp_hidden or int(embed_dim * MLP_RATIO)) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

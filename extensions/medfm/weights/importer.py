@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..bundles import bundle_name, bundle_network, cache_dir, find_bundle
+from ..bundles import bundle_config, bundle_name, bundle_network, cache_dir, find_bundle
 from ..errors import MedfmError, WeightsError, first_line
 from . import registry
 from .checkpoint import load_checkpoint, save_state_dict, sha256_of
@@ -54,10 +55,29 @@ def _network_module(bundle_name: str):
     return entries[0].network_code()
 
 
+def _stage_target(bundle_dir: Path, stage: str, overrides: dict) -> tuple[torch.nn.Module, Path]:
+    """The network of pre-training stage ``stage`` (``configs/pretrain.json`` with its overlay
+    ``configs/pretrain_<stage>.json``) and the file that stage's weights are read from
+    (the config's ``<stage>_path``)."""
+    overlay = f"pretrain_{stage}.json"
+    if not (bundle_dir / "configs" / overlay).is_file():
+        stages = sorted(p.stem.removeprefix("pretrain_") for p in (bundle_dir / "configs").glob("pretrain_*.json"))
+        raise WeightsError(f"{bundle_dir}: no pre-training stage {stage!r} (no configs/{overlay}); "
+                           f"stages with their own weights: {', '.join(stages) or 'none'}")
+    parser = bundle_config(bundle_dir, ["pretrain.json", overlay])
+    for key, value in overrides.items():
+        parser[f"network_def#{key}"] = value
+    return parser.get_parsed_content("network_def"), Path(parser.get_parsed_content(f"{stage}_path"))
+
+
 def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike, weights: str | None = None,
                    in_channels: int | None = None, dtype: str = "float32", strict: bool = True,
-                   strip_objects: bool = False) -> ImportReport:
+                   strip_objects: bool = False, stage: str | None = None) -> ImportReport:
     """Convert ``checkpoint_file`` with the network's ``checkpoint_filter_fn`` and write ``models/model.pt``.
+
+    ``stage`` imports the weights of a pre-training stage's own network instead (SPAD-ViT's
+    ``"tokenizer"``: the authors' tokenizer file, written where ``configs/pretrain.json`` reads
+    it, ``pretrain/models/tokenizer.pt``), converted by that network's ``checkpoint_filter_fn``.
 
     The file is read with ``weights_only`` (never unpickled). Its sha256 is compared with the
     registry: a file named like a registered checkpoint, or imported as ``weights``, must match
@@ -73,16 +93,21 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
     if not source.is_file():
         raise WeightsError(f"{source}: no such file")
     digest = sha256_of(source)
+    named_like = [] if stage else registry.for_bundle(bundle_name(bundle_dir))
     expected = registry.get(weights) if weights else next(
-        (e for e in registry.for_bundle(bundle_name(bundle_dir)) if e.file_name == source.name != MODEL_FILE.name), None)
+        (e for e in named_like if e.file_name == source.name != MODEL_FILE.name), None)
     if expected is not None and expected.sha256 is not None and not expected.matches(digest):
         raise WeightsError(f"{source}: sha256 {digest} does not match registered weights "
                            f"{expected.name!r} ({expected.sha256}); refusing to import a corrupted or different file")
     matched = expected or registry.match_sha256(digest)
 
     overrides = {"in_channels": in_channels} if in_channels is not None else {}
-    network = bundle_network(bundle_dir, **overrides)
-    filter_fn = _network_module(bundle_name(bundle_dir)).checkpoint_filter_fn
+    if stage:
+        network, target_file = _stage_target(bundle_dir, stage, overrides)
+        filter_fn = sys.modules[type(network).__module__].checkpoint_filter_fn
+    else:
+        network, target_file = bundle_network(bundle_dir, **overrides), bundle_dir / MODEL_FILE
+        filter_fn = _network_module(bundle_name(bundle_dir)).checkpoint_filter_fn
     try:
         state = filter_fn(load_checkpoint(source, strip_objects=strip_objects), network)
     except ValueError as error:
@@ -99,7 +124,8 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
     target = DTYPES[dtype]
     converted = {k: (v.to(target) if v.is_floating_point() else v) for k, v in network.state_dict().items()}
     _refuse_non_finite(converted, source, "; nothing written")
-    output = save_state_dict(converted, bundle_dir / MODEL_FILE)
+    target_file.parent.mkdir(parents=True, exist_ok=True)
+    output = save_state_dict(converted, target_file)
     report = ImportReport(
         source=str(source.resolve()), source_sha256=digest, weights=matched.name if matched else None,
         output=str(output), output_sha256=sha256_of(output), dtype=dtype,
@@ -107,7 +133,7 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
         missing_keys=list(result.missing_keys), unexpected_keys=list(result.unexpected_keys),
         imported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    provenance = bundle_dir / PROVENANCE_FILE
+    provenance = bundle_dir / PROVENANCE_FILE if stage is None else target_file.with_suffix(".json")
     provenance.write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
