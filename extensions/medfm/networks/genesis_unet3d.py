@@ -26,8 +26,12 @@ class ContBatchNorm3d(nn.modules.batchnorm._BatchNorm):
     """Batch norm that normalises with the current batch's statistics in train *and* eval mode.
 
     This is how the upstream model was trained and evaluated, so outputs depend on the other
-    samples in the batch. Running statistics are still updated (momentum 0.1, eps 1e-5), which is
-    what lets the standard ``nn.BatchNorm3d`` mode reuse the same checkpoint deterministically.
+    samples in the batch. Running statistics (momentum 0.1, eps 1e-5) are updated in train mode
+    only; upstream's ``ContBatchNorm3d`` updates them in eval mode too (it always calls
+    ``F.batch_norm`` in training form). Outputs are the same either way, because both normalise
+    with the batch's statistics; only the running statistics an evaluation leaves behind differ,
+    and here evaluating never changes the weights, which lets the standard ``nn.BatchNorm3d`` mode
+    reuse the checkpoint deterministically.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
