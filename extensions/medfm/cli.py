@@ -71,6 +71,41 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
                          f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
 
 
+def probe(bundles: str, table: str, out: str = "medfm_probe", task: str = "classification",
+          fractions: str = "0.05,0.1,0.25,0.5,1", folds: int = 5, repeats: int = 3, label_column: str = "label",
+          group_column: str | None = None, seed: int = 0, progress: bool = True) -> None:
+    """Frozen-feature probes of one or more bundles on a labelled table, with baselines and label fractions.
+
+    Args:
+        bundles: bundle names or folders, comma-separated.
+        table: CSV with ``image`` and a label column (paths relative to the table), or a Decathlon
+            ``dataset.json`` whose training labels are classes or values.
+        out: output folder: probe_folds.csv, probe_summary.csv, probe.md, probe.png, probe_record.json,
+            and the embeddings (reused by the next run).
+        task: ``classification`` (AUC, balanced accuracy) or ``regression`` (R^2, MAE).
+        fractions: fractions of each training fold's labels to fit on.
+        folds, repeats: k-fold cross-validation, repeated with other seeds.
+        label_column: the label column.
+        group_column: subjects: no subject is ever on both sides of a split.
+        seed: seeds the splits, the label fractions, the random initialisation and the permuted control.
+        progress: show progress bars.
+    """
+    from .probe import probe as run_probe
+
+    values = fractions if isinstance(fractions, (tuple, list)) else str(fractions).split(",")
+    try:
+        parsed = [float(value) for value in values]
+    except ValueError:
+        raise MedfmError(f"--fractions must be numbers separated by commas, got {fractions!r}") from None
+    names = bundles if isinstance(bundles, (tuple, list)) else str(bundles).split(",")
+    run_probe(names, table, out=out, task=task, fractions=parsed, folds=int(folds), repeats=int(repeats),
+              label_column=label_column, group_column=group_column, seed=int(seed), progress=progress,
+              command=["medfm", *sys.argv[1:]])
+    print(Path(out) / "probe_summary.csv")
+    print(Path(out) / "probe.md")
+    print(Path(out) / "probe.png")
+
+
 def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -190,7 +225,7 @@ def _weights_commands() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
-    commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "demo": demo, "download": download, "release": release,
+    commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "probe": probe, "demo": demo, "download": download, "release": release,
                 "label-bundle": label_bundle, "weights": _weights_commands()}
     # SIGINT and SIGTERM (Ctrl-C, a scheduler's kill, `timeout`) unwind the run, so staging folders are removed
     received = []

@@ -1,0 +1,429 @@
+"""Frozen-feature probes: is a bundle's embedding any good on a labelled table, and with how many labels?
+
+One call embeds every scan of the table with each bundle (reusing embeddings already in the output
+folder), then fits simple probes (scikit-learn) on fixed, seeded splits shared by every bundle and
+baseline, at several fractions of the training labels. Baselines on the same splits: the same
+network with random weights, a non-learned intensity-distribution feature, and the pretrained
+features with permuted labels (which must land at chance; anything else means leakage).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MedfmError
+from .io.atomic import atomic_path
+
+__all__ = ["FEATURES", "METRICS", "LabelTable", "Split", "intensity_features", "probe", "read_label_table",
+           "probe_splits", "score_probe"]
+
+#: Feature sets compared per bundle (``histogram`` is the same for every bundle).
+FEATURES = ("pretrained", "random_init", "histogram", "permuted")
+#: Metrics per task; the first is the one plotted and tabled.
+METRICS = {"classification": ("auc", "balanced_accuracy"), "regression": ("r2", "mae")}
+PROBES = {"classification": ("logistic", "knn"), "regression": ("ridge", "knn")}
+DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
+#: Quantile levels of the intensity feature (the inverse of the intensity histogram).
+QUANTILES = np.linspace(0.005, 0.995, 33)
+SUMMARY_COLUMNS = ("bundle", "features", "probe", "fraction", "metric", "mean", "std", "n")
+FOLD_COLUMNS = ("bundle", "features", "probe", "fraction", "repeat", "fold", "n_train", "n_test", "metric", "value")
+
+
+@dataclass
+class LabelTable:
+    """Scans, their labels (class indices or values) and groups, in table order."""
+
+    source: Path
+    images: list[str]
+    labels: np.ndarray
+    groups: np.ndarray
+    classes: list[str] | None  # classification: sorted class names, ``labels`` index them
+
+
+@dataclass(frozen=True)
+class Split:
+    repeat: int
+    fold: int
+    fraction: float
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _rows_of(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".json":  # a Decathlon dataset.json whose labels are classes or values
+        try:
+            items = json.loads(path.read_text(encoding="utf-8")).get("training")
+        except (OSError, ValueError, AttributeError) as error:
+            raise MedfmError(f"{path}: not a readable dataset.json ({error})") from None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise MedfmError(f"{path}: its 'training' entry is not a list of {{'image', 'label'}} objects")
+        return items
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            return list(csv.DictReader(stream))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise MedfmError(f"{path}: not a readable CSV table ({error})") from None
+
+
+def read_label_table(path: str | os.PathLike, task: str = "classification", label_column: str = "label",
+                     group_column: str | None = None) -> LabelTable:
+    """Read ``image, label[, group]`` rows (CSV, or a Decathlon ``dataset.json``); image paths
+    relative to the table. Refuses missing scans, a single class, non-numeric regression targets."""
+    path = Path(path).expanduser()
+    if task not in METRICS:
+        raise MedfmError(f"--task must be one of {', '.join(METRICS)}, got {task!r}")
+    rows = _rows_of(path)
+    if not rows:
+        raise MedfmError(f"{path}: no rows")
+    for column in ("image", label_column, *([group_column] if group_column else [])):
+        if any(row.get(column) in (None, "") for row in rows):
+            raise MedfmError(f"{path}: column {column!r} is missing or empty in some rows")
+    if any(isinstance(row[label_column], (list, dict)) or str(row[label_column]).endswith((".nii", ".nii.gz"))
+           for row in rows):
+        raise MedfmError(f"{path}: {label_column!r} holds label images, not one class or value per scan")
+    images = [str((path.parent / str(row["image"])).resolve()) for row in rows]
+    missing = [image for image in images if not os.path.exists(image)]
+    if missing:
+        raise MedfmError(f"{path}: {len(missing)} scans do not exist, e.g. {missing[0]}")
+    if len(set(images)) != len(images):
+        raise MedfmError(f"{path}: a scan is listed twice ({next(i for i in images if images.count(i) > 1)})")
+    raw = [str(row[label_column]) for row in rows]
+    if task == "classification":
+        classes = sorted(set(raw))
+        if len(classes) < 2:
+            raise MedfmError(f"{path}: every row has the label {classes[0]!r}; a classification probe needs two classes")
+        labels = np.array([classes.index(value) for value in raw])
+    else:
+        classes = None
+        try:
+            labels = np.array([float(value) for value in raw])
+        except ValueError:
+            raise MedfmError(f"{path}: {label_column!r} must be numeric for --task regression") from None
+        if not np.isfinite(labels).all():
+            raise MedfmError(f"{path}: {label_column!r} holds a non-finite value")
+    groups = np.array([str(row[group_column]) for row in rows]) if group_column else np.array(images)
+    return LabelTable(path, images, labels, groups, classes)
+
+
+def _check_foldable(table: LabelTable, folds: int) -> None:
+    if folds < 2:
+        raise MedfmError(f"--folds must be at least 2, got {folds}")
+    if len(set(table.groups)) < folds:
+        raise MedfmError(f"{table.source}: {len(set(table.groups))} subjects (groups), fewer than --folds {folds}")
+    if table.classes is not None:
+        counts = np.bincount(table.labels, minlength=len(table.classes))
+        rarest = int(counts.argmin())
+        groups_of_rarest = len(set(table.groups[table.labels == rarest]))
+        if groups_of_rarest < folds:
+            raise MedfmError(f"{table.source}: class {table.classes[rarest]!r} has {groups_of_rarest} subjects, "
+                             f"fewer than --folds {folds}: every test fold needs every class")
+
+
+def _labelled_subset(train: np.ndarray, table: LabelTable, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Whole groups of ``train``, in random order, until ``fraction`` of it is covered and (for
+    classification) every class has two scans."""
+    if fraction >= 1:
+        return train
+    groups = table.groups[train]
+    order = rng.permutation(np.unique(groups))
+    wanted = math.ceil(fraction * len(train))
+    chosen: list[int] = []
+    for group in order:
+        chosen.extend(train[groups == group].tolist())
+        labels = table.labels[chosen]
+        enough_classes = table.classes is None or all((labels == c).sum() >= 2 for c in np.unique(table.labels[train]))
+        if len(chosen) >= max(wanted, 2) and enough_classes:
+            break
+    return np.sort(np.array(chosen))
+
+
+def probe_splits(table: LabelTable, folds: int = 5, repeats: int = 3, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 seed: int = 0) -> list[Split]:
+    """Seeded (stratified, grouped) k-fold splits, repeated; each fraction drawn inside each training part.
+
+    They depend only on the table and the seed, so every bundle and baseline gets the same ones.
+    """
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    _check_foldable(table, folds)
+    if any(not 0 < f <= 1 for f in fractions):
+        raise MedfmError(f"--fractions must lie in (0, 1], got {list(fractions)}")
+    splits = []
+    for repeat in range(repeats):
+        if table.classes is not None:
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
+        else:
+            splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
+        for fold, (train, test) in enumerate(splitter.split(np.zeros(len(table.labels)), table.labels, table.groups)):
+            for fraction in sorted(fractions):
+                rng = np.random.default_rng([seed, repeat, fold, round(fraction * 1e6)])
+                splits.append(Split(repeat, fold, float(fraction), _labelled_subset(train, table, fraction, rng), test))
+    return splits
+
+
+def _estimator(task: str, kind: str, labels: np.ndarray, groups: np.ndarray):
+    """A standardising pipeline whose hyper-parameter is chosen by cross-validation inside the training data."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classification = task == "classification"
+    if kind == "knn":
+        model = KNeighborsClassifier() if classification else KNeighborsRegressor()
+        grid = {"model__n_neighbors": [1, 3, 5, 9, 15]}
+    elif classification:
+        model, grid = LogisticRegression(max_iter=5000), {"model__C": [0.01, 0.1, 1.0, 10.0, 100.0]}
+    else:
+        model, grid = Ridge(), {"model__alpha": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]}
+    pipeline = Pipeline([("scale", StandardScaler()), ("model", model)])
+    if classification:
+        inner = min(3, min(len(set(groups[labels == c])) for c in np.unique(labels)))
+    else:
+        inner = min(3, len(set(groups)))
+    if inner < 2:
+        return pipeline, None
+    smallest_train = len(labels) - math.ceil(len(labels) / inner)
+    if kind == "knn":
+        grid = {"model__n_neighbors": [k for k in grid["model__n_neighbors"] if k <= smallest_train] or [1]}
+    splitter = StratifiedGroupKFold(inner) if classification else GroupKFold(inner)
+    return GridSearchCV(pipeline, grid, cv=splitter), groups
+
+
+def score_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, split: Split, task: str,
+                kind: str, num_classes: int | None = None) -> dict[str, float]:
+    """Fit probe ``kind`` on ``split.train`` and return the task's metrics on ``split.test``."""
+    from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
+
+    estimator, fit_groups = _estimator(task, kind, labels[split.train], groups[split.train])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's convergence and small-fold notices
+        if fit_groups is None:
+            estimator.fit(features[split.train], labels[split.train])
+        else:
+            estimator.fit(features[split.train], labels[split.train], groups=fit_groups)
+    truth = labels[split.test]
+    if task == "regression":
+        predicted = estimator.predict(features[split.test])
+        return {"r2": float(r2_score(truth, predicted)), "mae": float(mean_absolute_error(truth, predicted))}
+    probabilities = np.zeros((len(split.test), num_classes))
+    probabilities[:, estimator.classes_] = estimator.predict_proba(features[split.test])
+    present = np.unique(truth)
+    if len(present) < 2:
+        auc = float("nan")
+    elif num_classes == 2:
+        auc = float(roc_auc_score(truth, probabilities[:, 1]))
+    else:
+        scores = probabilities[:, present] / probabilities[:, present].sum(1, keepdims=True).clip(min=1e-12)
+        auc = float(roc_auc_score(truth, scores, multi_class="ovr", labels=present))
+    predicted = probabilities.argmax(1)
+    return {"auc": auc, "balanced_accuracy": float(balanced_accuracy_score(truth, predicted))}
+
+
+def intensity_features(images: Sequence[str], cache: Path, progress: bool = True) -> np.ndarray:
+    """The non-learned baseline: each scan's intensity quantiles (``QUANTILES``), mean and standard
+    deviation, in the scan's own units (HU for CT). Cached in ``cache`` (one row per scan path)."""
+    from tqdm import tqdm
+
+    from .io.reading import LoadScan
+
+    cached = {}
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            cached = dict(zip(stored["images"].tolist(), stored["features"]))
+    loader = LoadScan()
+    rows = []
+    for image in tqdm(images, desc="intensity features", unit="scan", disable=not progress):
+        if image not in cached:
+            try:
+                values = np.asarray(loader(image), dtype=np.float64).ravel()
+            except MedfmError as error:
+                raise MedfmError(f"intensity feature: {error}") from None
+            values = values[np.isfinite(values)]
+            cached[image] = np.concatenate([np.quantile(values, QUANTILES), [values.mean(), values.std()]])
+        rows.append(cached[image])
+    with atomic_path(cache) as temporary:
+        with open(temporary, "wb") as stream:
+            np.savez(stream, images=np.array(list(cached)), features=np.stack(list(cached.values())))
+    return np.stack(rows)
+
+
+def _embedding_matrix(bundle: str, images: list[str], out_dir: Path, pretrained: bool, seed: int,
+                      progress: bool) -> tuple[np.ndarray, str]:
+    """Embed ``images`` (reusing ``out_dir``'s index) and stack them in table order; the weights id."""
+    import torch
+
+    from .inference import embed
+
+    overrides = {} if pretrained else {"ckpt_path": None}
+    if not pretrained:
+        torch.manual_seed(seed)  # the random initialisation, reproducible
+    summary = embed(bundle, images, out=out_dir, progress=progress, **overrides)
+    if summary.failed:
+        (image, _), error = next(iter(summary.failed.items()))
+        raise MedfmError(f"{len(summary.failed)} scans failed to embed with {bundle} (first: {image}: {error}); "
+                         f"see {out_dir / 'failed.csv'}")
+    rows = {os.path.abspath(row["input"]): row for row in summary.rows if not row["region"]}
+    vectors = [np.load(out_dir / rows[image]["embedding"], allow_pickle=False).ravel() for image in images]
+    return np.stack(vectors).astype(np.float64), rows[images[0]]["weights"]
+
+
+def _summary_rows(fold_rows: list[dict]) -> list[dict]:
+    cells: dict[tuple, list[float]] = {}
+    for row in fold_rows:
+        key = (row["bundle"], row["features"], row["probe"], row["fraction"], row["metric"])
+        cells.setdefault(key, []).append(row["value"])
+    summary = []
+    for (bundle, features, kind, fraction, metric), values in cells.items():
+        finite = np.array([v for v in values if np.isfinite(v)])
+        summary.append({"bundle": bundle, "features": features, "probe": kind, "fraction": fraction, "metric": metric,
+                        "mean": float(finite.mean()) if len(finite) else float("nan"),
+                        "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0, "n": len(finite)})
+    return summary
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _write_markdown(path: Path, summary: list[dict], task: str, table: LabelTable) -> None:
+    metric = METRICS[task][0]
+    fractions = sorted({row["fraction"] for row in summary})
+    lines = [f"Probe of `{table.source.name}`: {len(table.images)} scans, {len(set(table.groups))} subjects, "
+             f"{task}" + (f" ({', '.join(table.classes)})" if table.classes else "") + f"; {metric}, mean ± sd over folds x repeats.",
+             "", "| bundle | features | probe | " + " | ".join(f"{f:g} of the labels" for f in fractions) + " |",
+             "|---|---|---|" + "---|" * len(fractions)]
+    cells = {(r["bundle"], r["features"], r["probe"], r["fraction"]): r for r in summary if r["metric"] == metric}
+    for bundle, features, kind in dict.fromkeys((r["bundle"], r["features"], r["probe"]) for r in summary):
+        values = [cells.get((bundle, features, kind, f)) for f in fractions]
+        lines.append(f"| {bundle} | {features} | {kind} | " + " | ".join(
+            f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "" for v in values) + " |")
+    with atomic_path(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n")
+
+
+def _write_plot(path: Path, summary: list[dict], task: str) -> None:
+    """Label-efficiency curves, one panel per probe, 95% confidence bands (normal approximation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = METRICS[task][0]
+    kinds = PROBES[task]
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        rows = [r for r in summary if r["probe"] == kind and r["metric"] == metric]
+        for bundle, features in dict.fromkeys((r["bundle"], r["features"]) for r in rows):
+            line = sorted((r for r in rows if r["bundle"] == bundle and r["features"] == features), key=lambda r: r["fraction"])
+            x = np.array([r["fraction"] for r in line])
+            mean = np.array([r["mean"] for r in line])
+            half = np.array([1.96 * r["std"] / math.sqrt(max(r["n"], 1)) for r in line])
+            axis.plot(x, mean, marker="o", label=f"{bundle} {features}" if bundle != "-" else features,
+                      linestyle="--" if features in ("permuted", "histogram") else "-")
+            axis.fill_between(x, mean - half, mean + half, alpha=0.15)
+        if metric == "auc":
+            axis.axhline(0.5, color="grey", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_xlabel("fraction of the training labels")
+        axis.set_ylabel(metric)
+        axis.set_title(f"{kind} probe")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+
+
+def _bundle_record(bundle: str) -> dict:
+    from .bundles import find_bundle
+
+    bundle_dir = find_bundle(bundle)
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    return {"folder": str(bundle_dir), "version": metadata.get("version")}
+
+
+def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.PathLike = "medfm_probe",
+          task: str = "classification", fractions: Sequence[float] = DEFAULT_FRACTIONS, folds: int = 5,
+          repeats: int = 3, label_column: str = "label", group_column: str | None = None, seed: int = 0,
+          progress: bool = True, command: Sequence[str] | None = None) -> list[dict]:
+    """Run the probe benchmark and write its outputs to ``out``; returns the summary rows.
+
+    Writes ``probe_folds.csv`` (every bundle, features, probe, fraction, repeat, fold and metric),
+    ``probe_summary.csv`` (mean, std and count over folds x repeats), ``probe.md`` (the main
+    metric's table), ``probe.png`` (label-efficiency curves) and ``probe_record.json`` (versions,
+    weights, settings, the table's sha256 and ``command``). Embeddings live in
+    ``out/embeddings/<bundle>/<pretrained|random_init>`` and are reused by the next run.
+    """
+    import sklearn
+    import torch
+    from tqdm import tqdm
+
+    from . import __version__
+
+    names = [b for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
+    if not names:
+        raise MedfmError("name at least one bundle")
+    labelled = read_label_table(table, task, label_column, group_column)
+    splits = probe_splits(labelled, folds, repeats, fractions, seed)
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedfmError(f"{out_dir}: exists and is not a folder")
+    record = {"command": list(command) if command is not None else None, "table": str(labelled.source),
+              "table_sha256": hashlib.sha256(labelled.source.read_bytes()).hexdigest(), "task": task,
+              "fractions": sorted(float(f) for f in fractions), "folds": folds, "repeats": repeats, "seed": seed,
+              "group_column": group_column, "label_column": label_column, "classes": labelled.classes,
+              "versions": {"medfm": __version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
+                           "numpy": np.__version__, "python": sys.version.split()[0]},
+              "bundles": {name: _bundle_record(name) for name in names}}
+    matrices: dict[tuple[str, str], np.ndarray] = {}
+    for name in names:
+        for features, pretrained in (("pretrained", True), ("random_init", False)):
+            matrix, weights = _embedding_matrix(name, labelled.images, out_dir / "embeddings" / name / features,
+                                                pretrained, seed, progress)
+            matrices[(name, features)] = matrix
+            record["bundles"][name][f"{features}_weights"] = weights
+    matrices[("-", "histogram")] = intensity_features(labelled.images, out_dir / "embeddings" / "histogram.npz", progress)
+    permuted = {repeat: np.random.default_rng([seed, repeat, 7]).permutation(labelled.labels)
+                for repeat in range(repeats)}
+    jobs = [(bundle, features, kind) for (bundle, features) in matrices for kind in PROBES[task]]
+    jobs += [(name, "permuted", kind) for name in names for kind in PROBES[task]]
+    fold_rows = []
+    num_classes = len(labelled.classes) if labelled.classes else None
+    bar = tqdm(total=len(jobs) * len(splits), desc="probes", unit="fit", disable=not progress)
+    for bundle, features, kind in jobs:
+        matrix = matrices[(bundle, "pretrained" if features == "permuted" else features)]
+        for split in splits:
+            labels = permuted[split.repeat] if features == "permuted" else labelled.labels
+            scores = score_probe(matrix, labels, labelled.groups, split, task, kind, num_classes)
+            for metric in METRICS[task]:
+                fold_rows.append({"bundle": bundle, "features": features, "probe": kind, "fraction": split.fraction,
+                                  "repeat": split.repeat, "fold": split.fold, "n_train": len(split.train),
+                                  "n_test": len(split.test), "metric": metric, "value": scores[metric]})
+            bar.update()
+    bar.close()
+    summary = _summary_rows(fold_rows)
+    _write_csv(out_dir / "probe_folds.csv", FOLD_COLUMNS, fold_rows)
+    _write_csv(out_dir / "probe_summary.csv", SUMMARY_COLUMNS, summary)
+    _write_markdown(out_dir / "probe.md", summary, task, labelled)
+    _write_plot(out_dir / "probe.png", summary, task)
+    with atomic_path(out_dir / "probe_record.json") as temporary:
+        temporary.write_text(json.dumps(record, indent=2) + "\n")
+    return summary

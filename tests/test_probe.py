@@ -1,0 +1,100 @@
+"""medfm probe end to end on crops of a real head CT and a real T1 MRI, labelled by modality."""
+
+import csv
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import medfm
+from medfm.probe import probe_splits, read_label_table
+from tests.conftest import crop_nifti, run_command
+
+PROBE = [sys.executable, "-m", "medfm", "probe"]
+
+
+@pytest.fixture(scope="module")
+def modality_table(tmp_path_factory, real_file):
+    """24 crops (32 x 32 x 16): 12 of the sample head CT, 12 of the Colin27 T1, two neighbouring crops per subject."""
+    folder = tmp_path_factory.mktemp("modality")
+    sources = {"ct": medfm.samples.path("ct_head"), "mr": str(real_file("colin27_t1"))}
+    rows = []
+    for label, source in sources.items():
+        shape = nib.load(source).shape
+        for group in range(6):
+            for k in range(2):
+                offset = ((shape[0] - 40) * (group % 3) // 3 + 4 * k, (shape[1] - 40) * (group // 3) // 2 + 4 * k,
+                          (shape[2] - 20) // 2)
+                crop_nifti(source, folder / f"{label}_{group}_{k}.nii.gz", (32, 32, 16), offset)
+                rows.append({"image": f"{label}_{group}_{k}.nii.gz", "label": label, "subject": f"{label}{group}"})
+    with open(folder / "labels.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["image", "label", "subject"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "labels.csv"
+
+
+def summary_of(path) -> dict:
+    with open(path, newline="") as stream:
+        return {(r["bundle"], r["features"], r["probe"], float(r["fraction"]), r["metric"]): r for r in csv.DictReader(stream)}
+
+
+def test_probe_learns_the_modality_keeps_the_control_at_chance_and_reuses_embeddings(modality_table, tmp_path):
+    out = tmp_path / "probe"
+    args = ["models_genesis_chest_ct", "--table", str(modality_table), "--out", str(out), "--folds", "3",
+            "--repeats", "3", "--fractions", "0.5,1", "--group_column", "subject", "--progress", "False"]
+    result = run_command(PROBE + args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(out / "probe_summary.csv")
+    pretrained = summary[("models_genesis_chest_ct", "pretrained", "logistic", 1.0, "auc")]
+    assert float(pretrained["mean"]) > 0.9 and int(pretrained["n"]) == 9  # 3 folds x 3 repeats
+    permuted = [float(r["mean"]) for k, r in summary.items() if k[1] == "permuted" and k[4] == "auc"]
+    assert len(permuted) == 4 and abs(np.mean(permuted) - 0.5) < 0.15, permuted
+    assert {k[1] for k in summary} == {"pretrained", "random_init", "histogram", "permuted"}
+    with open(out / "probe_folds.csv", newline="") as stream:
+        folds = list(csv.DictReader(stream))
+    assert len(folds) == 4 * 2 * 2 * 9 * 2  # features x probes x fractions x (folds x repeats) x metrics
+    assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| models_genesis_chest_ct | pretrained | logistic |" in (out / "probe.md").read_text()
+    record = (out / "probe_record.json").read_text()
+    assert '"--group_column"' in record and '"pretrained_weights"' in record and '"random_init_weights": "none"' in record
+
+    embeddings = sorted((out / "embeddings").rglob("*.npy"))
+    assert len(embeddings) == 48
+    stamps = [p.stat().st_mtime_ns for p in embeddings]
+    again = run_command(PROBE + args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in embeddings] == stamps  # nothing embedded again
+    assert summary_of(out / "probe_summary.csv") == summary  # same splits, same numbers
+
+
+def test_no_subject_sits_on_both_sides_and_fractions_stay_inside_the_training_part(modality_table):
+    table = read_label_table(modality_table, group_column="subject")
+    splits = probe_splits(table, folds=3, repeats=2, fractions=(0.25, 1.0), seed=5)
+    assert len(splits) == 3 * 2 * 2
+    for split in splits:
+        assert not set(table.groups[split.train]) & set(table.groups[split.test])
+        assert set(table.labels[split.test]) == {0, 1}  # stratified: both classes in every test fold
+    full = {(s.repeat, s.fold): set(s.train) for s in splits if s.fraction == 1.0}
+    for split in (s for s in splits if s.fraction == 0.25):
+        assert set(split.train) < full[(split.repeat, split.fold)]
+        assert all((table.labels[split.train] == c).sum() >= 2 for c in (0, 1))
+    assert [s.train.tolist() for s in splits] == [s.train.tolist() for s in probe_splits(table, 3, 2, (0.25, 1.0), 5)]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("ct_0_0.nii.gz", "ct"), ("nowhere.nii.gz", "mr")], "1 scans do not exist, e.g. "),
+    ([("ct_0_0.nii.gz", "ct"), ("ct_0_1.nii.gz", "ct")], "every row has the label 'ct'; a classification probe needs two classes"),
+    ([("ct_0_0.nii.gz", "ct"), ("ct_0_1.nii.gz", "ct"), ("mr_0_0.nii.gz", "mr"), ("mr_0_1.nii.gz", "ct")],
+     "class 'mr' has 1 subjects, fewer than --folds 3"),
+])
+def test_bad_tables_are_one_line_errors_and_write_nothing(modality_table, tmp_path, rows, message):
+    table = modality_table.parent / f"bad_{len(rows)}_{rows[-1][1]}.csv"
+    table.write_text("image,label\n" + "".join(f"{image},{label}\n" for image, label in rows))
+    out = tmp_path / "probe"
+    result = run_command(PROBE + ["models_genesis_chest_ct", "--table", str(table), "--out", str(out), "--folds", "3"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr and str(table) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
