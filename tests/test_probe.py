@@ -1,6 +1,7 @@
 """medfm probe end to end on crops of a real head CT and a real T1 MRI, labelled by modality."""
 
 import csv
+import json
 import sys
 
 import nibabel as nib
@@ -98,3 +99,16 @@ def test_bad_tables_are_one_line_errors_and_write_nothing(modality_table, tmp_pa
     assert message in result.stderr and str(table) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_decathlon_dataset_json_with_class_labels_is_a_table_and_label_images_are_refused(modality_table):
+    folder = modality_table.parent
+    items = [{"image": f"{m}_{g}_0.nii.gz", "label": int(m == "mr")} for m in ("ct", "mr") for g in range(3)]
+    (folder / "dataset.json").write_text(json.dumps({"name": "modality", "training": items}))
+    table = read_label_table(folder / "dataset.json")
+    assert table.classes == ["0", "1"] and table.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert table.images[0] == str(folder / "ct_0_0.nii.gz")
+    segmentation = [{"image": "ct_0_0.nii.gz", "label": "ct_0_1.nii.gz"}]
+    (folder / "segmentation.json").write_text(json.dumps({"training": segmentation}))
+    with pytest.raises(medfm.errors.MedfmError, match="holds label images, not one class or value per scan"):
+        read_label_table(folder / "segmentation.json")
