@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import medfm
+from medfm.errors import MedfmError
 from medfm.weights import load_checkpoint
 from tests.conftest import GENESIS, crop_nifti, run_command
 
@@ -65,6 +66,18 @@ def test_nifti_and_dicom_in_one_run_through_the_python_api(small_ct, tmp_path):
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-6)
     again = medfm.embed(GENESIS, [small_ct, dicom_dir], out=tmp_path / "out", progress=False)
     assert (again.embedded, again.already_done) == (0, 2) and len(again.rows) == 2
+
+
+def test_an_index_of_other_weights_is_refused_not_mixed_into(small_ct, tmp_path):
+    medfm.embed(GENESIS, [small_ct], out=tmp_path / "out", progress=False, num_workers=0)
+    index_before = (tmp_path / "out" / "embeddings.csv").read_text()
+    other = crop_nifti(str(small_ct), tmp_path / "other.nii.gz", (48, 48, 24))
+    with pytest.raises(MedfmError, match="holds embeddings of models_genesis_chest_ct with weights medfm_genesis_demo, "
+                                         "this run is models_genesis_chest_ct with weights none; one index holds one "
+                                         "model's embeddings: choose another --out"):
+        medfm.embed(GENESIS, [small_ct, other], out=tmp_path / "out", progress=False, num_workers=0, ckpt_path=None)
+    assert (tmp_path / "out" / "embeddings.csv").read_text() == index_before
+    assert not list((tmp_path / "out").glob("other-*"))
 
 
 def test_scans_of_eight_slices_or_fewer_embed_with_the_shipped_genesis_weights(small_ct, tmp_path):

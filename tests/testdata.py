@@ -94,6 +94,15 @@ FILES: dict[str, RealFile] = {
         "debian", MRICRON_DATA, "usr/share/mricron/templates/ch2better.nii.gz",
         "a094f3ccf383c495c9569625bd0c06993fd4b02d2a8d9966da5fea7d7e530e8d", "BSD-3-clause (mricron-data)",
         "Colin27 T1 at 0.5 mm, 301x370x316 (same subject as colin27_t1)"),
+    "aal_atlas": RealFile(
+        "debian", MRICRON_DATA, "usr/share/mricron/templates/aal.nii.gz",
+        "b512dcd3f36b77f56be7a9a038134096e66314b7e8c31d25875b96bcf6991454",
+        "mricron-data (BSD-3-clause); AAL atlas, Tzourio-Mazoyer et al. 2002, cite when used",
+        "AAL label atlas in the Colin27 / MNI space, 181x217x181 at 1 mm, 116 regions"),
+    "aal_atlas_names": RealFile(
+        "debian", MRICRON_DATA, "usr/share/mricron/templates/aal.nii.txt",
+        "1788d6556a9ec056de9867b2382cf1ce1b51b87ae4cfd9cd25de48ae4dde709e", "as aal_atlas",
+        "AAL region names: 'index name code' per line"),
     "mni152_2009a_t1": RealFile(
         "pypi", NILEARN, "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
         "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",

@@ -370,7 +370,8 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     ``probe_summary.csv`` (mean, std and count over folds x repeats), ``probe.md`` (the main
     metric's table), ``probe.png`` (label-efficiency curves) and ``probe_record.json`` (versions,
     weights, settings, the table's sha256 and ``command``). Embeddings live in
-    ``out/embeddings/<bundle>/<pretrained|random_init>`` and are reused by the next run.
+    ``out/embeddings/<bundle>/pretrained`` and ``.../random_init_seed<seed>`` and are reused by the
+    next run (an index whose weights differ from the installed ones is refused, never mixed in).
     """
     import sklearn
     import torch
@@ -396,8 +397,8 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     matrices: dict[tuple[str, str], np.ndarray] = {}
     for name in names:
         for features, pretrained in (("pretrained", True), ("random_init", False)):
-            matrix, weights = _embedding_matrix(name, labelled.images, out_dir / "embeddings" / name / features,
-                                                pretrained, seed, progress)
+            folder = out_dir / "embeddings" / name / (features if pretrained else f"{features}_seed{seed}")
+            matrix, weights = _embedding_matrix(name, labelled.images, folder, pretrained, seed, progress)
             matrices[(name, features)] = matrix
             record["bundles"][name][f"{features}_weights"] = weights
     matrices[("-", "histogram")] = intensity_features(labelled.images, out_dir / "embeddings" / "histogram.npz", progress)

@@ -283,11 +283,13 @@ class EmbeddingRunner:
             self._parts_dir.mkdir(exist_ok=True)
             self._repair_after_a_crash()
         self._barrier()
-        done = {_key_of_row(row) for rows in self._recorded_rows() for row in rows}
+        weights_id = self._load_weights()
+        recorded = [row for rows in self._recorded_rows() for row in rows]
+        self._refuse_other_weights(recorded, weights_id)
+        done = {_key_of_row(row) for row in recorded}
         unique = list({_key(item): item for item in self.items}.values())
         pending = [item for item in unique if _key(item) not in done]
         self._barrier()  # every process has read the same done set before any of them writes
-        weights_id = self._load_weights()
         embedded = self._embed_share(_by_scan(pending)[rank::world], rank, weights_id)
         per_process = [embedded]
         if world > 1:
@@ -305,6 +307,15 @@ class EmbeddingRunner:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def _refuse_other_weights(self, recorded: list[dict], weights_id: str) -> None:
+        """An index holds one model's embeddings with one set of weights: a rerun with other weights
+        would otherwise skip the inputs already there and mix two feature spaces in one table."""
+        other = next((row for row in recorded if (row["model"], row["weights"]) != (self.model, weights_id)), None)
+        if other is not None:
+            raise MedfmError(f"{self.index}: holds embeddings of {other['model']} with weights {other['weights']}, "
+                             f"this run is {self.model} with weights {weights_id}; one index holds one model's "
+                             "embeddings: choose another --out")
 
     def _load_weights(self) -> str:
         """Load ``weights_file`` strictly (once per run) and return the weights' identity for the index."""
