@@ -10,8 +10,9 @@ the patch centre (frontal, temporal, parietal, occipital, cerebellum; centres in
 or outside the atlas are skipped). A patch of one template and the patch at the same place in the
 other are near copies, so the probe's groups are 32 mm blocks of space: no block is ever on both
 sides of a split. Bundles without installed weights are skipped with a message. Results (the
-probe's outputs) go to ``--out``; each bundle's ``docs/probe_lobe_summary.csv`` and ``docs/probe_lobe.md``
-are this script's output for the weights committed or installed when it was run.
+probe's outputs) go to ``--out``; with ``--write_docs``, each bundle's ``docs/probe_lobe_summary.csv``
+(its rows and the histogram baseline's) and ``docs/probe_lobe.png`` are this script's output for the
+weights installed when it was run.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def main() -> int:
     parser.add_argument("--bundles", default="models_genesis_chest_ct,universal_model_sar,vdt_resnet3d18,spad_vit_base")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "probe_evidence"))
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fractions", default="0.1,0.25,0.5,1")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fractions", default="0.1,0.25,1")
     parser.add_argument("--write_docs", action="store_true", help="copy each bundle's results into its docs/")
     args = parser.parse_args()
 

@@ -303,10 +303,11 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
                 writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _write_markdown(path: Path, summary: list[dict], task: str, table: LabelTable) -> None:
+def _write_markdown(path: Path, summary: list[dict], task: str, table: LabelTable, group_column: str | None) -> None:
     metric = METRICS[task][0]
     fractions = sorted({row["fraction"] for row in summary})
-    lines = [f"Probe of `{table.source.name}`: {len(table.images)} scans, {len(set(table.groups))} subjects, "
+    grouped = f"{len(set(table.groups))} groups by {group_column!r}, " if group_column else ""
+    lines = [f"Probe of `{table.source.name}`: {len(table.images)} scans, {grouped}"
              f"{task}" + (f" ({', '.join(table.classes)})" if table.classes else "") + f"; {metric}, mean ± sd over folds x repeats.",
              "", "| bundle | features | probe | " + " | ".join(f"{f:g} of the labels" for f in fractions) + " |",
              "|---|---|---|" + "---|" * len(fractions)]
@@ -423,7 +424,7 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     summary = _summary_rows(fold_rows)
     _write_csv(out_dir / "probe_folds.csv", FOLD_COLUMNS, fold_rows)
     _write_csv(out_dir / "probe_summary.csv", SUMMARY_COLUMNS, summary)
-    _write_markdown(out_dir / "probe.md", summary, task, labelled)
+    _write_markdown(out_dir / "probe.md", summary, task, labelled, group_column)
     _write_plot(out_dir / "probe.png", summary, task)
     with atomic_path(out_dir / "probe_record.json") as temporary:
         temporary.write_text(json.dumps(record, indent=2) + "\n")
