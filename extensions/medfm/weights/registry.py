@@ -171,8 +171,8 @@ REGISTRY: dict[str, WeightsEntry] = {
             bundle="medical_transformer_brain_mri",
             title="medfm pre-training of the Medical Transformer on public T1 brain MRI (ships in the bundle)",
             file_name="model.pt",
-            sha256="7432cc355fe4e2a0ec1527153bff0bf9ed76622fe3ada5eaf8e3ff0040b7b051",
-            size=3_970_297,
+            sha256="dd5dcae067f1d6b1729902d9fd13c2f1e1d0278551ba227c41511605fb40ca8e",
+            size=3_999_669,
             url=None,
             license="Apache-2.0 (weights and code); the training images keep their own licences (BSD-3-clause, "
             "Apache-2.0, MIT) and are not included",
@@ -183,13 +183,14 @@ REGISTRY: dict[str, WeightsEntry] = {
             "published no weights); see the bundle's docs/README.md model card",
             trained_on="6 public T1 volumes of 4 subjects (Colin27 x3, MNI152 2009a, ITK example T1, nibabel "
             "anatomical.nii) under strong spatial and intensity augmentation: triplet loss on the encoder "
-            "(200 steps), then masked encoding-vector prediction with the encoder frozen (1,000 steps)",
+            "(200 steps), then masked encoding-vector prediction with the encoder frozen (2,000 steps); trained for "
+            "the network of bundle 0.2.0 (the authors' pooling window, position table and norm)",
             preprocessing="RAS, 1 mm, centre pad/crop to the MNI152 grid 193x229x193, min-max to [0, 1], "
             "2x2x2 average pooling to 96x114x96; inputs should be MNI-registered and skull-stripped",
             network_module="medfm.networks.medical_transformer",
             metrics={
-                "held-out masked-slice MSE (model / mean-embedding / neighbour interpolation)": "0.294 / 0.590 / 0.030",
-                "nearest neighbour is the same subject (24 augmented volumes, 4 subjects)": "0.958 (random init: 0.875)",
+                "held-out masked-slice MSE (model / mean-embedding / neighbour interpolation)": "0.290 / 0.571 / 0.030",
+                "nearest neighbour is the same subject (24 augmented volumes, 4 subjects)": "0.917 (random init: 0.875)",
             },
             notes="The only downloadable pretrained Medical Transformer, and a small one: 4 brains cannot teach "
             "population anatomy. Held-out numbers come from benchmarks/medical_transformer_pretext.py.",
