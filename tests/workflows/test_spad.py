@@ -22,6 +22,26 @@ def test_batches_share_aniso_d_and_shape_and_cover_every_item_once():
     assert list(AnisoGroupedBatchSampler(data, 2, seed=1)) == batches  # and reproducible
 
 
+def test_distributed_ranks_get_whole_batches_different_ones_and_equal_counts():
+    data = [item((32, 32, 32), (1, 1, 1))] * 5 + [item((32, 32, 8), (1, 1, 4))] * 2 + [item((32, 32, 1), (1, 1, 1))] * 3
+    everything = list(AnisoGroupedBatchSampler(data, batch_size=2, seed=4))  # 3 + 1 + 2 = 6 batches
+    for replicas in (2, 4):
+        ranks = [list(AnisoGroupedBatchSampler(data, 2, seed=4, num_replicas=replicas, rank=r)) for r in range(replicas)]
+        assert len({len(batches) for batches in ranks}) == 1  # DDP needs the same number of steps everywhere
+        dealt = [batch for batches in ranks for batch in batches]
+        assert all(batch in everything for batch in dealt)  # whole batches of one group
+        assert {tuple(b) for b in dealt} == {tuple(b) for b in everything}  # every batch goes to some rank
+        repeats = len(dealt) - len(everything)
+        assert repeats == (-len(everything)) % replicas  # only the padding is seen twice
+    first, second = (AnisoGroupedBatchSampler(data, 2, seed=4, num_replicas=2, rank=r) for r in (0, 1))
+    assert not {tuple(b) for b in first} & {tuple(b) for b in second}  # 6 batches over 2 ranks: disjoint
+    resumed = AnisoGroupedBatchSampler(data, 2, seed=4, num_replicas=2, rank=0)
+    resumed.set_epoch(1)
+    assert list(resumed) == list(first)  # the second epoch, drawn again after a resume
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        AnisoGroupedBatchSampler(data, 2, num_replicas=2, rank=2)
+
+
 def test_mim_masks_have_the_exact_ratio_and_repeat_with_the_seed():
     tokenizer = SpadTokenizer(channels=(4, 8, 8), codebook_size=16, groups=4)
     masks = PrepareMIMBatch(tokenizer, mask_ratio=0.55, seed=3).random_mask(4, 20)

@@ -101,10 +101,22 @@ class AnisoGroupedBatchSampler(Sampler[list[int]]):
     Each item's aniso_d and shape are read once from ``dataset[i][image_key]``; spacing and the
     size of a fixed-size random crop do not change from draw to draw. Items are shuffled within
     their group every epoch (``seed`` + epoch), and the groups' batches are interleaved.
+
+    Distributed (``num_replicas`` > 1; by default the process group's size and rank when one is
+    initialised): every process draws the same batches and takes every ``num_replicas``-th one,
+    so ranks get whole batches and different ones. Batches are repeated from the start until
+    every rank has the same count, as ``DistributedSampler`` pads, because DDP needs the same
+    number of steps on every rank; only those repeats are seen twice in an epoch.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, image_key: str = "image", shuffle: bool = True,
-                 drop_last: bool = False, seed: int = 0) -> None:
+                 drop_last: bool = False, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = num_replicas or (torch.distributed.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.epoch = 0
         self.groups: dict[tuple, list[int]] = {}
@@ -112,7 +124,11 @@ class AnisoGroupedBatchSampler(Sampler[list[int]]):
             image = dataset[index][image_key]
             self.groups.setdefault((image_aniso_d(image), tuple(image.shape)), []).append(index)
 
-    def _batches(self) -> list[list[int]]:
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the batches of ``epoch`` next (as ``DistributedSampler.set_epoch``; for a resumed run)."""
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
         batches = []
         for members in self.groups.values():
@@ -124,6 +140,16 @@ class AnisoGroupedBatchSampler(Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(batches)
         return batches
+
+    def _batches(self) -> list[list[int]]:
+        batches = self._all_batches()
+        if self.num_replicas == 1:
+            return batches
+        if not batches:
+            return []
+        per_rank = -(-len(batches) // self.num_replicas)
+        padded = (batches * per_rank)[:per_rank * self.num_replicas]
+        return padded[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches()
