@@ -98,3 +98,53 @@ def test_a_scan_smaller_than_the_window_is_reported_as_padded(caplog):
         MethodInferer(window, "forward_features")(scan, GenesisUNet3D(norm="batch").eval())
     assert "/data/thin.nii.gz: voxel grid 48 x 48 x 8 is smaller than the 64 x 64 x 32 window the network was trained on; " \
            "it is padded" in caplog.text
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+    def doubled(self, x):
+        return {"doubled": 2 * self.body(x)}
+
+
+def _ddp_worker(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    network = torch.nn.parallel.DistributedDataParallel(_TwoHeads())
+    inputs = torch.full((2, 3), float(rank + 1))  # different data on each rank
+    output = MethodInferer(SimpleInferer(), "doubled")(inputs, network)
+    output["doubled"].sum().backward()
+    # plain lists: a tensor would travel as shared memory that dies with this process
+    queue.put((rank, network.module.body.weight.grad.tolist(), "forward" in vars(network.module)))
+    dist.destroy_process_group()
+
+
+def test_a_method_called_through_ddp_gets_its_gradients_averaged_across_ranks():
+    """MethodInferer used to call the method on DDP's inner module, so DDP never synchronised the gradients."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    processes = [context.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = {rank: (torch.tensor(grad), patched) for rank, grad, patched in (queue.get() for _ in processes)}
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    # local gradient of sum(2 * W x) w.r.t. W is 2 * sum over the batch of x: rank 0 (x = 1) 4, rank 1 (x = 2) 8
+    torch.testing.assert_close(results[0][0], torch.full((3, 3), 6.0))  # averaged: (4 + 8) / 2
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert not results[0][1]  # the module's own forward is back

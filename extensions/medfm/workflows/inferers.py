@@ -15,6 +15,15 @@ from monai.utils import fall_back_tuple
 from ..transforms.contract import logger as contract_logger
 
 
+def _call_as_forward(wrapper: torch.nn.Module, module: torch.nn.Module, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``wrapper`` (DDP, DataParallel) with ``method`` in place of ``module.forward``."""
+    module.forward = method
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        del module.forward
+
+
 class MethodInferer(Inferer):
     """Run another inferer on a named method of the network instead of its ``forward``.
 
@@ -40,9 +49,12 @@ class MethodInferer(Inferer):
         if not callable(method):
             raise AttributeError(f"{type(module).__name__} has no method {self.method!r}")
         names: list[str] = []
+        # a wrapper's own forward must run (DDP synchronises gradients only for calls through it),
+        # so the method stands in for the module's forward while the wrapper is called
+        call = (lambda *a, **k: _call_as_forward(network, module, method, *a, **k)) if module is not network else method
 
         def predictor(window: torch.Tensor, *a: Any, **k: Any) -> Any:
-            outputs = method(window, *a, **k)
+            outputs = call(window, *a, **k)
             if isinstance(outputs, Mapping):
                 names[:] = list(outputs)
                 return tuple(outputs.values())
