@@ -112,3 +112,24 @@ def test_a_decathlon_dataset_json_with_class_labels_is_a_table_and_label_images_
     (folder / "segmentation.json").write_text(json.dumps({"training": segmentation}))
     with pytest.raises(medfm.errors.MedfmError, match="holds label images, not one class or value per scan"):
         read_label_table(folder / "segmentation.json")
+
+
+def test_regression_probes_predict_a_learnable_value_and_report_r2_and_mae(modality_table):
+    """A numeric target every intensity feature carries (the patch's mean intensity), grouped by subject."""
+    from medfm.probe import intensity_features, score_probe
+
+    folder = modality_table.parent
+    with open(modality_table, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    means = {row["image"]: float(np.asarray(nib.load(folder / row["image"]).dataobj).mean()) for row in rows}
+    table_file = folder / "mean_intensity.csv"
+    table_file.write_text("image,label,subject\n" + "".join(f"{r['image']},{means[r['image']]},{r['subject']}\n" for r in rows))
+    table = read_label_table(table_file, task="regression", group_column="subject")
+    features = intensity_features(table.images, folder / "intensity_cache.npz", progress=False)
+    splits = probe_splits(table, folds=3, repeats=1, fractions=(1.0,), seed=0)
+    for split in splits:
+        assert not set(table.groups[split.train]) & set(table.groups[split.test])
+        scores = {kind: score_probe(features, table.labels, table.groups, split, "regression", kind) for kind in ("ridge", "knn")}
+        assert set(scores["ridge"]) == {"r2", "mae"} and scores["ridge"]["r2"] > 0.8, scores
+    with pytest.raises(medfm.errors.MedfmError, match="must be numeric for --task regression"):
+        read_label_table(modality_table, task="regression")
