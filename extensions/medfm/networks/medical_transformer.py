@@ -86,6 +86,7 @@ class SliceEncoder(nn.Module):
         if slice_pooling not in SLICE_POOLING:
             raise ValueError(f"slice_pooling must be one of {SLICE_POOLING}, got {slice_pooling!r}")
         self.slice_pooling = slice_pooling
+        self.pool_window = POOL_WINDOW
         self.conv1 = _slice_conv(in_channels, widths[0], 7, stride=2)
         self.bn1 = nn.InstanceNorm3d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -110,13 +111,14 @@ class SliceEncoder(nn.Module):
     def pool(self, deepest: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w, S)`` deepest map -> ``(B, C, S)``."""
         if self.slice_pooling == "window":
-            rows, columns = deepest.shape[2:4]
-            if max(rows, columns) >= 2 * POOL_WINDOW:
+            window = self.pool_window
+            rows, columns = deepest.shape[2], deepest.shape[3]
+            if max(rows, columns) >= 2 * window:
                 raise ValueError(f"the slice planes give a {rows}x{columns} map at the last stage; the authors' "
-                                 f"{POOL_WINDOW}x{POOL_WINDOW} pooling window covers maps up to "
-                                 f"{2 * POOL_WINDOW - 1}x{2 * POOL_WINDOW - 1} (planes up to 160 pixels); "
+                                 f"{window}x{window} pooling window covers maps up to "
+                                 f"{2 * window - 1}x{2 * window - 1} (planes up to 160 pixels); "
                                  "use slice_pooling='plane' for larger planes")
-            deepest = deepest[:, :, :POOL_WINDOW, :POOL_WINDOW]
+            deepest = deepest[:, :, :window, :window]
         return deepest.mean(dim=(2, 3))
 
     def embed(self, deepest: torch.Tensor) -> torch.Tensor:
