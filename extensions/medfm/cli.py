@@ -239,26 +239,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fire.Fire(commands, command=argv, name="medfm")
         sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit
+    except KeyboardInterrupt:
+        return _end_interrupted(received)
     except MedfmError as error:
+        if received:  # the interrupt landed inside a library (an import, say) that wrapped it in its own error
+            return _end_interrupted(received)
         print(f"medfm: error: {error}", file=sys.stderr)
         return 1
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
-    except KeyboardInterrupt:
-        print("medfm: interrupted", file=sys.stderr)
-        sys.stderr.flush()
-        # end by the same signal, as Unix tools do, so a calling shell loop or scheduler sees it
-        stop = received[0] if received else signal.SIGINT
-        signal.signal(stop, signal.SIG_DFL)
-        os.kill(os.getpid(), stop)
-        return 128 + stop
     except BrokenPipeError:  # `medfm info | head` closed the pipe: stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 141
     except Exception as error:  # anything else still gets one line, with its type to help a bug report
+        if received:
+            return _end_interrupted(received)
         print(f"medfm: error: {describe_error(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _end_interrupted(received: list[int]) -> int:
+    """One line, then end by the signal received, as Unix tools do, so a calling shell loop or
+    scheduler sees it (cleanup already ran while the run unwound)."""
+    print("medfm: interrupted", file=sys.stderr)
+    sys.stderr.flush()
+    stop = received[0] if received else signal.SIGINT
+    signal.signal(stop, signal.SIG_DFL)
+    os.kill(os.getpid(), stop)
+    return 128 + stop
 
 
 if __name__ == "__main__":
