@@ -245,6 +245,7 @@ def intensity_features(images: Sequence[str], cache: Path, progress: bool = True
             cached = dict(zip(stored["images"].tolist(), stored["features"]))
     loader = LoadScan()
     rows = []
+    known = len(cached)
     for image in tqdm(images, desc="intensity features", unit="scan", disable=not progress):
         if image not in cached:
             try:
@@ -254,6 +255,8 @@ def intensity_features(images: Sequence[str], cache: Path, progress: bool = True
             values = values[np.isfinite(values)]
             cached[image] = np.concatenate([np.quantile(values, QUANTILES), [values.mean(), values.std()]])
         rows.append(cached[image])
+    if len(cached) == known:  # a rerun over the same scans reads the cache and writes nothing
+        return np.stack(rows)
     with atomic_path(cache) as temporary:
         with open(temporary, "wb") as stream:
             np.savez(stream, images=np.array(list(cached)), features=np.stack(list(cached.values())))
