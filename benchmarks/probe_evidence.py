@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmark_tables import write_rows  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -129,10 +131,7 @@ def main() -> int:
             docs = find_bundle(name) / "docs"
             with open(out / "probe_summary.csv", newline="") as stream:
                 rows = [r for r in csv.DictReader(stream) if r["bundle"] in (name, "-")]
-            with open(docs / "probe_lobe_summary.csv", "w", newline="") as stream:
-                writer = csv.DictWriter(stream, fieldnames=list(rows[0]), lineterminator="\n")
-                writer.writeheader()
-                writer.writerows(rows)
+            write_rows(rows, docs / "probe_lobe_summary.csv")
             shutil.copyfile(out / "probe.png", docs / "probe_lobe.png")
     return 0
 
