@@ -63,7 +63,7 @@ def run(weight: float, epochs: int, datalist_file: Path, out: Path, seed: int, r
     losses.unlink(missing_ok=True)
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/pretrain.json",
                "--meta_file", "configs/metadata.json", "--bundle_root", str(BUNDLE), "--output_dir", str(run_dir),
-               "--datalist_file", str(datalist_file), "--adversarial_weight", str(weight), "--max_epochs", str(epochs),
+               "--datalist", str(datalist_file), "--adversarial_weight", str(weight), "--max_epochs", str(epochs),
                "--patch_size", "[32,32,16]", "--crop_sizes", "[[16,16,8],[32,32,16],[64,64,32]]",
                "--crops_per_volume", "2", "--volumes_per_batch", "4", "--checkpoint_interval", str(epochs), "--seed", str(seed)]
     result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True)

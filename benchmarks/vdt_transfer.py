@@ -140,7 +140,7 @@ def main() -> None:
 
     images = write_digits_image_folder(args.out / "digits")
     pretraining = run_recorded(["pretrain.json"], {
-        "image_dir": str(images), "output_dir": str(args.out / "pretrain"), "patch_size": [32, 32],
+        "data_dir": str(images), "output_dir": str(args.out / "pretrain"), "patch_size": [32, 32],
         "min_crop_side": 0.7, "batch_size": 64, "num_workers": 0, "max_epochs": args.pretrain_epochs,
         "learning_rate": 0.05, "val_fraction": 0.2, "seed": args.seed})
     write_rows(pretraining, args.out / "pretrain_digits.csv")

@@ -58,7 +58,7 @@ def labelled_table(brain_t1s, tmp_path_factory) -> Path:
 def test_pretraining_stage_1_trains_the_encoder_and_stage_2_only_the_transformer(mt_bundle, brain_t1s, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(brain_t1s))
-    common = ("--datalist_file", str(datalist), "--output_dir", str(tmp_path / "pt"), *SMALL_GRID)
+    common = ("--datalist", str(datalist), "--output_dir", str(tmp_path / "pt"), *SMALL_GRID)
     first = bundle_run(mt_bundle, ["configs/pretrain.json"], *common, "--stage", "1", "--max_epochs", "1")
     assert "triplet=" in first.stdout + first.stderr
     second = bundle_run(mt_bundle, ["configs/pretrain.json"], *common, "--stage", "2", "--max_epochs", "2")

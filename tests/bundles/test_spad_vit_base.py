@@ -189,7 +189,7 @@ def test_3d_segmentation_fine_tuning_on_anisotropic_voxels(spad_bundle, real_fil
 
 
 def test_tokenizer_then_mim_pretraining_on_mixed_2d_and_3d_images(spad_bundle, mixed_datalist, tmp_path):
-    common = ["--datalist_file", str(mixed_datalist), "--output_dir", str(tmp_path / "pt"), "--patch_size", "[32,32,32]",
+    common = ["--datalist", str(mixed_datalist), "--output_dir", str(tmp_path / "pt"), "--patch_size", "[32,32,32]",
               "--max_in_plane", "64", "--batch_size", "2", "--max_epochs", "2", *TINY_TOKENIZER]
     tokenizer = bundle_run(spad_bundle, ["configs/pretrain.json", "configs/pretrain_tokenizer.json"], *common)
     log = tokenizer.stdout + tokenizer.stderr

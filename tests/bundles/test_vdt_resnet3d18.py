@@ -68,7 +68,7 @@ def crop_classification_dataset(tmp_path_factory):
 
 
 def test_pretraining_on_an_image_folder_gives_weights_for_both_geometries(vdt_bundle, image_folder, tmp_path):
-    result = bundle_run(vdt_bundle, ["configs/pretrain.json"], "--image_dir", str(image_folder), "--output_dir",
+    result = bundle_run(vdt_bundle, ["configs/pretrain.json"], "--data_dir", str(image_folder), "--output_dir",
                         str(tmp_path / "pt"), "--patch_size", "[32,32]", "--batch_size", "4", "--max_epochs", "2",
                         "--num_workers", "0", "--val_fraction", "0.25", "--learning_rate", "0.01")
     log = result.stdout + result.stderr

@@ -12,7 +12,8 @@ def test_classes_are_sorted_folders_and_images_are_found_recursively(tmp_path):
     (tmp_path / "zebra" / "notes.txt").write_text("not an image")
     assert image_folder_classes(tmp_path) == ["ant", "zebra"]
     items = image_folder_datalist(tmp_path)
-    assert [(item["label"], item["image"].rsplit("/", 1)[-1]) for item in items] == [(0, "c.jpeg"), (1, "a.png"), (1, "b.JPG")]
+    assert [(item["label"], item["image"].rsplit("/", 1)[-1]) for item in items] == [("ant", "c.jpeg"), ("zebra", "a.png"), ("zebra", "b.JPG")]
+    assert [item["image"].rsplit("/", 1)[-1] for item in image_folder_datalist(tmp_path, "*")] == ["c.jpeg", "a.png"]
 
 
 def test_empty_trees_and_classes_are_errors(tmp_path):

@@ -40,5 +40,5 @@ def test_index_names_are_plain_csv_or_parquet_names(tmp_path, index, message):
 
 
 def test_mixed_precision_is_refused_on_the_cpu(tmp_path):
-    with pytest.raises(MedfmError, match="--amp needs a CUDA device"):
+    with pytest.raises(MedfmError, match="--amp True needs a CUDA device"):
         _runner(tmp_path, inferer=SlidingWindowInferer(8), amp=True)

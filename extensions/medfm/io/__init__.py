@@ -3,6 +3,7 @@
 from .embeddings import (OutputLayout, SaveEmbedding, SaveEmbeddingd, append_index_rows, embedding_file_name, input_stem,
                          output_stem, read_index_rows)
 from .input_list import expand_inputs
+from .datalists import pretraining_datalist, read_datalist
 from .regions import label_regions, read_points
 from .image_folder import image_folder_classes, image_folder_datalist
 from .archives import ArchiveError, MAX_UNPACKED_GIB_ENV, safe_extract_zip
@@ -34,6 +35,8 @@ __all__ = [
     "label_regions",
     "list_dicom_series",
     "output_stem",
+    "pretraining_datalist",
+    "read_datalist",
     "read_index_rows",
     "read_points",
     "safe_extract_zip",

@@ -24,16 +24,18 @@ def image_folder_classes(root: str | os.PathLike) -> list[str]:
     return classes
 
 
-def image_folder_datalist(root: str | os.PathLike) -> list[dict]:
-    """``[{"image": path, "label": class index}, ...]`` for every image under ``root/<class>/``.
+def image_folder_datalist(root: str | os.PathLike, image_glob: str = "**/*") -> list[dict]:
+    """``[{"image": path, "label": class name}, ...]`` for the images ``image_glob`` matches in each ``root/<class>/``.
 
-    Images are found recursively in each class folder; a class folder without images is an
-    error (it would silently shift nothing but leave a class without examples).
+    The default glob finds images at any depth of a class folder; files whose suffix is not an
+    image's are left out. A class folder without images is an error (it would leave a class in the
+    label space without examples).
     """
     items = []
-    for label, name in enumerate(image_folder_classes(root)):
-        files = sorted(p for p in (Path(root) / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for name in image_folder_classes(root):
+        folder = Path(root) / name
+        files = sorted(p for p in folder.glob(image_glob) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise ScanError(f"{Path(root) / name}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        items.extend({"image": str(path), "label": label} for path in files)
+            raise ScanError(f"{folder}: class folder has no images matching {image_glob!r} ({', '.join(IMAGE_SUFFIXES)})")
+        items.extend({"image": str(path), "label": name} for path in files)
     return items

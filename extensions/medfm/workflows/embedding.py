@@ -35,6 +35,7 @@ from ..transforms.region import CropAtWorldPoint, PointOutsideScanError
 from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
                              save_vector, write_index_rows)
 from ..weights import installed_weights_id, load_checkpoint, sha256_of
+from .precision import mixed_precision
 
 __all__ = ["EmbeddingRunner", "EmbeddingSummary", "FAILED_COLUMNS", "embedding_device", "sliding_window_of", "window_count"]
 
@@ -228,10 +229,8 @@ class EmbeddingRunner:
         self.device = torch.device(device) if device is not None else embedding_device()
         self.num_workers = int(num_workers)
         self.progress = progress
-        self.amp = bool(amp)
+        self.amp = mixed_precision(amp, self.device)
         self.timeout = datetime.timedelta(hours=timeout_hours)
-        if self.amp and self.device.type != "cuda":
-            raise MedfmError("--amp needs a CUDA device (mixed precision is off on the CPU)")
         if self.index.suffix.lower() not in (".csv", ".parquet") or Path(index_file).name != str(index_file):
             raise MedfmError(f"{index_file}: the index must be a file name (no folders) ending in .csv or .parquet")
 
