@@ -18,6 +18,7 @@ import torch
 
 import medfm
 from medfm.networks import GenesisUNet3D
+from medfm.weights import load_checkpoint
 
 from . import testdata
 
@@ -43,14 +44,54 @@ def bundle_run(bundle: Path, configs: list[str], *overrides: str, launcher: list
     return result
 
 
-def assert_written_by_rank_zero(output_dir: Path, epochs: int = 1) -> None:
-    """After a 2-process DDP run: one process wrote the TensorBoard events, the checkpoint and the training state."""
+def assert_written_by_rank_zero(output_dir: Path, epochs: int = 1, checkpoint: str = "model.pt",
+                                state_dir: str = "training_state", log: str | None = None, runs: int = 1) -> None:
+    """After ``runs`` 2-process DDP runs into one folder: one process of each wrote TensorBoard events (and, given
+    the last run's ``log``, logged its iterations); the checkpoint and the one training state of the last epoch exist."""
     writers = {name.split(".")[-2] for name in (p.name for p in (output_dir / "logs").glob("events.out.tfevents.*"))}
-    assert len(writers) == 1, f"TensorBoard events written by processes {writers}"
+    assert len(writers) == runs, f"TensorBoard events written by processes {writers}"
     events = b"".join(p.read_bytes() for p in (output_dir / "logs").glob("events.out.tfevents.*"))
     assert b"train_loss" in events, "the TensorBoard writer was not flushed before the process ended"
-    assert (output_dir / "models" / "model.pt").is_file()
-    assert [p.name for p in (output_dir / "training_state").iterdir()] == [f"training_state_epoch={epochs}.pt"]
+    assert (output_dir / "models" / checkpoint).is_file()
+    assert [p.name for p in (output_dir / state_dir).iterdir()] == [f"training_state_epoch={epochs}.pt"]
+    if log is not None:
+        assert log.count(f"Epoch: {epochs}/{epochs}, Iter: 1/") == 1, "exactly one rank logs iterations"
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun_pretraining(bundle: Path, configs: list[str], output_dir: Path, *overrides: str, epochs: int = 1,
+                         resume: bool = False) -> tuple[str, list[list[str]]]:
+    """Run ``configs`` plus ``multi_gpu_pretrain.json`` with 2 gloo processes for ``epochs``; return the log and,
+    per rank, the ``source`` of every item it trained on (recorded by a test-only overlay, in order)."""
+    record = output_dir.parent / f"{output_dir.name}_record_sources.json"
+    record.write_text(json.dumps({"run": [
+        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED, lambda engine: open("
+        "@output_dir + '/sources_rank' + str(torch.distributed.get_rank()) + '.txt', 'a').write("
+        "''.join(item['source'] + chr(10) for item in engine.state.batch)))",
+        "$@train#trainer.run()"]}))
+    for rank in (0, 1):
+        (output_dir / f"sources_rank{rank}.txt").unlink(missing_ok=True)
+    result = bundle_run(bundle, [*configs, "configs/multi_gpu_pretrain.json", str(record)], "--output_dir",
+                        str(output_dir), "--max_epochs", str(epochs), "--resume", str(resume), *overrides,
+                        launcher=TORCHRUN)
+    seen = [(output_dir / f"sources_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    return result.stdout + result.stderr, seen
+
+
+def assert_pretraining_shared_out(seen: list[list[str]], sources: set[str]) -> None:
+    """The two ranks trained on disjoint scans that together are all of ``sources``."""
+    assert seen[0] and seen[1], f"a rank trained on nothing: {seen}"
+    assert not set(seen[0]) & set(seen[1]), f"both ranks trained on {set(seen[0]) & set(seen[1])}"
+    assert set(seen[0]) | set(seen[1]) == sources
+
+
+def assert_resumed_on_both_ranks(output_dir: Path, log: str, state_dir: str, iterations_per_epoch: int) -> None:
+    """After a 1-epoch run and a ``--resume True`` run to epoch 2: every rank resumed, and the schedule went on."""
+    assert log.count(f"1 epochs ({iterations_per_epoch} iterations) done") == 2, "each rank loads the training state"
+    state = load_checkpoint(output_dir / state_dir / "training_state_epoch=2.pt")
+    assert state["trainer"]["iteration"] == 2 * iterations_per_epoch
 
 
 @pytest.fixture

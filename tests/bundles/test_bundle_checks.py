@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
 REQUIRED_FILES = ["configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
-                  "configs/multi_gpu_train.json", "configs/pretrain.json", "configs/logging.conf", "docs/README.md",
+                  "configs/multi_gpu_train.json", "configs/pretrain.json", "configs/multi_gpu_pretrain.json", "configs/logging.conf", "docs/README.md",
                   "configs/embed.json", "LICENSE", "large_files.yml"]
 #: Keys every inference.json / train.json defines, so the bundles read as rows of one table.
 SHARED_KEYS = {
@@ -23,9 +23,11 @@ SHARED_KEYS = {
                        "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "initialize", "run"},
     "train.json": {"bundle_root", "output_dir", "ckpt_dir", "pretrained", "pretrained_path", "dataset_dir",
                    "datalist", "val_fraction", "device", "seed", "num_classes", "label_names", "patch_size", "network_def",
-                   "network", "loss", "optimizer", "resume", "training_state_dir", "train", "validate", "initialize", "run"},
-    "pretrain.json": {"bundle_root", "output_dir", "datalist", "device", "seed", "patch_size", "network_def", "network",
-                      "loss", "optimizer", "resume", "training_state_dir", "train", "initialize", "run"},
+                   "network", "loss", "optimizer", "resume", "training_state_dir", "amp", "accumulate", "train", "validate",
+                   "initialize", "run"},
+    "pretrain.json": {"bundle_root", "output_dir", "data_dir", "image_glob", "datalist", "images", "max_epochs", "device",
+                      "seed", "patch_size", "network_def", "network", "loss", "optimizer", "resume", "training_state_dir",
+                      "rank_zero", "amp", "accumulate", "train", "initialize", "run"},
 }
 
 

@@ -16,7 +16,8 @@ import torch
 
 import medfm
 from medfm.weights import import_weights, load_checkpoint
-from tests.conftest import GENESIS, assert_written_by_rank_zero, bundle_run, crop_nifti, run_command
+from tests.conftest import (GENESIS, assert_pretraining_shared_out, assert_resumed_on_both_ranks, assert_written_by_rank_zero,
+                            bundle_run, crop_nifti, run_command, torchrun_pretraining)
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +177,22 @@ def test_pretraining_resumes_with_its_learning_rate_schedule(genesis_bundle, tmp
     state = load_checkpoint(tmp_path / "pt" / "training_state" / "training_state_epoch=2.pt")
     assert state["trainer"]["iteration"] == 4
     assert state["lr_scheduler"]["last_epoch"] == 2, "the schedule went on from epoch 1 (a fresh one would be at 1)"
+
+
+def test_pretraining_on_two_processes_shares_out_the_scans_and_resumes(genesis_bundle, tmp_path):
+    data = tmp_path / "unlabeled"
+    data.mkdir()
+    scans = {str(crop_nifti(medfm.samples.path("ct_head"), data / f"ct_{index}.nii.gz", (40, 40, 32), (8 * index, 0, 8)))
+             for index in range(4)}
+    output = tmp_path / "pt"
+    small = ("--data_dir", str(data), "--patch_size", "[32,32,16]", "--crops_per_volume", "2", "--num_workers", "0")
+    log, seen = torchrun_pretraining(genesis_bundle, ["configs/pretrain.json"], output, *small)
+    assert_pretraining_shared_out(seen, scans)
+    assert len(seen[0]) == len(seen[1]) == 2 * 2, "2 volumes x 2 crops per rank"
+    assert_written_by_rank_zero(output, log=log)
+    log, _ = torchrun_pretraining(genesis_bundle, ["configs/pretrain.json"], output, *small, epochs=2, resume=True)
+    assert_resumed_on_both_ranks(output, log, "training_state", iterations_per_epoch=2)
+    assert_written_by_rank_zero(output, epochs=2, log=log, runs=2)
 
 
 def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_dataset, tmp_path):
