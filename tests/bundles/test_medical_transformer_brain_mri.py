@@ -18,7 +18,8 @@ import medfm
 from medfm.networks import MedicalTransformer
 from medfm.weights import load_checkpoint
 from tests import testdata
-from tests.conftest import BUNDLES, REPO, bundle_run, run_command, assert_written_by_rank_zero
+from tests.conftest import (BUNDLES, REPO, assert_pretraining_shared_out, assert_resumed_on_both_ranks, assert_written_by_rank_zero,
+                            bundle_run, run_command, torchrun_pretraining)
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,24 @@ def test_pretraining_stage_1_trains_the_encoder_and_stage_2_only_the_transformer
     with open(tmp_path / "pt" / "stage2_losses.csv") as stream:
         assert [row["epoch"] for row in csv.DictReader(stream)] == ["1", "2"]
     MedicalTransformer().load_state_dict(stage2)
+
+
+def test_both_pretraining_stages_on_two_processes_share_out_the_scans_and_resume(mt_bundle, brain_t1s, tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(brain_t1s))
+    output = tmp_path / "pt"
+    common = ("--datalist", str(datalist), *SMALL_GRID, "--volumes_per_batch", "3")
+    for stage in (1, 2):
+        small = (*common, "--stage", str(stage))
+        log, seen = torchrun_pretraining(mt_bundle, ["configs/pretrain.json"], output, *small)
+        assert_pretraining_shared_out(seen, {item["image"] for item in brain_t1s})
+        state_dir = f"training_state_stage_{stage}"
+        assert_written_by_rank_zero(output, checkpoint=f"stage{stage}.pt", state_dir=state_dir, log=log, runs=2 * stage - 1)
+        log, _ = torchrun_pretraining(mt_bundle, ["configs/pretrain.json"], output, *small, epochs=2, resume=True)
+        assert_resumed_on_both_ranks(output, log, state_dir, iterations_per_epoch=1)
+        assert_written_by_rank_zero(output, epochs=2, checkpoint=f"stage{stage}.pt", state_dir=state_dir, log=log, runs=2 * stage)
+    stage1, stage2 = (load_checkpoint(output / "models" / f"stage{n}.pt") for n in (1, 2))
+    assert all(torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("encoding.")), "stage 2 trains the transformer only"
 
 
 def _fine_tune(bundle, table, output_dir, *overrides, launcher=None):

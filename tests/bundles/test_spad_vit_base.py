@@ -20,7 +20,8 @@ import medfm
 from medfm.networks import SpadTokenizer, SpadViT
 from medfm.networks.spad_vit import checkpoint_filter_fn
 from medfm.weights import load_checkpoint, sha256_of
-from tests.conftest import BUNDLES, REPO, bundle_run, run_command, assert_written_by_rank_zero
+from tests.conftest import (BUNDLES, REPO, assert_pretraining_shared_out, assert_resumed_on_both_ranks, assert_written_by_rank_zero,
+                            bundle_run, run_command, torchrun_pretraining)
 
 pytestmark = pytest.mark.slow
 
@@ -206,6 +207,25 @@ def test_tokenizer_then_mim_pretraining_on_mixed_2d_and_3d_images(spad_bundle, m
     state = load_checkpoint(tmp_path / "pt" / "models" / "mim.pt")
     embedding = SpadViT(in_channels=1, **TINY)
     embedding.load_state_dict(checkpoint_filter_fn(state, embedding))  # MIM weights seed the bundle network
+
+
+def test_tokenizer_and_mim_pretraining_on_two_processes_share_out_whole_batches_and_resume(spad_bundle, mixed_datalist, tmp_path):
+    sources = {item["image"] for item in json.loads(mixed_datalist.read_text())}
+    output = tmp_path / "pt"
+    common = ["--datalist", str(mixed_datalist), "--patch_size", "[32,32,32]", "--max_in_plane", "64", "--batch_size", "2",
+              *TINY_TOKENIZER]
+    stages = {"tokenizer": (["configs/pretrain.json", "configs/pretrain_tokenizer.json"], []),
+              "mim": (["configs/pretrain.json"], TINY_ARGS)}
+    for run, (stage, (configs, extra)) in enumerate(stages.items()):
+        log, seen = torchrun_pretraining(spad_bundle, configs, output, *common, *extra)
+        # 4 batches of one (aniso_d, shape) group each: 2 per rank, every image once
+        assert_pretraining_shared_out(seen, sources)
+        assert len(seen[0]) + len(seen[1]) == len(sources)
+        state_dir = f"training_state_stage_{stage}"
+        assert_written_by_rank_zero(output, checkpoint=f"{stage}.pt", state_dir=state_dir, log=log, runs=2 * run + 1)
+        log, _ = torchrun_pretraining(spad_bundle, configs, output, *common, *extra, epochs=2, resume=True)
+        assert_resumed_on_both_ranks(output, log, state_dir, iterations_per_epoch=2)
+        assert_written_by_rank_zero(output, epochs=2, checkpoint=f"{stage}.pt", state_dir=state_dir, log=log, runs=2 * run + 2)
 
 
 def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(spad_bundle, slice_table, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import medfm
 from medfm.networks import GenesisUNet3D
 from medfm.weights import import_weights, load_checkpoint
-from tests.conftest import BUNDLES, bundle_run, run_command, save_upstream_checkpoint, assert_written_by_rank_zero
+from tests.conftest import (BUNDLES, assert_pretraining_shared_out, assert_resumed_on_both_ranks, assert_written_by_rank_zero,
+                            bundle_run, crop_nifti, run_command, save_upstream_checkpoint, torchrun_pretraining)
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +45,24 @@ def test_pretraining_logs_all_three_tasks_and_keeps_the_heads_apart(tmp_path):
     heads = load_checkpoint(tmp_path / "pt" / "models" / "heads.pt")
     assert {k.split(".")[0] for k in heads} == {"scale_head", "domain_head"}
     assert import_weights(bundle, tmp_path / "pt" / "models" / "model.pt").missing_keys == []
+
+
+def test_pretraining_on_two_processes_shares_out_ct_and_mr_scans_and_resumes(tmp_path):
+    data = tmp_path / "unlabeled"
+    data.mkdir()
+    scans = set()
+    for index in range(2):  # named as the default --image_glob {"CT": "ct_*.nii*", "MR": "mr_*.nii*"} expects
+        scans.add(str(crop_nifti(medfm.samples.path("ct_head"), data / f"ct_{index}.nii.gz", (72, 72, 40), (16 * index, 8, 8))))
+        scans.add(str(crop_nifti(medfm.samples.path("mr_head_t1"), data / f"mr_{index}.nii.gz", (72, 72, 40), (16 * index, 8, 8))))
+    output = tmp_path / "pt"
+    small = ("--data_dir", str(data), "--volumes_per_batch", "1", *SMALL_PRETRAINING)
+    log, seen = torchrun_pretraining(SAR, ["configs/pretrain.json"], output, *small)
+    assert_pretraining_shared_out(seen, scans)
+    assert_written_by_rank_zero(output, log=log)
+    assert (output / "models" / "heads.pt").is_file() and len((output / "pretext_losses.csv").read_text().splitlines()) == 2
+    log, _ = torchrun_pretraining(SAR, ["configs/pretrain.json"], output, *small, epochs=2, resume=True)
+    assert_resumed_on_both_ranks(output, log, "training_state", iterations_per_epoch=2)
+    assert_written_by_rank_zero(output, epochs=2, log=log, runs=2)
 
 
 def _inference(bundle, source, output_dir, *extra):

@@ -4,7 +4,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 
 from medfm.networks import SpadTokenizer
-from medfm.workflows import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, SpacingInferer, TokenizerLoss
+from medfm.workflows import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, SpacingInferer, TokenizerLoss, TrainingState
 
 
 def item(shape, spacing):
@@ -91,3 +91,23 @@ def test_spacing_inferer_gives_the_network_the_spacing_of_its_input():
     assert seen[-1] is given  # a PrepareSpadBatch's spacing is passed on unchanged
     with pytest.raises(ValueError, match="voxel spacing"):
         inferer(torch.rand(1, 1, 32, 32, 8), network)
+
+
+def test_a_resumed_run_draws_the_grouped_batches_of_the_epochs_it_continues(tmp_path):
+    from ignite.engine import Engine, Events
+    from torch.utils.data import DataLoader
+
+    data = [dict(item((4, 4, 2), (1, 1, 2)), index=i) for i in range(6)]
+
+    def drawn(max_epochs, resume):
+        epochs = {}
+        loader = DataLoader(data, batch_sampler=AnisoGroupedBatchSampler(data, 2, seed=3), collate_fn=list)
+        engine = Engine(lambda e, batch: epochs.setdefault(e.state.epoch, []).append([x["index"] for x in batch]))
+        TrainingState(tmp_path, {}, resume=resume).attach(engine)
+        engine.run(loader, max_epochs=max_epochs)
+        return epochs
+
+    uninterrupted = drawn(3, resume=False)
+    assert uninterrupted[1] != uninterrupted[2]
+    drawn(1, resume=False)
+    assert drawn(3, resume=True) == {2: uninterrupted[2], 3: uninterrupted[3]}

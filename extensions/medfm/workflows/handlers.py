@@ -95,7 +95,8 @@ class TrainingState:
     replacing the previous epoch's file. The file is written beside its final name and renamed
     when complete, so a run killed at any moment leaves the last finished epoch intact. With ``resume``, the newest such file is loaded when training starts (after the
     handlers listed before this one, e.g. pretrained weights) and training goes on at the next
-    epoch with the optimizer's moments and step counts; the config's ``max_epochs`` is kept.
+    epoch with the optimizer's moments and step counts, and a batch sampler with ``set_epoch``
+    draws that epoch's batches; the config's ``max_epochs`` is kept.
 
     Args:
         save_dir: folder of the training-state files.
@@ -128,6 +129,11 @@ class TrainingState:
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=self.objects, checkpoint=load_checkpoint(path))
         engine.state.max_epochs = max_epochs
+        # MONAI moves a DistributedSampler to each epoch itself; a batch sampler that draws per
+        # epoch (SPAD's aniso_d groups) would otherwise start the resumed run at its first epoch again
+        batch_sampler = getattr(engine.state.dataloader, "batch_sampler", None)
+        if callable(getattr(batch_sampler, "set_epoch", None)):
+            batch_sampler.set_epoch(engine.state.epoch)
         self.logger.info(f"resumed from {path}: {engine.state.epoch} epochs ({engine.state.iteration} iterations) done")
 
     def save(self, engine: Engine) -> None:
