@@ -15,7 +15,8 @@ from PIL import Image
 import medfm
 from medfm.networks import VDTResNetUNet, vdt_resnet18
 from medfm.weights import load_checkpoint
-from tests.conftest import BUNDLES, bundle_run, crop_nifti, run_command, assert_written_by_rank_zero
+from tests.conftest import (BUNDLES, assert_resumed_on_both_ranks, assert_written_by_rank_zero,
+                            bundle_run, crop_nifti, run_command, torchrun_pretraining)
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,21 @@ def test_pretraining_on_an_image_folder_gives_weights_for_both_geometries(vdt_bu
     assert state["fc.weight"].shape == (2, 512)
     vdt_resnet18(num_classes=2, pretraining_geometry=True).load_state_dict(state)
     vdt_resnet18(num_classes=2).load_state_dict(state)  # the fine-tuning geometry shares every tensor
+
+
+def test_pretraining_on_two_processes_shares_out_the_images_and_resumes(vdt_bundle, image_folder, tmp_path):
+    output = tmp_path / "pt"
+    # 12 images, 1/6 held out: 10 for training, 5 per rank in batches of 2 (the last one dropped)
+    small = ("--data_dir", str(image_folder), "--patch_size", "[32,32]", "--batch_size", "2", "--num_workers", "0",
+             "--val_fraction", "0.17", "--learning_rate", "0.01")
+    log, seen = torchrun_pretraining(vdt_bundle, ["configs/pretrain.json"], output, *small)
+    assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) <= {str(p) for p in image_folder.rglob("*.*")}
+    assert log.count("val_accuracy") >= 1
+    assert_written_by_rank_zero(output, log=log)
+    log, _ = torchrun_pretraining(vdt_bundle, ["configs/pretrain.json"], output, *small, epochs=2, resume=True)
+    assert_resumed_on_both_ranks(output, log, "training_state", iterations_per_epoch=2)
+    assert_written_by_rank_zero(output, epochs=2, log=log, runs=2)
 
 
 def _fine_tune(bundle, dataset, output_dir, *overrides, config="configs/train.json", launcher=None):

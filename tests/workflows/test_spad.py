@@ -94,7 +94,7 @@ def test_spacing_inferer_gives_the_network_the_spacing_of_its_input():
 
 
 def test_a_resumed_run_draws_the_grouped_batches_of_the_epochs_it_continues(tmp_path):
-    from ignite.engine import Engine, Events
+    from ignite.engine import Engine
     from torch.utils.data import DataLoader
 
     data = [dict(item((4, 4, 2), (1, 1, 2)), index=i) for i in range(6)]
