@@ -80,6 +80,29 @@ def test_training_saves_its_state_and_the_ddp_overlay_mutes_only_logging_on_othe
     assert ("lr_scheduler" in state[0]["objects"]) == ("lr_scheduler" in pretrain), "a schedule must resume with the rest"
 
 
+def test_pretraining_overlays_differ_only_in_how_the_data_is_shared_out():
+    """Every multi_gpu_pretrain.json wraps the network in DDP, sets rank_zero and adds the process group to
+    initialize in the same words; only the samplers (and VDT's validation) are the bundle's own."""
+    own = {"train#sampler", "train#dataloader#sampler", "train#dataloader#shuffle", "validate#sampler",
+           "validate#dataloader#sampler", "finalize"}
+    overlays = {bundle.name: json.loads((bundle / "configs" / "multi_gpu_pretrain.json").read_text()) for bundle in BUNDLE_DIRS}
+    reference = {key: value for key, value in overlays["models_genesis_chest_ct"].items() if key not in own}
+    for name, overlay in overlays.items():
+        assert {key: value for key, value in overlay.items() if key not in own} == reference, name
+        assert "initialize" not in overlay, "the overlay extends initialize (+initialize), it does not replace it"
+    assert "train#sampler" not in overlays["spad_vit_base"], "SPAD's grouped batch sampler shares out its own batches"
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_pretraining_logs_on_rank_zero_only(bundle):
+    content = json.loads((bundle / "configs" / "pretrain.json").read_text())
+    sections = [content["train"]["handlers"]] + ([content["validate"]["handlers"]] if "validate" in content else [])
+    for handler in (h for handlers in sections for h in handlers):
+        writes_logs = handler["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", "medfm.workflows.LossComponentsLogger")
+        assert (handler.get("_disabled_") == "$not @rank_zero") == writes_logs, handler["_target_"]
+    assert content["rank_zero"] is True
+
+
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
 def test_metadata_is_valid_against_the_schema(bundle):
     if not SCHEMA.is_file():
