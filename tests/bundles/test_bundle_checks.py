@@ -94,6 +94,19 @@ def test_pretraining_overlays_differ_only_in_how_the_data_is_shared_out():
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_every_trainer_takes_amp_and_accumulate(bundle):
+    for config in sorted((bundle / "configs").glob("*train*.json")):
+        content = json.loads(config.read_text())
+        if "train" not in content or "trainer" not in content["train"]:
+            continue  # an overlay
+        trainer = content["train"]["trainer"]
+        assert (content["amp"], content["accumulate"]) == (False, 1), config.name
+        assert trainer["amp"] == "$medfm.workflows.mixed_precision(@amp, @device)", config.name
+        assert trainer["amp_kwargs"] == "$medfm.workflows.autocast_kwargs(@device)", config.name
+        assert trainer["accumulation_steps"] == "@accumulate", config.name
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
 def test_pretraining_logs_on_rank_zero_only(bundle):
     content = json.loads((bundle / "configs" / "pretrain.json").read_text())
     sections = [content["train"]["handlers"]] + ([content["validate"]["handlers"]] if "validate" in content else [])

@@ -55,14 +55,19 @@ def test_pretraining_on_two_processes_shares_out_ct_and_mr_scans_and_resumes(tmp
         scans.add(str(crop_nifti(medfm.samples.path("ct_head"), data / f"ct_{index}.nii.gz", (72, 72, 40), (16 * index, 8, 8))))
         scans.add(str(crop_nifti(medfm.samples.path("mr_head_t1"), data / f"mr_{index}.nii.gz", (72, 72, 40), (16 * index, 8, 8))))
     output = tmp_path / "pt"
-    small = ("--data_dir", str(data), "--volumes_per_batch", "1", *SMALL_PRETRAINING)
+    # 2 iterations per rank and epoch, gradients accumulated over both: one Adam step per epoch
+    small = ("--data_dir", str(data), "--volumes_per_batch", "1", "--accumulate", "2", *SMALL_PRETRAINING)
     log, seen = torchrun_pretraining(SAR, ["configs/pretrain.json"], output, *small)
     assert_pretraining_shared_out(seen, scans)
     assert_written_by_rank_zero(output, log=log)
     assert (output / "models" / "heads.pt").is_file() and len((output / "pretext_losses.csv").read_text().splitlines()) == 2
+    adam_steps = {int(s["step"]) for s in load_checkpoint(output / "training_state" / "training_state_epoch=1.pt")["optimizer"]["state"].values()}
+    assert adam_steps == {1}
     log, _ = torchrun_pretraining(SAR, ["configs/pretrain.json"], output, *small, epochs=2, resume=True)
     assert_resumed_on_both_ranks(output, log, "training_state", iterations_per_epoch=2)
     assert_written_by_rank_zero(output, epochs=2, log=log, runs=2)
+    adam_steps = {int(s["step"]) for s in load_checkpoint(output / "training_state" / "training_state_epoch=2.pt")["optimizer"]["state"].values()}
+    assert adam_steps == {2}
 
 
 def _inference(bundle, source, output_dir, *extra):
