@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import medfm
+from medfm.errors import MedfmError
 from medfm.probe import probe_splits, read_label_table
 from tests.conftest import crop_nifti, run_command
 
@@ -125,7 +126,7 @@ def test_regression_probes_predict_a_learnable_value_and_report_r2_and_mae(modal
     table_file = folder / "mean_intensity.csv"
     table_file.write_text("image,label,subject\n" + "".join(f"{r['image']},{means[r['image']]},{r['subject']}\n" for r in rows))
     table = read_label_table(table_file, task="regression", group_column="subject")
-    features = intensity_features(table.images, folder / "intensity_cache.npz", progress=False)
+    features = intensity_features(table, folder / "intensity_cache.npz", progress=False)
     splits = probe_splits(table, folds=3, repeats=1, fractions=(1.0,), seed=0)
     for split in splits:
         assert not set(table.groups[split.train]) & set(table.groups[split.test])
@@ -133,3 +134,66 @@ def test_regression_probes_predict_a_learnable_value_and_report_r2_and_mae(modal
         assert set(scores["ridge"]) == {"r2", "mae"} and scores["ridge"]["r2"] > 0.8, scores
     with pytest.raises(medfm.errors.MedfmError, match="must be numeric for --task regression"):
         read_label_table(modality_table, task="regression")
+
+
+@pytest.fixture(scope="module")
+def point_table(modality_table):
+    """The modality crops as a region-level table: two points (x, y, z in mm, LPS) in each crop."""
+    from medfm.transforms.region import voxel_to_lps
+
+    rows = []
+    with open(modality_table, newline="") as stream:
+        for row in csv.DictReader(stream):
+            affine = nib.load(modality_table.parent / row["image"]).affine
+            for voxel in ((12, 16, 8), (20, 16, 8)):
+                x, y, z = voxel_to_lps(affine, voxel)
+                rows.append(dict(row, x=x, y=y, z=z))
+    path = modality_table.parent / "points.csv"
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_a_region_level_table_embeds_each_point_and_keeps_each_scan_on_one_side(point_table, tmp_path):
+    table = read_label_table(point_table)  # no group column: the scan is the group
+    assert table.points.shape == (48, 3)
+    for split in probe_splits(table, folds=3, repeats=1, fractions=[1.0]):
+        assert not set(np.array(table.images)[split.train]) & set(np.array(table.images)[split.test])
+    out = tmp_path / "probe"
+    args = ["models_genesis_chest_ct", "--table", str(point_table), "--out", str(out), "--folds", "3", "--repeats", "2",
+            "--fractions", "1", "--group_column", "subject", "--progress", "False"]
+    result = run_command(PROBE + args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(out / "probe_summary.csv")
+    assert float(summary[("models_genesis_chest_ct", "pretrained", "logistic", 1.0, "auc")]["mean"]) > 0.9
+    permuted = [float(r["mean"]) for k, r in summary.items() if k[1] == "permuted" and k[4] == "auc"]
+    assert abs(np.mean(permuted) - 0.5) < 0.2, permuted
+    with open(out / "embeddings" / "models_genesis_chest_ct" / "pretrained" / "embeddings.csv", newline="") as stream:
+        index = list(csv.DictReader(stream))
+    assert sorted(row["region"] for row in index) == sorted(f"point:row{n}" for n in range(48))
+    embeddings = sorted((out / "embeddings").rglob("*.npy"))
+    assert len(embeddings) == 2 * 48  # pretrained and random weights, one per point
+    assert "points (x, y, z mm, LPS)" in (out / "probe_record.json").read_text()
+    stamps = [p.stat().st_mtime_ns for p in embeddings]
+    assert run_command(PROBE + args).returncode == 0
+    assert [p.stat().st_mtime_ns for p in embeddings] == stamps  # every point reused
+
+
+def test_a_point_outside_its_scan_or_half_given_coordinates_are_one_line_errors(point_table, tmp_path):
+    rows = point_table.read_text().splitlines()
+    header = rows[0].split(",")
+    broken = rows[1].split(",")
+    broken[header.index("x")] = "5000"
+    (point_table.parent / "outside.csv").write_text("\n".join([rows[0], ",".join(broken), *rows[2:]]) + "\n")
+    result = run_command(PROBE + ["models_genesis_chest_ct", "--table", str(point_table.parent / "outside.csv"),
+                                  "--out", str(tmp_path / "out"), "--folds", "3", "--repeats", "1", "--fractions", "1",
+                                  "--group_column", "subject", "--progress", "False"])
+    assert result.returncode == 1 and "1 points failed to embed with models_genesis_chest_ct" in result.stderr
+    assert "lies outside the scan" in result.stderr and "Traceback" not in result.stderr
+    blank = rows[1].split(",")
+    blank[header.index("z")] = ""
+    (point_table.parent / "half.csv").write_text("\n".join([rows[0], ",".join(blank), *rows[2:]]) + "\n")
+    with pytest.raises(MedfmError, match="needs x, y and z"):
+        read_label_table(point_table.parent / "half.csv")

@@ -36,19 +36,26 @@ PROBES = {"classification": ("logistic", "knn"), "regression": ("ridge", "knn")}
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 #: Quantile levels of the intensity feature (the inverse of the intensity histogram).
 QUANTILES = np.linspace(0.005, 0.995, 33)
+#: Side (mm) of the cube around each point of a region-level table that the intensity baseline reads.
+POINT_REGION_MM = 48.0
 SUMMARY_COLUMNS = ("bundle", "features", "probe", "fraction", "metric", "mean", "std", "n")
 FOLD_COLUMNS = ("bundle", "features", "probe", "fraction", "repeat", "fold", "n_train", "n_test", "metric", "value")
 
 
 @dataclass
 class LabelTable:
-    """Scans, their labels (class indices or values) and groups, in table order."""
+    """Scans (or points in them), their labels (class indices or values) and groups, in table order."""
 
     source: Path
     images: list[str]
     labels: np.ndarray
     groups: np.ndarray
     classes: list[str] | None  # classification: sorted class names, ``labels`` index them
+    points: np.ndarray | None = None  # region-level tables: (rows, 3) world points, mm, LPS
+
+    def point_id(self, row: int) -> str:
+        """The region name the embedding index gives row ``row``'s point."""
+        return f"point:row{row}"
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,10 @@ def _rows_of(path: Path) -> list[dict]:
 
 def read_label_table(path: str | os.PathLike, task: str = "classification", label_column: str = "label",
                      group_column: str | None = None) -> LabelTable:
-    """Read ``image, label[, group]`` rows (CSV, or a Decathlon ``dataset.json``); image paths
-    relative to the table. Refuses missing scans, a single class, non-numeric regression targets."""
+    """Read ``image, label[, group][, x, y, z]`` rows (CSV, or a Decathlon ``dataset.json``); image paths
+    relative to the table. With ``x, y, z`` (mm, LPS) every row is a point in its scan (a region-level
+    task; the points of one scan form one group unless ``group_column`` says otherwise). Refuses missing
+    scans, a scan or point listed twice, a single class, non-numeric regression targets."""
     path = Path(path).expanduser()
     if task not in METRICS:
         raise MedfmError(f"--task must be one of {', '.join(METRICS)}, got {task!r}")
@@ -95,9 +104,12 @@ def read_label_table(path: str | os.PathLike, task: str = "classification", labe
     images = [str((path.parent / str(row["image"])).resolve()) for row in rows]
     missing = [image for image in images if not os.path.exists(image)]
     if missing:
-        raise MedfmError(f"{path}: {len(missing)} scans do not exist, e.g. {missing[0]}")
-    if len(set(images)) != len(images):
-        raise MedfmError(f"{path}: a scan is listed twice ({next(i for i in images if images.count(i) > 1)})")
+        raise MedfmError(f"{path}: {len(set(missing))} scans do not exist, e.g. {missing[0]}")
+    points = _points_of(path, rows)
+    keys = images if points is None else list(zip(images, map(tuple, points)))
+    if len(set(keys)) != len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise MedfmError(f"{path}: {'a scan' if points is None else 'a point'} is listed twice ({repeated})")
     raw = [str(row[label_column]) for row in rows]
     if task == "classification":
         classes = sorted(set(raw))
@@ -112,8 +124,25 @@ def read_label_table(path: str | os.PathLike, task: str = "classification", labe
             raise MedfmError(f"{path}: {label_column!r} must be numeric for --task regression") from None
         if not np.isfinite(labels).all():
             raise MedfmError(f"{path}: {label_column!r} holds a non-finite value")
+    # without a group column each scan is a group: its points are never on both sides of a split
     groups = np.array([str(row[group_column]) for row in rows]) if group_column else np.array(images)
-    return LabelTable(path, images, labels, groups, classes)
+    return LabelTable(path, images, labels, groups, classes, points)
+
+
+def _points_of(path: Path, rows: list[dict]) -> np.ndarray | None:
+    """The rows' ``x, y, z`` (mm, LPS) when the table has them: a region-level task."""
+    given = [axis for axis in "xyz" if any(row.get(axis) not in (None, "") for row in rows)]
+    if not given:
+        return None
+    if any(row.get(axis) in (None, "") for row in rows for axis in "xyz"):
+        raise MedfmError(f"{path}: a region-level table needs x, y and z (mm, LPS) in every row")
+    try:
+        points = np.array([[float(row[axis]) for axis in "xyz"] for row in rows])
+    except (TypeError, ValueError):
+        raise MedfmError(f"{path}: x, y and z must be numbers (mm, LPS)") from None
+    if not np.isfinite(points).all():
+        raise MedfmError(f"{path}: x, y and z must be finite")
+    return points
 
 
 def _check_foldable(table: LabelTable, folds: int) -> None:
@@ -232,9 +261,10 @@ def score_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, sp
     return {"auc": auc, "balanced_accuracy": float(balanced_accuracy_score(truth, predicted))}
 
 
-def intensity_features(images: Sequence[str], cache: Path, progress: bool = True) -> np.ndarray:
-    """The non-learned baseline: each scan's intensity quantiles (``QUANTILES``), mean and standard
-    deviation, in the scan's own units (HU for CT). Cached in ``cache`` (one row per scan path)."""
+def intensity_features(table: LabelTable, cache: Path, progress: bool = True) -> np.ndarray:
+    """The non-learned baseline: the intensity quantiles (``QUANTILES``), mean and standard deviation of each
+    scan, or of the ``POINT_REGION_MM`` cube around each point, in the scan's own units (HU for CT).
+    Cached in ``cache`` (one row per scan, or per scan and point)."""
     from tqdm import tqdm
 
     from .io.reading import LoadScan
@@ -242,30 +272,60 @@ def intensity_features(images: Sequence[str], cache: Path, progress: bool = True
     cached = {}
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
-            cached = dict(zip(stored["images"].tolist(), stored["features"]))
+            if "keys" in stored.files:  # else a cache of an older layout: computed again and replaced
+                cached = dict(zip(stored["keys"].tolist(), stored["features"]))
     loader = LoadScan()
-    rows = []
-    known = len(cached)
-    for image in tqdm(images, desc="intensity features", unit="scan", disable=not progress):
-        if image not in cached:
+    rows, known = [], len(cached)
+    for row, image in enumerate(tqdm(table.images, desc="intensity features", unit="row", disable=not progress)):
+        point = None if table.points is None else table.points[row]
+        key = image if point is None else f"{image}@{point[0]:.6g},{point[1]:.6g},{point[2]:.6g}"
+        if key not in cached:
             try:
-                values = np.asarray(loader(image), dtype=np.float64).ravel()
+                values = _intensities(loader(image), point)
             except MedfmError as error:
                 raise MedfmError(f"intensity feature: {error}") from None
             values = values[np.isfinite(values)]
-            cached[image] = np.concatenate([np.quantile(values, QUANTILES), [values.mean(), values.std()]])
-        rows.append(cached[image])
-    if len(cached) == known:  # a rerun over the same scans reads the cache and writes nothing
+            cached[key] = np.concatenate([np.quantile(values, QUANTILES), [values.mean(), values.std()]])
+        rows.append(cached[key])
+    if len(cached) == known:  # a rerun over the same rows reads the cache and writes nothing
         return np.stack(rows)
     with atomic_path(cache) as temporary:
         with open(temporary, "wb") as stream:
-            np.savez(stream, images=np.array(list(cached)), features=np.stack(list(cached.values())))
+            np.savez(stream, keys=np.array(list(cached)), features=np.stack(list(cached.values())))
     return np.stack(rows)
 
 
-def _embedding_matrix(bundle: str, images: list[str], out_dir: Path, pretrained: bool, seed: int,
-                      progress: bool) -> tuple[np.ndarray, str]:
-    """Embed ``images`` (reusing ``out_dir``'s index) and stack them in table order; the weights id."""
+def _intensities(image, point: np.ndarray | None) -> np.ndarray:
+    """The scan's voxel values, or those of the cube of side ``POINT_REGION_MM`` centred on ``point`` (mm, LPS)."""
+    from .transforms.region import CropAtWorldPoint, PointOutsideScanError
+
+    if point is None:
+        return np.asarray(image, dtype=np.float64).ravel()
+    spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    size = [max(1, round(POINT_REGION_MM / step)) for step in spacing]
+    try:
+        crop = CropAtWorldPoint(size)(image.unsqueeze(0), point.tolist())  # the crop wants a channel axis
+    except PointOutsideScanError as error:
+        raise MedfmError(f"{image.meta.get('filename_or_obj', 'scan')}: {error}") from None
+    return np.asarray(crop, dtype=np.float64).ravel()
+
+
+def _points_file(table: LabelTable, folder: Path) -> Path:
+    """The table's points as the ``image, x, y, z, id`` CSV ``medfm embed --points`` reads (rewritten each run)."""
+    target = folder / "points.csv"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as temporary:
+        with open(temporary, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["image", "x", "y", "z", "id"])
+            for row, (image, point) in enumerate(zip(table.images, table.points)):
+                writer.writerow([image, *(repr(float(value)) for value in point), table.point_id(row)[len("point:"):]])
+    return target
+
+
+def _embedding_matrix(bundle: str, table: LabelTable, out_dir: Path, pretrained: bool, seed: int,
+                      progress: bool, points_file: Path | None) -> tuple[np.ndarray, str]:
+    """Embed the table's scans or points (reusing ``out_dir``'s index), stacked in table order; the weights id."""
     import torch
 
     from .inference import embed
@@ -273,14 +333,18 @@ def _embedding_matrix(bundle: str, images: list[str], out_dir: Path, pretrained:
     overrides = {} if pretrained else {"ckpt_path": None}
     if not pretrained:
         torch.manual_seed(seed)  # the random initialisation, reproducible
-    summary = embed(bundle, images, out=out_dir, progress=progress, **overrides)
+    if points_file is None:
+        summary = embed(bundle, table.images, out=out_dir, progress=progress, **overrides)
+    else:
+        summary = embed(bundle, out=out_dir, points=points_file, progress=progress, **overrides)
     if summary.failed:
         (image, _), error = next(iter(summary.failed.items()))
-        raise MedfmError(f"{len(summary.failed)} scans failed to embed with {bundle} (first: {image}: {error}); "
-                         f"see {out_dir / 'failed.csv'}")
-    rows = {os.path.abspath(row["input"]): row for row in summary.rows if not row["region"]}
-    vectors = [np.load(out_dir / rows[image]["embedding"], allow_pickle=False).ravel() for image in images]
-    return np.stack(vectors).astype(np.float64), rows[images[0]]["weights"]
+        raise MedfmError(f"{len(summary.failed)} {'scans' if points_file is None else 'points'} failed to embed with "
+                         f"{bundle} (first: {image}: {error}); see {out_dir / 'failed.csv'}")
+    rows = {(os.path.abspath(row["input"]), row["region"]): row for row in summary.rows}
+    keys = [(image, "" if points_file is None else table.point_id(row)) for row, image in enumerate(table.images)]
+    vectors = [np.load(out_dir / rows[key]["embedding"], allow_pickle=False).ravel() for key in keys]
+    return np.stack(vectors).astype(np.float64), rows[keys[0]]["weights"]
 
 
 def _summary_rows(fold_rows: list[dict]) -> list[dict]:
@@ -395,17 +459,21 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
               "table_sha256": hashlib.sha256(labelled.source.read_bytes()).hexdigest(), "task": task,
               "fractions": sorted(float(f) for f in fractions), "folds": folds, "repeats": repeats, "seed": seed,
               "group_column": group_column, "label_column": label_column, "classes": labelled.classes,
+              "regions": "whole scans" if labelled.points is None else
+              f"points (x, y, z mm, LPS): the bundles' region crops; intensity baseline a {POINT_REGION_MM:g} mm cube",
               "versions": {"medfm": __version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
                            "numpy": np.__version__, "python": sys.version.split()[0]},
               "bundles": {name: _bundle_record(name) for name in names}}
     matrices: dict[tuple[str, str], np.ndarray] = {}
+    points_file = None if labelled.points is None else _points_file(labelled, out_dir / "embeddings")
     for name in names:
         for features, pretrained in (("pretrained", True), ("random_init", False)):
             folder = out_dir / "embeddings" / name / (features if pretrained else f"{features}_seed{seed}")
-            matrix, weights = _embedding_matrix(name, labelled.images, folder, pretrained, seed, progress)
+            matrix, weights = _embedding_matrix(name, labelled, folder, pretrained, seed, progress, points_file)
             matrices[(name, features)] = matrix
             record["bundles"][name][f"{features}_weights"] = weights
-    matrices[("-", "histogram")] = intensity_features(labelled.images, out_dir / "embeddings" / "histogram.npz", progress)
+    histogram = "histogram.npz" if labelled.points is None else f"histogram_points_{POINT_REGION_MM:g}mm.npz"
+    matrices[("-", "histogram")] = intensity_features(labelled, out_dir / "embeddings" / histogram, progress)
     permuted = {repeat: np.random.default_rng([seed, repeat, 7]).permutation(labelled.labels)
                 for repeat in range(repeats)}
     jobs = [(bundle, features, kind) for (bundle, features) in matrices for kind in PROBES[task]]
