@@ -79,7 +79,8 @@ def probe(bundles: str, table: str, out: str = "medfm_probe", task: str = "class
     Args:
         bundles: bundle names or folders, comma-separated.
         table: CSV with ``image`` and a label column (paths relative to the table), or a Decathlon
-            ``dataset.json`` whose training labels are classes or values.
+            ``dataset.json`` whose training labels are classes or values. With ``x, y, z`` columns
+            (mm, LPS) each row is a point in its scan, embedded from a crop centred there.
         out: output folder: probe_folds.csv, probe_summary.csv, probe.md, probe.png, probe_record.json,
             and the embeddings (reused by the next run).
         task: ``classification`` (AUC, balanced accuracy) or ``regression`` (R^2, MAE).
