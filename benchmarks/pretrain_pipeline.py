@@ -49,7 +49,7 @@ def slice_folder(root: Path) -> Path:
         volume = np.asarray(nib.load(medfm.samples.path(sample)).dataobj, dtype=np.float32)
         volume = (volume - volume.min()) / (volume.max() - volume.min()) * 255
         (root / name).mkdir(parents=True, exist_ok=True)
-        for z in np.linspace(volume.shape[2] * 0.3, volume.shape[2] * 0.7, 4).astype(int):
+        for z in np.linspace(volume.shape[2] * 0.3, volume.shape[2] * 0.7, 8).astype(int):
             Image.fromarray(volume[:, :, z].astype(np.uint8)).save(root / name / f"{z}.png")
     return root
 
@@ -70,7 +70,7 @@ def stages(work: Path) -> dict[str, tuple[str, list[str], dict]]:
         "medical_transformer stage 2": ("medical_transformer_brain_mri", ["pretrain.json"], {"datalist": str(t1), "stage": 2, "volumes_per_batch": 2}),
         "spad tokenizer": ("spad_vit_base", ["pretrain.json", "pretrain_tokenizer.json"], dict(spad, batch_size=2)),
         "spad mim": ("spad_vit_base", ["pretrain.json"], dict(spad, batch_size=2)),
-        "vdt": ("vdt_resnet3d18", ["pretrain.json"], {"data_dir": str(slice_folder(work / "slices")), "batch_size": 16,
+        "vdt": ("vdt_resnet3d18", ["pretrain.json"], {"data_dir": str(slice_folder(work / "slices")), "batch_size": 8,
                                                        "val_fraction": 0.2}),
     }
 
