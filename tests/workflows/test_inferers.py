@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -123,7 +125,12 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
     output["doubled"].sum().backward()
     # plain lists: a tensor would travel as shared memory that dies with this process
     queue.put((rank, network.module.body.weight.grad.tolist(), "forward" in vars(network.module)))
+    dist.barrier()
     dist.destroy_process_group()
+    queue.close()
+    queue.join_thread()  # the result is in the pipe before the process ends
+    # DDP's gloo threads outlive the group and can hang the interpreter's teardown (see end_distributed_run)
+    os._exit(0)
 
 
 def test_a_method_called_through_ddp_gets_its_gradients_averaged_across_ranks():
@@ -136,14 +143,21 @@ def test_a_method_called_through_ddp_gets_its_gradients_averaged_across_ranks():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    processes = [context.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    results = {rank: (torch.tensor(grad), patched) for rank, grad, patched in (queue.get() for _ in processes)}
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    queue = context.Queue()
+    # daemonic, and killed below: a hung worker fails this test instead of blocking pytest's exit
+    processes = [context.Process(target=_ddp_worker, args=(rank, port, queue), daemon=True) for rank in range(2)]
+    try:
+        for process in processes:
+            process.start()
+        results = {rank: (torch.tensor(grad), patched) for rank, grad, patched in (queue.get(timeout=120) for _ in processes)}
+        for process in processes:
+            process.join(timeout=120)
+            assert process.exitcode == 0
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
     # local gradient of sum(2 * W x) w.r.t. W is 2 * sum over the batch of x: rank 0 (x = 1) 4, rank 1 (x = 2) 8
     torch.testing.assert_close(results[0][0], torch.full((3, 3), 6.0))  # averaged: (4 + 8) / 2
     torch.testing.assert_close(results[1][0], results[0][0])
