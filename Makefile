@@ -41,7 +41,7 @@ test-data: $(INSTALLED)
 	-$(PY) tests/testdata.py
 
 test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MONAILABEL_VENV) demo_output .pytest_cache .cache

@@ -111,7 +111,12 @@ def test_fine_tuning_from_pretrained_then_evaluation(tiny_segmentation_dataset, 
                "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,16]", "--val_fraction", "0.25")
     evaluation = tmp_path / "ft" / "eval"
     assert (evaluation / "metrics.csv").read_text().startswith("val_mean_dice,")
+    # per-case and summary Dice name the dataset's label, not class0
+    assert (evaluation / "val_mean_dice_raw.csv").read_text().splitlines()[0] == "filename,tissue above 25 HU (synthetic),mean"
+    assert [row.split(",")[0] for row in (evaluation / "val_mean_dice_summary.csv").read_text().splitlines()] == \
+        ["class", "tissue above 25 HU (synthetic)", "mean"]
     segmentation = nib.load(next(evaluation.glob("*_seg.nii.gz")))
+    assert segmentation.get_data_dtype() == np.uint8
     source = nib.load(tiny_segmentation_dataset / "ct_3.nii.gz")
     assert segmentation.shape == source.shape
     np.testing.assert_allclose(segmentation.affine, source.affine, atol=1e-4)

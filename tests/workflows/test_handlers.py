@@ -70,3 +70,29 @@ def test_a_schedule_that_never_validates_is_refused_and_one_that_does_runs():
     trainer = _trainer(loader, 5, 5)
     trainer.run()
     assert trainer.state.epoch == 5
+
+
+def _evaluated_engine(per_class_dice):
+    from ignite.engine import Engine
+
+    engine = Engine(lambda engine, batch: None)
+    engine.state.metrics = {"val_mean_dice": float(per_class_dice.mean())}
+    engine.state.metric_details = {"val_mean_dice": per_class_dice}
+    return engine
+
+
+def test_metric_reports_name_the_dataset_labels(tmp_path):
+    from medfm.workflows import LabelledMetricsSaver
+
+    labels = {"0": "background", "1": "liver", "2": "tumour"}
+    saver = LabelledMetricsSaver(str(tmp_path), labels, metric_details=["val_mean_dice"], summary_ops=["mean"])
+    saver._filenames = ["a.nii.gz", "b.nii.gz"]
+    saver(_evaluated_engine(torch.tensor([[0.5, 0.25], [0.75, 0.25]])))
+    raw = (tmp_path / "val_mean_dice_raw.csv").read_text().splitlines()
+    assert raw[0] == "filename,liver,tumour,mean" and raw[1].startswith("a.nii.gz,0.5")
+    assert [row.split(",")[0] for row in (tmp_path / "val_mean_dice_summary.csv").read_text().splitlines()] == \
+        ["class", "liver", "tumour", "mean"]
+
+    with pytest.raises(MedfmError, match=r"val_mean_dice_raw.csv: the metric has class class2 but the labels name only 2 "
+                                         r"\(liver, tumour\); check include_background"):
+        saver(_evaluated_engine(torch.rand(2, 3)))  # a metric that kept the background channel

@@ -24,7 +24,7 @@ from .dicom import LPS_TO_RAS, frame_positions, is_mosaic, list_dicom_series
 from .embeddings import input_meta, output_stem
 from .reading import safe_extract_zip
 
-__all__ = ["SegmentationWriteError", "SaveSegmentation", "SaveSegmentationd", "corner_offset_mm", "source_datasets"]
+__all__ = ["SegmentationWriteError", "SaveSegmentation", "SaveSegmentationd", "corner_offset_mm", "labels_by_value", "source_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def source_datasets(source: str | os.PathLike, series_uid: str) -> list[pydicom.
         return matches[0].headers
 
 
-def _labels_by_value(labels: Mapping[int | str, str] | Sequence[str]) -> dict[int, str]:
+def labels_by_value(labels: Mapping[int | str, str] | Sequence[str]) -> dict[int, str]:
+    """The foreground labels ``{value: name}`` of a Decathlon ``labels`` mapping (or names in value order)."""
     if isinstance(labels, Mapping):
         named = {int(value): str(name) for value, name in labels.items()}
     else:
@@ -82,7 +83,7 @@ class SaveSegmentation:
                  postfix: str = "seg", dicom_seg: bool = True, algorithm: str = "medfm",
                  algorithm_version: str = "") -> None:
         self.output_dir = Path(output_dir)
-        self.labels = _labels_by_value(labels)
+        self.labels = labels_by_value(labels)
         self.postfix = postfix
         self.dicom_seg = dicom_seg
         self.algorithm = algorithm

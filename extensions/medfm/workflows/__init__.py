@@ -2,11 +2,11 @@
 
 from .distributed import end_distributed_run
 from .embedding import EmbeddingRunner, EmbeddingSummary, embedding_device
-from .handlers import CheckTrainingSchedule, LossComponentsLogger, PretrainedWeightsLoader, TrainingState, latest_training_state, require_checkpoint, stacked_outputs
+from .handlers import CheckTrainingSchedule, LabelledMetricsSaver, LossComponentsLogger, PretrainedWeightsLoader, TrainingState, latest_training_state, require_checkpoint, stacked_outputs
 from .inferers import FeatureTapInferer, MethodInferer, TiledEmbeddingInferer
 from .precision import autocast_kwargs, mixed_precision
 from .medical_transformer import BatchTripletLoss, MaskedEmbeddingLoss, PrepareMaskedSliceBatch, PrepareTripletBatch, subject_indices
 from .sar import PrepareSARBatch, ScaleAwareRestorationLoss
 from .spad import AnisoGroupedBatchSampler, MaskedTokenLoss, PrepareMIMBatch, PrepareSpadBatch, SpacingInferer, TokenizerLoss
 
-__all__ = ["AnisoGroupedBatchSampler", "autocast_kwargs", "mixed_precision", "CheckTrainingSchedule", "BatchTripletLoss", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "end_distributed_run", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "TiledEmbeddingInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs", "subject_indices"]
+__all__ = ["AnisoGroupedBatchSampler", "autocast_kwargs", "mixed_precision", "CheckTrainingSchedule", "BatchTripletLoss", "LabelledMetricsSaver", "EmbeddingRunner", "EmbeddingSummary", "embedding_device", "end_distributed_run", "FeatureTapInferer", "LossComponentsLogger", "MaskedEmbeddingLoss", "MaskedTokenLoss", "PrepareMIMBatch", "PrepareSpadBatch", "TokenizerLoss", "MethodInferer", "TiledEmbeddingInferer", "PrepareMaskedSliceBatch", "PrepareTripletBatch", "PrepareSARBatch", "PretrainedWeightsLoader", "ScaleAwareRestorationLoss", "SpacingInferer", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs", "subject_indices"]

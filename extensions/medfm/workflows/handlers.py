@@ -6,19 +6,21 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from monai.handlers import MetricsSaver
 
 from ..errors import MedfmError, WeightsError
 from ..io.atomic import atomic_path
+from ..io.segmentation import labels_by_value
 from ..weights.checkpoint import load_checkpoint
 
-__all__ = ["CheckTrainingSchedule", "LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs"]
+__all__ = ["CheckTrainingSchedule", "LabelledMetricsSaver", "LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs"]
 
 #: File name of the state saved after epoch N: ``training_state_epoch=N.pt``.
 TRAINING_STATE_PATTERN = re.compile(r"training_state_epoch=(\d+)\.pt")
@@ -187,6 +189,55 @@ class LossComponentsLogger:
                     writer.writeheader()
                 writer.writerow({"epoch": engine.state.epoch, **{k: f"{v:.6g}" for k, v in means.items()}})
         self._sums, self._count = {}, 0
+
+
+class LabelledMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` whose per-class reports name the dataset's labels instead of ``class0``, ``class1``, ...
+
+    After MONAI has written ``<metric>_raw.csv`` (one column per class) and ``<metric>_summary.csv`` (one row per
+    class) for each of ``metric_details``, their class names are replaced in place.
+
+    Args:
+        save_dir: the reports' folder, as for ``MetricsSaver``.
+        labels: the Decathlon ``labels`` mapping (value to name) or the names in value order.
+        include_background: whether the metric kept the background channel (value 0), as given to it.
+        kwargs: the other ``MetricsSaver`` arguments.
+    """
+
+    def __init__(self, save_dir: str, labels: Mapping[int | str, str] | Sequence[str], include_background: bool = False,
+                 **kwargs) -> None:
+        super().__init__(save_dir, **kwargs)
+        foreground = list(labels_by_value(labels).values())
+        self.class_names = ["background", *foreground] if include_background else foreground
+
+    def __call__(self, engine: Engine) -> None:
+        super().__call__(engine)
+        if idist.get_rank() != self.save_rank:
+            return
+        for metric in self.metric_details or ():
+            raw, summary = (Path(self.save_dir) / f"{metric}_{kind}.csv" for kind in ("raw", "summary"))
+            if raw.is_file():  # header: filename, class0, class1, ..., mean
+                rows = self._read(raw)
+                self._write(raw, [self._named(raw, rows[0]), *rows[1:]])
+            if summary.is_file():  # rows: class0, ..., mean, each followed by its statistics
+                rows = self._read(summary)
+                self._write(summary, [rows[0], *([self._named(summary, row[:1])[0], *row[1:]] for row in rows[1:])])
+
+    def _named(self, path: Path, cells: list[str]) -> list[str]:
+        renames = {f"class{index}": name for index, name in enumerate(self.class_names)}
+        unknown = [cell for cell in cells if re.fullmatch(r"class\d+", cell) and cell not in renames]
+        if unknown:
+            raise MedfmError(f"{path}: the metric has class {unknown[0]} but the labels name only {len(self.class_names)} "
+                             f"({', '.join(self.class_names)}); check include_background")
+        return [renames.get(cell, cell) for cell in cells]
+
+    def _read(self, path: Path) -> list[list[str]]:
+        with open(path, newline="") as stream:
+            return list(csv.reader(stream, delimiter=self.deli))
+
+    def _write(self, path: Path, rows: list[list[str]]) -> None:
+        with atomic_path(path) as temporary, open(temporary, "w", newline="") as stream:
+            csv.writer(stream, delimiter=self.deli).writerows(rows)
 
 
 def stacked_outputs(keys: list[str]):
