@@ -25,7 +25,6 @@ from . import testdata
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 GENESIS = BUNDLES / "models_genesis_chest_ct"
-SCHEMA = REPO.parent / "shared" / "reference" / "meta_schema_20240725.json"
 
 
 def run_command(args: list[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

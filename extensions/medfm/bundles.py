@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from .errors import BundleNotFoundError
+from .errors import BundleNotFoundError, MedfmError
 
-__all__ = ["bundle_name", "bundle_config", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
+__all__ = ["bundle_name", "bundle_config", "metadata_schema", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
 
 #: Environment variable naming medfm's cache folder (downloaded bundles and weights).
 CACHE_ENV = "MEDFM_HOME"
@@ -86,3 +86,29 @@ def bundle_network(bundle_dir: str | os.PathLike, **network_overrides) -> torch.
     for key, value in network_overrides.items():
         parser[f"network_def#{key}"] = value
     return parser.get_parsed_content("network_def")
+
+
+#: The model zoo's metadata schemas shipped with medfm, by file name (see ``schemas/README.md``).
+SCHEMAS_DIR = Path(__file__).parent / "schemas"
+
+
+def metadata_schema(bundle: str | os.PathLike) -> Path:
+    """The shipped copy of the schema that the bundle's ``metadata.json`` names in ``schema``, for MONAI's
+    ``verify_metadata --filepath`` (which then reads it instead of downloading it)."""
+    import json
+    from urllib.parse import urlparse
+
+
+    metadata_file = find_bundle(bundle) / "configs" / "metadata.json"
+    try:
+        url = json.loads(metadata_file.read_text(encoding="utf-8"))["schema"]
+        name = Path(urlparse(url).path).name
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise MedfmError(f"{metadata_file}: no readable \"schema\" URL ({error})") from None
+    copy = SCHEMAS_DIR / name
+    if not name or not copy.is_file():
+        shipped = ", ".join(sorted(p.name for p in SCHEMAS_DIR.glob("*.json"))) or "none"
+        raise MedfmError(f"{metadata_file}: medfm ships no copy of the schema {url} (it has: {shipped}); "
+                         "verify_metadata would download it")
+    return copy
+

@@ -142,6 +142,14 @@ def info(bundle: str) -> None:
         print(line)
 
 
+def schema(bundle: str) -> None:
+    """Path of medfm's copy of the model zoo schema the bundle's metadata names, for offline
+    ``python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "$(medfm schema .)"``."""
+    from .bundles import metadata_schema
+
+    print(metadata_schema(bundle))
+
+
 def release(*bundles: str, out: str = "dist", base_url: str = "") -> None:
     """Build ``<name>_v<version>.zip`` archives for ``monai.bundle.download`` and their ``model_info.json``.
 
@@ -226,7 +234,7 @@ def _weights_commands() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
-    commands = {"list": list_bundles, "info": info, "infer": infer, "embed": embed, "probe": probe, "demo": demo, "download": download, "release": release,
+    commands = {"list": list_bundles, "info": info, "schema": schema, "infer": infer, "embed": embed, "probe": probe, "demo": demo, "download": download, "release": release,
                 "label-bundle": label_bundle, "weights": _weights_commands()}
     # SIGINT and SIGTERM (Ctrl-C, a scheduler's kill, `timeout`) unwind the run, so staging folders are removed
     received = []

@@ -1,14 +1,17 @@
 """The checks every bundle passes (the model zoo's, plus this project's layout rules), one row per bundle."""
 
+import hashlib
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from medfm.bundles import bundle_network
 from medfm.weights import load_checkpoint
-from tests.conftest import BUNDLES, SCHEMA, run_command
+from tests.conftest import BUNDLES, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -103,12 +106,29 @@ def test_pretraining_logs_on_rank_zero_only(bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
-def test_metadata_is_valid_against_the_schema(bundle):
-    if not SCHEMA.is_file():
-        pytest.skip(f"schema copy not found at {SCHEMA}; verify_metadata would download it")
+def test_metadata_is_valid_against_the_shipped_schema(bundle):
+    """The README's offline form: ``verify_metadata --filepath "$(medfm schema .)"`` reads medfm's copy, no download."""
+    schema = run_command([sys.executable, "-m", "medfm", "schema", "."], cwd=bundle)
+    assert schema.returncode == 0, schema.stderr
+    path = schema.stdout.strip()
+    before = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     result = run_command([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                          "configs/metadata.json", "--filepath", str(SCHEMA)], cwd=bundle)
-    assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
+                          "configs/metadata.json", "--filepath", path], cwd=bundle)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "skipped downloading" in log and "metadata is verified with no error" in log
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+
+
+def test_a_schema_medfm_does_not_ship_is_named(tmp_path):
+    shutil.copytree(BUNDLE_DIRS[0] / "configs", tmp_path / "configs")
+    metadata = json.loads((tmp_path / "configs" / "metadata.json").read_text())
+    metadata["schema"] = "https://example.org/schemas/meta_schema_29990101.json"
+    (tmp_path / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    result = run_command([sys.executable, "-m", "medfm", "schema", str(tmp_path)])
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"medfm: error: {tmp_path}/configs/metadata.json: medfm ships no copy of the schema "
+        "https://example.org/schemas/meta_schema_29990101.json (it has: meta_schema_20240725.json); "
+        "verify_metadata would download it")
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
