@@ -232,10 +232,14 @@ def _weights_commands() -> dict:
     return {"fetch": fetch, "import": import_, "verify": verify}
 
 
+def commands() -> dict:
+    """The ``medfm`` commands by name (``weights`` holds its own)."""
+    return {"list": list_bundles, "info": info, "schema": schema, "infer": infer, "embed": embed, "probe": probe, "demo": demo,
+            "download": download, "release": release, "label-bundle": label_bundle, "weights": _weights_commands()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script."""
-    commands = {"list": list_bundles, "info": info, "schema": schema, "infer": infer, "embed": embed, "probe": probe, "demo": demo, "download": download, "release": release,
-                "label-bundle": label_bundle, "weights": _weights_commands()}
     # SIGINT and SIGTERM (Ctrl-C, a scheduler's kill, `timeout`) unwind the run, so staging folders are removed
     received = []
 
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, interrupt)
     try:
-        fire.Fire(commands, command=argv, name="medfm")
+        fire.Fire(commands(), command=argv, name="medfm")
         sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit
     except KeyboardInterrupt:
         return _end_interrupted(received)
