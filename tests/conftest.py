@@ -33,13 +33,14 @@ def run_command(args: list[str], cwd: Path | None = None, timeout: int = 600, en
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def bundle_run(bundle: Path, configs: list[str], *overrides: str, launcher: list[str] | None = None, timeout: int = 600):
-    """``python -m monai.bundle run`` with the given configs; asserts success and returns the process."""
+def bundle_run(bundle: Path, configs: list[str], *overrides: str, launcher: list[str] | None = None, timeout: int = 600,
+               check: bool = True, env: dict | None = None):
+    """``python -m monai.bundle run`` with the given configs; asserts success (unless not ``check``) and returns the process."""
     config = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
     args = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file", config,
                                              "--meta_file", "configs/metadata.json", "--bundle_root", str(bundle), *overrides]
-    result = run_command(args, cwd=bundle, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_command(args, cwd=bundle, timeout=timeout, env=env)
+    assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 

@@ -101,6 +101,17 @@ def test_inference_without_weights_says_how_to_get_them(tmp_path):
     assert result.returncode == 1
     assert "models/model.pt: missing; run 'medfm weights fetch universal_model_sar'" in result.stderr
     assert not (tmp_path / "out").exists()
+    # the same as MONAI runs the bundle: the hint is the last line, with no traceback before it
+    result = bundle_run(SAR, ["configs/inference.json"], "--input_image", medfm.samples.path("mr_head_t1"),
+                        "--output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"medfm: error: {SAR}/models/model.pt: missing; run 'medfm weights fetch universal_model_sar' (downloads "
+        "universal_model) or 'medfm weights import universal_model_sar FILE'")
+    # and the whole traceback on request
+    result = bundle_run(SAR, ["configs/inference.json"], "--input_image", medfm.samples.path("mr_head_t1"),
+                        "--output_dir", str(tmp_path / "out"), check=False, env={"MEDFM_TRACEBACK": "1"})
+    assert "Traceback" in result.stderr and "WeightsError" in result.stderr
 
 
 def _fine_tune(bundle, dataset, output_dir, *extra, launcher=None, val_fraction=0.25):

@@ -165,7 +165,7 @@ def how_to_get_weights(bundle_dir: Path) -> str:
         return f"run 'medfm weights fetch {target}' (downloads {downloadable[0].name}) or 'medfm weights import {target} FILE'"
     published = "; ".join(f"{e.name}: {e.source}" for e in entries if e.source)
     return (f"no download is registered: get the checkpoint{f' ({published})' if published else ''} and run "
-            f"'medfm weights import {target} FILE', or fine-tune from scratch with --pretrained False")
+            f"'medfm weights import {target} FILE'")
 
 
 def _refuse_non_finite(state: dict, source: Path, consequence: str = "") -> None:

@@ -52,9 +52,17 @@ class PretrainedWeightsLoader:
 
     def attach(self, engine: Engine) -> None:
         if not Path(self.load_path).is_file():  # before any data is read or cached
-            raise WeightsError(f"{self.load_path}: no pre-trained weights to start from; install them (see "
-                               "'medfm weights verify' for how) or fine-tune from scratch with --pretrained False")
+            raise WeightsError(f"{self.load_path}: no pre-trained weights to start from; {self._how_to_install()}, "
+                               "or fine-tune from scratch with --pretrained False")
         engine.add_event_handler(Events.STARTED, self)
+
+    def _how_to_install(self) -> str:
+        path = Path(self.load_path).resolve()
+        if path.parent.name == "models" and (path.parents[1] / "configs" / "metadata.json").is_file():  # a bundle's own
+            from ..weights.importer import how_to_get_weights
+
+            return how_to_get_weights(path.parents[1])
+        return "install them"
 
     def __call__(self, engine: Engine | None = None) -> dict[str, list[str]]:
         checkpoint = load_checkpoint(self.load_path)
