@@ -286,3 +286,18 @@ def test_region_inputs_are_checked_before_any_work(small_ct, tmp_path):
     result = run_command(EMBED + ["medical_transformer_brain_mri", "--points", str(table), "--out", str(tmp_path / "out")])
     assert result.returncode == 1 and "has no region embeddings" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_embedding_windows_tile_the_scan_once_and_infers_overlap_gives_infers_embedding(tmp_path):
+    """embed.json lays the sliding windows without overlap (a pooled embedding needs no blending of window
+    borders; 2.5x fewer windows on a 512x512x300 CT); with inference.json's overlap it is infer's embedding."""
+    ct = medfm.samples.path("ct_head")
+    written = medfm.infer(GENESIS, ct, out=tmp_path / "infer")
+    from_infer = np.load(next(path for path in written if path.endswith("_embedding.npy")))
+    overlapping = medfm.embed(GENESIS, [ct], out=tmp_path / "overlapping", window_overlap=0.25, progress=False, num_workers=0)
+    np.testing.assert_allclose(np.load(tmp_path / "overlapping" / overlapping.rows[0]["embedding"]), from_infer,
+                               rtol=1e-5, atol=1e-6)
+    tiled = medfm.embed(GENESIS, [ct], out=tmp_path / "tiled", progress=False, num_workers=0)
+    vector = np.load(tmp_path / "tiled" / tiled.rows[0]["embedding"])
+    cosine = float(vector @ from_infer / (np.linalg.norm(vector) * np.linalg.norm(from_infer)))
+    assert 0.99 < cosine < 0.99999, "other window positions, nearly the same embedding"
