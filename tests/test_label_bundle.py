@@ -57,8 +57,13 @@ def test_genesis_label_bundle_holds_the_pretrained_backbone_and_segments_in_the_
     head = {"out_tr.final_conv.weight", "out_tr.final_conv.bias"}
     assert all(torch.equal(made_weights[k], source[k]) for k in source if k not in head)
     assert made_weights["out_tr.final_conv.weight"].shape[0] == 3
+    # the import record every bundle has: what medfm info and weights verify read
     provenance = json.loads((out / "models" / "weights.json").read_text())
-    assert provenance["loaded_tensors"] == 104 and sorted(provenance["fresh_tensors"]) == sorted(head)
+    assert provenance["weights"] == "medfm_genesis_demo" and sorted(provenance["missing_keys"]) == sorted(head)
+    assert provenance["source"] == str(GENESIS / "models" / "model.pt")
+    info = run_command([sys.executable, "-m", "medfm", "info", str(out)])
+    assert info.returncode == 0 and "None" not in info.stdout, info.stdout
+    assert f"imported from {GENESIS / 'models' / 'model.pt'} (sha256 " in info.stdout
 
     # what MONAI Label reads: one self-contained inference config, image-only transforms
     inference = json.loads((out / "configs" / "inference.json").read_text())

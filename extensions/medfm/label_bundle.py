@@ -28,6 +28,7 @@ from .bundles import find_bundle
 from .errors import MedfmError
 from .weights import installed_weights_id
 from .weights.checkpoint import sha256_of
+from .weights.importer import MODEL_FILE, PROVENANCE_FILE, ImportReport
 from .workflows.handlers import PretrainedWeightsLoader
 
 __all__ = ["make_label_bundle", "parse_labels"]
@@ -239,13 +240,14 @@ def make_label_bundle(bundle: str | os.PathLike, labels: str | list[str] | tuple
         network = ConfigParser(train).get_parsed_content("network_def")
         report = PretrainedWeightsLoader(source_weights, network)() if pretrained else None
         (staging / "models").mkdir()
-        torch.save(network.state_dict(), staging / "models" / "model.pt")
-        provenance = {"source_bundle": source_meta["name"], "source_weights": weights_id,
-                      "source_sha256": source_sha256,
-                      "loaded_tensors": len(report["loaded"]) if report else 0,
-                      "fresh_tensors": (report["shape_differs"] + report["missing"]) if report else "all",
-                      "labels": names, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (staging / "models" / "weights.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        torch.save(network.state_dict(), staging / MODEL_FILE)
+        if report is not None:  # the backbone's weights, imported with a fresh head: the import record's format
+            record = ImportReport(
+                source=str(source_weights), source_sha256=source_sha256, weights=weights_id, output=str(target / MODEL_FILE),
+                output_sha256=sha256_of(staging / MODEL_FILE), dtype="float32", in_channels=getattr(network, "in_channels", None),
+                missing_keys=report["shape_differs"] + report["missing"],
+                imported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            record.write(staging / PROVENANCE_FILE)
         (staging / "docs").mkdir()
         (staging / "docs" / "README.md").write_text(_readme(metadata, report, source_dir))
         if target.exists():

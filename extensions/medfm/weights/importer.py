@@ -39,6 +39,10 @@ class ImportReport:
     unexpected_keys: list[str] = field(default_factory=list)
     imported_at: str = ""
 
+    def write(self, path: str | os.PathLike) -> None:
+        """Save as the import record (``models/weights.json``) that ``medfm info`` and ``weights verify`` read."""
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
     def lines(self) -> list[str]:
         known = f"registered weights {self.weights!r}" if self.weights else "not a registered checkpoint"
         return [
@@ -133,8 +137,7 @@ def import_weights(bundle: str | os.PathLike, checkpoint_file: str | os.PathLike
         missing_keys=list(result.missing_keys), unexpected_keys=list(result.unexpected_keys),
         imported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    provenance = bundle_dir / PROVENANCE_FILE if stage is None else target_file.with_suffix(".json")
-    provenance.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    report.write(bundle_dir / PROVENANCE_FILE if stage is None else target_file.with_suffix(".json"))
     return report
 
 
