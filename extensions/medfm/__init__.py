@@ -2,10 +2,13 @@
 
 __version__ = "0.1.0"
 
-from . import io, networks, samples, transforms, weights, workflows  # noqa: E402  (bundle configs use medfm.<sub>)
+from ._lazy import lazy_attributes  # noqa: E402
 from .errors import report_bundle_errors_in_one_line  # noqa: E402
-from .inference import embed, infer  # noqa: E402
 
-report_bundle_errors_in_one_line()
+# bundle configs use medfm.<sub>.<name>; each submodule loads on first use
+__getattr__, __dir__ = lazy_attributes(__name__, ("io", "networks", "samples", "transforms", "weights", "workflows"),
+                                       {"embed": ".inference", "infer": ".inference"})
 
 __all__ = ["embed", "infer", "io", "networks", "samples", "transforms", "weights", "workflows", "__version__"]
+
+report_bundle_errors_in_one_line()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from monai.bundle import ConfigParser
+from typing import TYPE_CHECKING
 
 from .errors import BundleNotFoundError, MedfmError
+
+if TYPE_CHECKING:  # torch and MONAI load only when a config is read (medfm list and info need neither)
+    import torch
+    from monai.bundle import ConfigParser
 
 __all__ = ["bundle_name", "bundle_config", "metadata_schema", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
 
@@ -73,6 +75,8 @@ def bundle_name(bundle_dir: str | os.PathLike) -> str:
 def bundle_config(bundle_dir: str | os.PathLike, config: str | Sequence[str] = "inference.json") -> ConfigParser:
     """A parser for one of the bundle's configs (or a base and its overlays, merged in order),
     with ``bundle_root`` set to the bundle folder."""
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser()
     names = [config] if isinstance(config, str) else list(config)
     parser.read_config([str(Path(bundle_dir) / "configs" / name) for name in names])

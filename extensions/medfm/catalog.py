@@ -13,7 +13,7 @@ from pathlib import Path
 from .bundles import bundle_name, find_bundle, list_bundle_dirs
 from .errors import describe_error
 from .weights import registry
-from .weights.importer import installed_weights_id, read_provenance
+from .weights.records import installed_weights_id, read_provenance
 
 __all__ = ["bundle_summary", "bundle_summaries", "bundle_info"]
 

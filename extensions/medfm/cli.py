@@ -199,10 +199,10 @@ def label_bundle(bundle: str, labels: str, out: str, pretrained: bool = True, fo
 
 
 def _weights_commands() -> dict:
-    from .weights import fetch_weights, import_weights, verify_bundle_weights
-
     def fetch(bundle: str, weights: str | None = None, url: str | None = None, progress: bool = True) -> None:
         """Download a bundle's registered weights (sha256 checked), then import them into models/model.pt."""
+        from .weights import fetch_weights
+
         for line in fetch_weights(bundle, weights=weights, url=url, progress=progress).lines():
             print(line)
 
@@ -216,6 +216,8 @@ def _weights_commands() -> dict:
         objects' code runs. ``--stage tokenizer`` (spad_vit_base) imports the authors' tokenizer
         into the file the masked-image-modelling pre-training reads (pretrain/models/tokenizer.pt).
         """
+        from .weights import import_weights
+
         report = import_weights(bundle, file, weights=weights, in_channels=in_channels, dtype=dtype, strict=strict,
                                 strip_objects=strip_objects, stage=stage)
         for line in report.lines():
@@ -226,6 +228,8 @@ def _weights_commands() -> dict:
 
     def verify(bundle: str) -> None:
         """Check that BUNDLE/models/model.pt loads strictly and say which weights it holds."""
+        from .weights import verify_bundle_weights
+
         for line in verify_bundle_weights(bundle):
             print(line)
 

@@ -27,13 +27,14 @@ from .io.atomic import atomic_path
 from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
-from .transforms.contract import logger as contract_logger
 from .workflows.embedding import EmbeddingSummary
 
 __all__ = ["EMBED_CONFIG", "embed", "infer"]
 
 #: The embedding overlay every bundle has, applied on top of its ``inference.json``.
 EMBED_CONFIG = "embed.json"
+#: Every medfm module logs under it; its warnings reach the user (contract deviations, reader fallbacks).
+package_logger = logging.getLogger("medfm")
 
 
 def _workflow(bundle_dir: Path, configs: list[str], logging_file: str | bool, **overrides):
@@ -145,7 +146,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
     try:
         warnings = _Collector()
-        contract_logger.addHandler(warnings)
+        package_logger.addHandler(warnings)
         with _output_captured(verbose) as log:
             try:
                 workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
@@ -161,7 +162,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
                 raise MedfmError(f"{source}: {bundle_dir.name} inference failed: {describe_error(error)} "
                                  f"(full log: {log.path})") from error
             finally:
-                contract_logger.removeHandler(warnings)
+                package_logger.removeHandler(warnings)
         if not verbose:  # verbose output already holds them
             for warning in dict.fromkeys(warnings.messages):
                 print(f"medfm: warning: {warning}", file=sys.stderr)
@@ -273,15 +274,15 @@ class _WarningPrinter(logging.Handler):
 
 @contextlib.contextmanager
 def _warnings_printed() -> Iterator[None]:
-    """Contract warnings printed as they happen (DataLoader workers inherit the handler)."""
+    """medfm's warnings printed as they happen (DataLoader workers inherit the handler)."""
     printer = _WarningPrinter()
-    contract_logger.addHandler(printer)
-    propagate, contract_logger.propagate = contract_logger.propagate, False
+    package_logger.addHandler(printer)
+    propagate, package_logger.propagate = package_logger.propagate, False
     try:
         yield
     finally:
-        contract_logger.removeHandler(printer)
-        contract_logger.propagate = propagate
+        package_logger.removeHandler(printer)
+        package_logger.propagate = propagate
 
 
 class _CapturedLog:

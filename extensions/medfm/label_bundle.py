@@ -27,8 +27,7 @@ from . import __version__
 from .bundles import find_bundle
 from .errors import MedfmError
 from .weights import installed_weights_id
-from .weights.checkpoint import sha256_of
-from .weights.importer import MODEL_FILE, PROVENANCE_FILE, ImportReport
+from .weights.records import MODEL_FILE, PROVENANCE_FILE, ImportReport, sha256_of
 from .workflows.handlers import PretrainedWeightsLoader
 
 __all__ = ["make_label_bundle", "parse_labels"]

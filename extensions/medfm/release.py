@@ -23,7 +23,7 @@ from .errors import MedfmError
 from .io.atomic import atomic_path
 from .io.archives import ArchiveError, safe_extract_zip
 from .weights import registry
-from .weights.checkpoint import sha256_of
+from .weights.records import sha256_of
 from .weights.download import download
 
 __all__ = ["ReleasedBundle", "build_release", "release_bundles", "download_bundle", "MODEL_INFO"]

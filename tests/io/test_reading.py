@@ -170,6 +170,21 @@ def test_series_itk_cannot_read_falls_back_to_pydicom(monkeypatch, caplog):
     assert image.meta["SeriesInstanceUID"] == expected.meta["SeriesInstanceUID"]
 
 
+def test_a_reader_fallback_reaches_the_user_of_medfm_embed(monkeypatch, capsys, tmp_path):
+    """Warnings of every medfm module are printed, not only the input contract's."""
+    from tests.conftest import GENESIS
+
+    class BrokenITKReader(ITKReader):
+        def get_data(self, img):
+            raise RuntimeError("GDCM could not decode the pixel data")
+
+    monkeypatch.setattr(medfm.io.reading, "ITKReader", BrokenITKReader)
+    summary = medfm.embed(GENESIS, [PYDICOM_CT_SERIES], out=tmp_path / "out", progress=False, num_workers=0)
+    assert summary.embedded == 1
+    fallback = [line for line in capsys.readouterr().err.splitlines() if "reading it with pydicom instead" in line]
+    assert len(fallback) == 1 and fallback[0].startswith(f"medfm: warning: {PYDICOM_CT_SERIES}")
+
+
 def test_big_endian_nifti_loads_with_its_values(tmp_path):
     from nibabel.testing import data_path
 

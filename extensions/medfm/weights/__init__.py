@@ -1,11 +1,9 @@
 """Weights: the registry of checkpoints, safe loading, verified download and import into bundles."""
 
-from .checkpoint import load_checkpoint, sha256_of
-from .download import download
-from .importer import fetch_weights, import_weights, installed_weights_id, installed_weights_path, verify_bundle_weights
-from .registry import REGISTRY, WeightsEntry, default_for_bundle, for_bundle, get
+from .._lazy import lazy_attributes
 
 __all__ = [
+    "ImportReport",
     "REGISTRY",
     "WeightsEntry",
     "default_for_bundle",
@@ -20,3 +18,10 @@ __all__ = [
     "sha256_of",
     "verify_bundle_weights",
 ]
+
+# the registry is read without torch (medfm list, info); loading and importing checkpoints need it
+__getattr__, __dir__ = lazy_attributes(__name__, attributes={
+    "load_checkpoint": ".checkpoint", "download": ".download",
+    **dict.fromkeys(["fetch_weights", "import_weights", "installed_weights_path", "verify_bundle_weights"], ".importer"),
+    **dict.fromkeys(["ImportReport", "installed_weights_id", "sha256_of"], ".records"),
+    **dict.fromkeys(["REGISTRY", "WeightsEntry", "default_for_bundle", "for_bundle", "get"], ".registry")})

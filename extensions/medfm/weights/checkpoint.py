@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -17,20 +16,11 @@ import torch
 from ..errors import WeightsError, first_line
 from ..io.atomic import atomic_path
 
-__all__ = ["sha256_of", "load_checkpoint", "save_state_dict"]
+__all__ = ["load_checkpoint", "save_state_dict"]
 
 _GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+?)\.?(?:\s|$)")
 #: Most distinct foreign classes one checkpoint may name before its conversion is abandoned.
 _MAX_STAND_INS = 64
-
-
-def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, strip_objects: bool = False) -> Any:

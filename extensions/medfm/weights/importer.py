@@ -3,53 +3,22 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..bundles import bundle_config, bundle_name, bundle_network, cache_dir, find_bundle
-from ..errors import MedfmError, WeightsError, first_line
+from ..errors import MedfmError, WeightsError
 from . import registry
-from .checkpoint import load_checkpoint, save_state_dict, sha256_of
+from .checkpoint import load_checkpoint, save_state_dict
 from .download import download
+from .records import MODEL_FILE, PROVENANCE_FILE, ImportReport, identify_weights, read_provenance, sha256_of
 
-__all__ = ["ImportReport", "fetch_weights", "import_weights", "installed_weights_id", "installed_weights_path",
-           "verify_bundle_weights"]
+__all__ = ["fetch_weights", "import_weights", "installed_weights_path", "verify_bundle_weights"]
 
-MODEL_FILE = Path("models") / "model.pt"
-#: Written beside model.pt: which weights these are, from which file, imported when.
-PROVENANCE_FILE = Path("models") / "weights.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class ImportReport:
-    source: str
-    source_sha256: str
-    weights: str | None
-    output: str
-    output_sha256: str
-    dtype: str
-    in_channels: int | None
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    imported_at: str = ""
-
-    def write(self, path: str | os.PathLike) -> None:
-        """Save as the import record (``models/weights.json``) that ``medfm info`` and ``weights verify`` read."""
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    def lines(self) -> list[str]:
-        known = f"registered weights {self.weights!r}" if self.weights else "not a registered checkpoint"
-        return [
-            f"read   {self.source} (sha256 {self.source_sha256[:16]}..., {known})",
-            f"wrote  {self.output} ({self.dtype}, input channels: {self.in_channels})",
-            f"missing keys: {len(self.missing_keys)}, unexpected keys: {len(self.unexpected_keys)}",
-        ]
 
 
 def _network_module(bundle_name: str):
@@ -202,48 +171,13 @@ def verify_bundle_weights(bundle: str | os.PathLike) -> list[str]:
                  f"{', '.join(map(str, fresh[:5]))}{', ...' if len(fresh) > 5 else ''}"]
     else:
         lines = [f"{model_file}: loads strictly ({len(state)} tensors, sha256 {digest})"]
-    name, note = _identify_weights(bundle_dir, digest)
+    name, note = identify_weights(bundle_dir, digest)
     if note:
         lines.append(note)
     entry = registry.REGISTRY.get(name) if name else None
     if entry:
         lines.append(f"registered weights {entry.name!r}: {entry.title}; licence: {entry.license}")
     return lines
-
-
-def read_provenance(bundle_dir: str | os.PathLike) -> tuple[dict | None, str | None]:
-    """The bundle's ``models/weights.json`` import record, or ``None`` and a line saying why it
-    cannot be used (absent: no line). A damaged record never stops a run: the weights themselves
-    are identified by their sha256."""
-    provenance = Path(bundle_dir) / PROVENANCE_FILE
-    if not provenance.is_file():
-        return None, None
-    try:
-        record = json.loads(provenance.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as error:
-        return None, f"{provenance}: unreadable ({type(error).__name__}: {first_line(error)}); provenance unknown"
-    if not isinstance(record, dict):
-        return None, f"{provenance}: not a JSON object; provenance unknown"
-    return record, None
-
-
-def _identify_weights(bundle_dir: Path, digest: str) -> tuple[str | None, str | None]:
-    """Registry name of the model file with sha256 ``digest`` (from its import record, else its
-    hash), and a line saying where the record says it came from."""
-    provenance = bundle_dir / PROVENANCE_FILE
-    name = None
-    record, note = read_provenance(bundle_dir)
-    if record is not None:
-        if record.get("output_sha256") != digest:
-            note = f"{provenance}: describes another file (sha256 {record.get('output_sha256')}); provenance unknown"
-        else:
-            name = record.get("weights") if isinstance(record.get("weights"), str) else None
-            note = (f"imported from {record.get('source')} as "
-                    f"{f'registered weights {name!r}' if name else 'unregistered weights'}")
-    if name is None:
-        entry = registry.match_sha256(digest)
-        name = entry.name if entry else None
-    return name, note
 
 
 def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: str | None = None,
@@ -264,16 +198,3 @@ def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: st
     if not (cached.is_file() and entry.matches(sha256_of(cached))):
         download(source, cached, sha256=entry.sha256, size=entry.size, progress=progress)
     return import_weights(bundle_dir, cached, weights=entry.name)
-
-
-def installed_weights_id(bundle: str | os.PathLike, digest: str | None = None) -> str:
-    """Which weights ``models/model.pt`` holds: a registry name, ``unregistered:<sha256 prefix>``, or ``none``.
-
-    ``digest``: the file's sha256 when the caller already has it (the file is not hashed again).
-    """
-    model_file = Path(bundle) / MODEL_FILE
-    if not model_file.is_file():
-        return "none"
-    digest = digest or sha256_of(model_file)
-    name, _ = _identify_weights(Path(bundle), digest)
-    return name or f"unregistered:{digest[:16]}"
