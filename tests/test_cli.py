@@ -194,6 +194,16 @@ def test_list_shows_every_bundle_with_weights_and_flags_restricted_licences():
     assert "NO LICENCE" in blocks["universal_model_sar"] and "universal_model (download)" in blocks["universal_model_sar"]
 
 
+@pytest.mark.parametrize("command", [["--help"], ["list"], ["info", "spad_vit_base"], ["schema", "vdt_resnet3d18"]])
+def test_commands_that_read_only_metadata_start_without_torch_monai_or_itk(command):
+    """They start in a fraction of a second: the heavy libraries load on first use (PEP 562), not with medfm."""
+    script = ("import sys; from medfm.cli import main; code = main(sys.argv[1:]); "
+              "heavy = sorted({'torch', 'monai', 'itk', 'nibabel', 'pydicom'} & set(sys.modules)); "
+              "print('loaded:', heavy, file=sys.stderr); sys.exit(code)")
+    result = run_command([sys.executable, "-c", script, *command])
+    assert result.returncode == 0 and result.stderr.splitlines()[-1] == "loaded: []", result.stderr[-2000:]
+
+
 def test_info_gives_contract_weights_provenance_and_citation(genesis_bundle, tmp_path):
     save_upstream_checkpoint(tmp_path / "Genesis_Chest_CT_copy.pt")
     assert run_command([sys.executable, "-m", "medfm.cli", "weights", "import", str(genesis_bundle),
