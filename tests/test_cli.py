@@ -11,7 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import medfm
 from medfm import cli
@@ -256,7 +258,27 @@ def test_demo_restores_and_embeds_the_sample_as_nifti_and_dicom(tmp_path):
     assert result.stdout.count("max affine difference 0.00e+00 mm") == 2
     rows = list(csv.DictReader((tmp_path / "demo" / "embeddings" / "embeddings.csv").open()))
     assert len(rows) == 2 and {row["dimension"] for row in rows} == {"512"}
-    assert (tmp_path / "demo" / "montage.png").stat().st_size > 0
+    assert result.stdout.count("with the full inference's (its windows overlap)") == 2
+    # every tile of the montage legible (the corrupted non-linear-intensity tile was black in the clean cube's window)
+    montage = np.asarray(Image.open(tmp_path / "demo" / "montage.png"))
+    tile, label = 64 * 3, 14
+    for row in range(4):
+        for column in range(3):
+            top = label + row * (tile + label) + label
+            pixels = montage[top:top + tile, column * tile:(column + 1) * tile]
+            assert pixels.std() > 10 and 5 < pixels.mean() < 250, (row, column)
+    footer = montage[label + 4 * (tile + label):]
+    assert footer.shape[0] >= 4 * label and footer.max() > 200, "the weights are named under the tiles"
+
+
+def test_the_demo_montage_names_the_weights_and_how_to_get_the_official_ones():
+    from medfm.bundles import find_bundle
+    from medfm.demo import _weights_lines
+
+    text = " ".join(_weights_lines(find_bundle("models_genesis_chest_ct")))
+    assert text.startswith("weights: medfm_genesis_demo. A demonstration that the pre-training runs end to end")
+    assert "far weaker than the official weights. Official weights (genesis_chest_ct): run 'medfm weights fetch " \
+           "models_genesis_chest_ct'" in text
 
 
 @pytest.mark.parametrize("command", ["infer", "embed"])

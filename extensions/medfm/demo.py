@@ -59,13 +59,11 @@ def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
     for kind, source in (("nifti", nifti_input), ("dicom", dicom_input)):
         row = next(r for r in summary.rows if r["input"] == os.path.abspath(source))
         vectors[kind] = np.load(out / "embeddings" / row["embedding"])
-        difference = np.abs(vectors[kind] - full_network_embeddings[kind]).max()
-        lines.append(f"{kind}: embedding {out / 'embeddings' / row['embedding']} {vectors[kind].shape}, "
-                     f"max difference from the full inference's {difference:.1e}")
+        lines.append(f"{kind}: embedding {out / 'embeddings' / row['embedding']} {vectors[kind].shape}, cosine similarity "
+                     f"{_cosine(vectors[kind], full_network_embeddings[kind]):.4f} with the full inference's "
+                     "(its windows overlap)")
     lines.append(f"embeddings index (encoder only, one run for both inputs): {summary.index}")
-    a, b = vectors["nifti"], vectors["dicom"]
-    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-    lines.append(f"embedding cosine similarity, NIfTI vs DICOM input: {cosine:.6f}")
+    lines.append(f"embedding cosine similarity, NIfTI vs DICOM input: {_cosine(vectors['nifti'], vectors['dicom']):.6f}")
     contract_logger.disabled = True  # its warnings were printed above, once per input
     try:
         montage = pretext_montage(bundle_dir, nifti_input, out / "montage.png")
@@ -73,6 +71,10 @@ def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
         contract_logger.disabled = False
     lines.append(f"montage of input / corrupted / restored slices: {montage}")
     return lines
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def pretext_montage(bundle_dir: Path, image_path: str, target: Path, seed: int = 0) -> Path:
@@ -95,24 +97,49 @@ def pretext_montage(bundle_dir: Path, image_path: str, target: Path, seed: int =
             restored = network(corrupted[None])[0]
         rows.append((name, [cube, corrupted, restored]))
 
-    low, high = np.percentile(cube.numpy(), [1, 99])
     scale, label_height = 3, 14
 
-    def tile(volume: torch.Tensor) -> Image.Image:
-        """Middle slice in the input's display window, enlarged without smoothing."""
+    def tile(volume: torch.Tensor, window: torch.Tensor) -> Image.Image:
+        """Middle slice in the 1-99% window of ``window``'s values, enlarged without smoothing."""
+        low, high = np.percentile(window.numpy(), [1, 99])
         middle = volume[0, :, :, volume.shape[-1] // 2].numpy().T
         grey = np.clip((middle - low) / max(high - low, 1e-6), 0, 1) * 255
         return Image.fromarray(grey.astype(np.uint8)).resize((patch[0] * scale, patch[1] * scale), Image.NEAREST)
+
+    footer = _weights_lines(bundle_dir)
     width, height = patch[0] * scale, patch[1] * scale + label_height
-    sheet = Image.new("L", (3 * width, label_height + len(rows) * height), color=0)
+    sheet = Image.new("L", (3 * width, label_height + len(rows) * height + label_height * len(footer) + 4), color=0)
     draw = ImageDraw.Draw(sheet)
-    for column, title in enumerate(("input", "corrupted", "restored")):
+    # the restoration is shown in the input's window, so it is judged on the input's scale; a corruption
+    # such as the non-linear intensity map moves the values out of it, so it gets its own
+    for column, title in enumerate(("input", "corrupted (own window)", "restored (input's window)")):
         draw.text((column * width + 4, 1), title, fill=255)
-    for row, (name, images) in enumerate(rows):
+    for row, (name, (clean, corrupted, restored)) in enumerate(rows):
         top = label_height + row * height
         draw.text((4, top + 1), name, fill=255)
-        for column, image in enumerate(images):
-            sheet.paste(tile(image), (column * width, top + label_height))
+        for column, image in enumerate((tile(clean, clean), tile(corrupted, corrupted), tile(restored, clean))):
+            sheet.paste(image, (column * width, top + label_height))
+    for line_number, line in enumerate(footer):
+        draw.text((4, label_height + len(rows) * height + 2 + line_number * label_height), line, fill=255)
     target.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(target)
     return target
+
+
+def _weights_lines(bundle_dir: Path, width: int = 95) -> list[str]:
+    """Which weights made the montage, what they are good for, and how to get the official ones (wrapped)."""
+    import textwrap
+
+    from .bundles import bundle_name
+    from .weights import registry
+    from .weights.importer import how_to_get_weights
+    from .weights.records import installed_weights_id
+
+    installed = installed_weights_id(bundle_dir)
+    entry = registry.REGISTRY.get(installed)
+    text = f"weights: {installed}" + (f". {entry.notes}" if entry is not None and entry.notes else "")
+    official = registry.default_for_bundle(bundle_name(bundle_dir))
+    if official.name != installed:
+        text += f" Official weights ({official.name}): {how_to_get_weights(bundle_dir)}."
+    return textwrap.wrap(text, width)
+
