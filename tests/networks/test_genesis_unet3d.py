@@ -122,7 +122,11 @@ def test_input_channel_adaptation_preserves_response_to_repeated_image():
     x = torch.rand(1, 1, 16, 16, 8)
     with torch.no_grad():
         torch.testing.assert_close(three(x.repeat(1, 3, 1, 1, 1)), one(x), atol=1e-5, rtol=1e-4)
-    assert adapt_input_channels(one.state_dict(), 1, key=FIRST_CONV) is not None
+    state = one.state_dict()
+    assert adapt_input_channels(state, 1, key=FIRST_CONV) is state, "the same channel count leaves the weights alone"
+    adapted = adapt_input_channels(state, 2, key=FIRST_CONV)
+    assert adapted[FIRST_CONV].shape[1] == 2 and state[FIRST_CONV].shape[1] == 1, "a new dict; the original is kept"
+    torch.testing.assert_close(adapted[FIRST_CONV].sum(dim=1, keepdim=True), state[FIRST_CONV])
 
 
 @pytest.mark.parametrize("norm", ["cont_batch", "batch"])
