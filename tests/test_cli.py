@@ -24,6 +24,27 @@ from tests.io.bad_inputs import CORPUS
 MEDFM = [sys.executable, "-m", "medfm.cli"]
 
 
+def _in_process(argv: list[str], capfd) -> subprocess.CompletedProcess:
+    """The CLI run in this process (``medfm.cli.main``), reported as ``run_command`` reports a subprocess: for
+    checks of messages and outputs, where starting Python again (seconds each) is not what is tested. The loggers'
+    handlers are put back afterwards: a bundle's logging.conf and MONAI's StatsHandler point theirs at this test's
+    captured output, which is closed once the test ends."""
+    import logging
+
+    loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    saved = [(logger, logger.handlers[:], logger.level) for logger in loggers]
+    try:
+        code = cli.main(argv)
+    finally:
+        for logger in logging.Logger.manager.loggerDict.values():
+            if isinstance(logger, logging.Logger) and logger not in loggers:
+                logger.handlers.clear()  # a logger made during the run
+        for logger, handlers, level in saved:
+            logger.handlers[:], logger.level = handlers, level
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["medfm", *argv], code, out, err)
+
+
 def _single_error_line(result):
     lines = [line for line in result.stderr.splitlines() if line.strip() and "nvImageCodec" not in line]
     assert result.returncode == 1, result.stderr
@@ -93,10 +114,11 @@ def test_infer_refuses_an_unusable_out_before_any_work(small_ct, tmp_path, probl
 
 
 @pytest.mark.parametrize("case", list(CORPUS))
-def test_bad_inputs_give_their_message_in_one_line_and_no_output(case, small_ct, tmp_path, real_file):
+def test_bad_inputs_give_their_message_in_one_line_and_no_output(case, small_ct, tmp_path, real_file, capfd):
     path, expected = CORPUS[case](small_ct, tmp_path, real_file)
     before, logs = set(tmp_path.iterdir()), set(Path(tempfile.gettempdir()).glob("medfm-*.log"))
-    line = _single_error_line(run_command(MEDFM + ["infer", str(GENESIS), str(path), "--out", str(tmp_path / "out")]))
+    capfd.readouterr()
+    line = _single_error_line(_in_process(["infer", str(GENESIS), str(path), "--out", str(tmp_path / "out")], capfd))
     assert re.search(expected, line), line
     assert set(tmp_path.iterdir()) == before, "no output or staging folder left behind"
     assert set(Path(tempfile.gettempdir()).glob("medfm-*.log")) == logs, "no log kept for a problem the line explains"

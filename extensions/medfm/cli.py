@@ -243,7 +243,7 @@ def commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``medfm`` console script."""
+    """Entry point of the ``medfm`` console script; the exit status (also when called in-process)."""
     # SIGINT and SIGTERM (Ctrl-C, a scheduler's kill, `timeout`) unwind the run, so staging folders are removed
     received = []
 
@@ -251,8 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         received.append(signum)
         raise KeyboardInterrupt
 
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, interrupt)
+    previous = {stop: signal.signal(stop, interrupt) for stop in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(argv, received)
+    finally:  # a caller in the same process (a notebook, a test) gets its own handlers back
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def _run(argv: list[str] | None, received: list[int]) -> int:
     try:
         fire.Fire(commands(), command=argv, name="medfm")
         sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit
