@@ -299,8 +299,8 @@ def test_the_demo_montage_names_the_weights_and_how_to_get_the_official_ones():
 
     text = " ".join(_weights_lines(find_bundle("models_genesis_chest_ct")))
     assert text.startswith("weights: medfm_genesis_demo. A demonstration that the pre-training runs end to end")
-    assert "far weaker than the official weights. Official weights (genesis_chest_ct): run 'medfm weights fetch " \
-           "models_genesis_chest_ct'" in text
+    assert "far weaker than the official weights. Other weights: run 'medfm weights fetch models_genesis_chest_ct' " \
+           "(downloads genesis_chest_ct)" in text
 
 
 @pytest.mark.parametrize("command", ["infer", "embed"])

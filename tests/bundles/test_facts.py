@@ -1,0 +1,77 @@
+"""Facts written in more than one place agree: each bundle's input contract (``metadata.json``) against the values
+its configs use and its ``network_data_format``, and ``eval_metrics`` against the weights registry."""
+
+import json
+
+import pytest
+import torch
+
+from medfm.bundles import bundle_network
+from medfm.weights import registry
+from tests.conftest import BUNDLES
+
+BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+
+
+def _metadata(bundle):
+    return json.loads((bundle / "configs" / "metadata.json").read_text())
+
+
+def _configs(bundle):
+    """Every config of the bundle with its parsed JSON."""
+    return {path.name: json.loads(path.read_text()) for path in sorted((bundle / "configs").glob("*.json"))
+            if path.name != "metadata.json"}
+
+
+def _components(tree, target):
+    """Every ``{"_target_": target, ...}`` anywhere in a config."""
+    if isinstance(tree, dict):
+        if tree.get("_target_") == target:
+            yield tree
+        for value in tree.values():
+            yield from _components(value, target)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _components(value, target)
+
+
+def _ct_window(contract):
+    intensity = contract["intensity"]
+    return intensity.get("window") or intensity.get("CT", {}).get("window")
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_configs_use_the_contracts_orientation_and_intensities(bundle):
+    contract = _metadata(bundle)["input_contract"]
+    for name, config in _configs(bundle).items():
+        for orientation in _components(config, "Orientationd"):
+            assert orientation["axcodes"] == contract["orientation"], name
+        if "hu_window" in config:
+            assert config["hu_window"] == _ct_window(contract), name
+        if "percentiles" in config:
+            assert config["percentiles"] == contract["intensity"]["percentiles"], name
+        if "mni_grid" in config:
+            assert config["mni_grid"] == contract["grid_shape"], name
+        for statistic in ("vdt_mean", "vdt_std"):
+            if statistic in config:
+                assert str(config[statistic]) in contract["intensity"]["then"], (name, statistic)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_network_data_format_and_inference_patch_follow_the_contract(bundle):
+    metadata = _metadata(bundle)
+    contract, image = metadata["input_contract"], metadata["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == contract["patch_size"] and image["num_channels"] == contract["channels"]
+    inference = _configs(bundle)["inference.json"]
+    if isinstance(inference["patch_size"], list):  # the others derive it (from the MNI grid) or take the whole volume
+        assert inference["patch_size"] == contract["patch_size"]
+    first_convolution = next(m for m in bundle_network(bundle).modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    assert first_convolution.in_channels == contract["channels"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_eval_metrics_are_the_registrys(bundle):
+    """``eval_metrics`` is generated from the registry: ``"<weights>: <metric>"`` for every registered weights file."""
+    expected = {f"{entry.name}: {metric}": value for entry in registry.for_bundle(_metadata(bundle)["name"])
+                for metric, value in entry.metrics.items()}
+    assert _metadata(bundle)["eval_metrics"] == expected
