@@ -301,3 +301,17 @@ def test_embedding_windows_tile_the_scan_once_and_infers_overlap_gives_infers_em
     vector = np.load(tmp_path / "tiled" / tiled.rows[0]["embedding"])
     cosine = float(vector @ from_infer / (np.linalg.norm(vector) * np.linalg.norm(from_infer)))
     assert 0.99 < cosine < 0.99999, "other window positions, nearly the same embedding"
+
+
+def test_a_renamed_copy_of_a_bundle_keeps_its_identity_in_the_index(small_ct, tmp_path):
+    """The index, list and info name a bundle by the ``name`` in its metadata, not by its folder."""
+    import shutil
+
+    copy = tmp_path / "my_genesis"
+    shutil.copytree(GENESIS, copy, ignore=shutil.ignore_patterns("eval", "finetune*", "pretrain*"))
+    summary = medfm.embed(copy, [small_ct], out=tmp_path / "out", progress=False, num_workers=0)
+    assert [(row["model"], row["weights"]) for row in summary.rows] == [("models_genesis_chest_ct", "medfm_genesis_demo")]
+    from medfm.catalog import bundle_info, bundle_summary
+
+    assert bundle_summary(copy)["bundle"] == "models_genesis_chest_ct"
+    assert bundle_info(copy)[:2] == [bundle_info(GENESIS)[0], f"folder: {copy.resolve()}"]

@@ -40,7 +40,7 @@ def bundle_summary(bundle_dir: Path) -> dict[str, str]:
     upstream = [f"{e.name} ({'download' if e.url else 'ships with the bundle' if e.redistributable else 'import your copy'})"
                 for e in entries]
     return {
-        "bundle": bundle_dir.name,
+        "bundle": bundle_name(bundle_dir),
         "version": str(metadata.get("version", "")),
         "task": str(metadata.get("task", "")),
         "modality": ", ".join(modality) if isinstance(modality, list) else str(modality),
@@ -67,7 +67,7 @@ def bundle_info(bundle: str | os.PathLike) -> list[str]:
     """The lines of ``medfm info``: metadata, input contract, weights and their provenance, citation."""
     bundle_dir = find_bundle(bundle)
     metadata = _metadata(bundle_dir)
-    lines = [f"{bundle_dir.name} {metadata.get('version', '')}: {metadata.get('name_of_model', '')}",
+    lines = [f"{bundle_name(bundle_dir)} {metadata.get('version', '')}: {metadata.get('name_of_model', '')}",
              f"folder: {bundle_dir}", f"task: {metadata.get('task', '')}", "", str(metadata.get("description", "")), "",
              f"intended use: {metadata.get('intended_use', '')}", "", "input contract:"]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in metadata.get("input_contract", {}).items()]

@@ -34,6 +34,7 @@ from ..io.atomic import atomic_path
 from ..transforms.region import CropAtWorldPoint, PointOutsideScanError
 from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
                              save_vector, write_index_rows)
+from ..bundles import bundle_name
 from ..weights import installed_weights_id, load_checkpoint, sha256_of
 from .precision import mixed_precision
 
@@ -218,7 +219,7 @@ class EmbeddingRunner:
         self.output_dir = Path(output_dir).expanduser().absolute()
         self.weights_file = Path(weights_file) if weights_file else None
         self.bundle_root = Path(bundle_root).absolute() if bundle_root else None
-        self.model = model or (self.bundle_root.name if self.bundle_root else "")
+        self.model = model or (bundle_name(self.bundle_root) if self.bundle_root else "")  # a renamed copy keeps it
         self.output_key = output_key
         self.pooling = pooling
         self.index = self.output_dir / index_file
