@@ -46,6 +46,19 @@ def test_required_files_and_shared_config_keys(bundle):
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["name"] == bundle.name
 
 
+def test_every_segmentation_fine_tuning_has_the_one_evaluation_overlay():
+    """A fine-tuning config that validates by Dice has an evaluation overlay (``evaluate.json`` for ``train.json``,
+    else ``evaluate_<task>.json``), and these overlays are one file: the same bytes in every bundle."""
+    overlays = {}
+    for bundle in BUNDLE_DIRS:
+        for config in sorted((bundle / "configs").glob("train*.json")):
+            if "val_mean_dice" in json.loads(config.read_text()).get("validate", {}).get("key_metric", {}):
+                name = "evaluate.json" if config.name == "train.json" else config.name.replace("train", "evaluate")
+                overlays[f"{bundle.name}/{name}"] = (bundle / "configs" / name).read_bytes()
+    assert len(overlays) == 4  # Genesis and SAR (train.json), VDT and SPAD-ViT (train_segmentation.json)
+    assert len(set(overlays.values())) == 1, sorted(overlays)
+
+
 def test_embedding_overlays_differ_only_in_what_the_embedding_runs():
     """Every configs/embed.json has the same keys and the same runner; only the inferer, the output key
     and the pooling (the layers the embedding needs) and the region crop size are the bundle's own."""

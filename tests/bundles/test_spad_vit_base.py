@@ -187,6 +187,14 @@ def test_3d_segmentation_fine_tuning_on_anisotropic_voxels(spad_bundle, real_fil
     assert "loaded" in log and "val_mean_dice" in log
     state = load_checkpoint(tmp_path / "seg" / "models" / "model.pt")
     SpadViT(in_channels=1, task="segmentation", num_outputs=8, decoder_channels=(8, 8, 16, 16, 32, 32), **TINY).load_state_dict(state)
+    # its evaluation overlay: Dice per case and class by the labels' names, segmentations on the input's grid
+    bundle_run(spad_bundle, ["configs/train_segmentation.json", "configs/evaluate_segmentation.json"], "--dataset_dir",
+               str(folder), "--output_dir", str(tmp_path / "seg"), *TINY_ARGS, *TINY_DECODER, "--target_spacing",
+               "[1.5,1.5,3.0]", "--patch_size", "[64,64,16]", "--num_workers", "0", "--val_fraction", "0.34")
+    header = (tmp_path / "seg" / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()[0]
+    assert header == "filename," + ",".join(f"k-means class {i}" for i in range(1, 8)) + ",mean"
+    segmentation = nib.load(next((tmp_path / "seg" / "eval").glob("*_seg.nii.gz")))
+    assert segmentation.shape == nib.load(medfm.samples.path("mr_head_t1")).shape
 
 
 def test_tokenizer_then_mim_pretraining_on_mixed_2d_and_3d_images(spad_bundle, mixed_datalist, tmp_path):

@@ -142,6 +142,15 @@ def test_segmentation_fine_tuning_loads_the_encoder_and_trains_the_decoder(vdt_b
     assert f"loaded {encoder} of {total} tensors" in result.stdout + result.stderr
     assert "val_mean_dice" in result.stdout + result.stderr
     VDTResNetUNet(out_channels=2).load_state_dict(load_checkpoint(tmp_path / "seg" / "models" / "model.pt"))
+    # its evaluation overlay: Dice per case under the label's name, segmentations in the input geometry
+    bundle_run(vdt_bundle, ["configs/train_segmentation.json", "configs/evaluate_segmentation.json"], "--dataset_dir",
+               str(tiny_segmentation_dataset), "--output_dir", str(tmp_path / "seg"), "--patch_size", "[32,32,32]",
+               "--val_fraction", "0.25", "--modality", "CT", "--num_workers", "0")
+    assert (tmp_path / "seg" / "eval" / "val_mean_dice_raw.csv").read_text().startswith(
+        "filename,tissue above 25 HU (synthetic),mean\n")
+    segmentation = nib.load(next((tmp_path / "seg" / "eval").glob("*_seg.nii.gz")))
+    source = nib.load(tiny_segmentation_dataset / "ct_3.nii.gz")
+    assert segmentation.shape == source.shape and segmentation.get_data_dtype() == np.uint8
 
 
 def test_embedding_inference_on_the_sample_and_without_weights(vdt_bundle, tmp_path):
