@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -59,14 +60,38 @@ def test_every_segmentation_fine_tuning_has_the_one_evaluation_overlay():
     assert len(set(overlays.values())) == 1, sorted(overlays)
 
 
+def test_files_with_nothing_bundle_specific_are_one_file():
+    """The fine-tuning DDP overlay, the logging configuration and the Apache licence text below each LICENSE's
+    bundle-specific header are the same bytes in every bundle, so a fix to one cannot miss the others."""
+    for shared in ("configs/multi_gpu_train.json", "configs/logging.conf"):
+        assert len({(bundle / shared).read_bytes() for bundle in BUNDLE_DIRS}) == 1, shared
+    licence_texts = {(bundle / "LICENSE").read_text().partition("                                 Apache License\n")
+                     for bundle in BUNDLE_DIRS}
+    assert all(separator for _, separator, _ in licence_texts), "every LICENSE carries the Apache text"
+    assert len({text for _, _, text in licence_texts}) == 1
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_every_config_import_is_used(bundle):
+    """A ``$import X`` is used as ``X.`` by its config or by an overlay that runs on top of it."""
+    texts = {path.name: path.read_text() for path in (bundle / "configs").glob("*.json")}
+    every = "\n".join(texts.values())
+    for name, text in texts.items():
+        for statement in json.loads(text).get("imports", []):
+            module = statement.removeprefix("$import ").strip()
+            assert re.search(rf"\b{re.escape(module)}\.", every), f"{name}: {statement} is never used"
+
+
 def test_embedding_overlays_differ_only_in_what_the_embedding_runs():
     """Every configs/embed.json has the same keys and the same runner; only the inferer, the output key
-    and the pooling (the layers the embedding needs) and the region crop size are the bundle's own."""
-    own = {"embedding_inferer", "embedding_key", "embedding_pooling", "region_size"}
+    and the pooling (the layers the embedding needs) and the region crop size are the bundle's own, and the two
+    sliding-window bundles set their windows' overlap."""
+    own = {"embedding_inferer", "embedding_key", "embedding_pooling", "region_size", "window_overlap"}
     overlays = {bundle.name: json.loads((bundle / "configs" / "embed.json").read_text()) for bundle in BUNDLE_DIRS}
     reference = overlays["models_genesis_chest_ct"]
     for name, overlay in overlays.items():
-        assert set(overlay) == set(reference), name
+        assert set(overlay) - {"window_overlap"} == set(reference) - {"window_overlap"}, name
+        assert ("window_overlap" in overlay) == (name in ("models_genesis_chest_ct", "universal_model_sar")), name
         assert {key: value for key, value in overlay.items() if key not in own} == \
             {key: value for key, value in reference.items() if key not in own}, name
         assert overlay["run"] == ["$@embedder.run()"] and overlay["embedder"]["inferer"] == "@embedding_inferer"
