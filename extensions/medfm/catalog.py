@@ -15,7 +15,7 @@ from .errors import describe_error
 from .weights import registry
 from .weights.records import installed_weights_id, read_provenance
 
-__all__ = ["bundle_summary", "bundle_summaries", "bundle_info"]
+__all__ = ["bundle_summary", "bundle_summaries", "bundle_info", "weights_section", "with_current_weights_section"]
 
 CODE_LICENCE = "Apache-2.0"
 
@@ -86,3 +86,37 @@ def bundle_info(bundle: str | os.PathLike) -> list[str]:
                   f"  trained on: {entry.trained_on}", f"  preprocessing: {entry.preprocessing}"]
     lines += ["", "cite:"] + [f"  {reference}" for reference in metadata.get("references", [])]
     return lines
+
+
+#: Markers around the part of a bundle's ``docs/README.md`` generated from the registry (``weights_section``).
+GENERATED_START = "<!-- generated from medfm.weights.registry by docs/update_model_cards.py: do not edit -->"
+GENERATED_END = "<!-- end of generated part -->"
+
+
+def weights_section(bundle: str) -> str:
+    """Markdown of every registered weights file of ``bundle``, from the registry alone (as torchvision's
+    weights docs come from the weights' own metadata)."""
+    rows = ["| | " + " | ".join(f"`{entry.name}`" for entry in registry.for_bundle(bundle)) + " |",
+            "|---|" + "---|" * len(registry.for_bundle(bundle))]
+    fields = [("what", lambda e: e.title), ("file", lambda e: f"`{e.file_name}`"),
+              ("how to get it", lambda e: "ships with the bundle" if e.redistributable and not e.url else
+               f"`medfm weights fetch {bundle}`" if e.url else f"import your copy: {e.source}"),
+              ("sha256", lambda e: f"`{e.sha256}`" if e.sha256 else "not published"),
+              ("size", lambda e: f"{e.size:,} bytes" if e.size else "unknown"),
+              ("licence", lambda e: e.license), ("commercial use", lambda e: "yes" if e.commercial_use else "**no**"),
+              ("redistributable", lambda e: "yes" if e.redistributable else "no"),
+              ("trained on", lambda e: e.trained_on), ("preprocessing", lambda e: e.preprocessing),
+              ("reported metrics", lambda e: "; ".join(f"{k}: {v}" for k, v in e.metrics.items()) or "none published"),
+              ("paper", lambda e: e.paper), ("notes", lambda e: e.notes or "")]
+    for label, value in fields:
+        rows.append(f"| {label} | " + " | ".join(value(e).replace("|", "\\|") for e in registry.for_bundle(bundle)) + " |")
+    return "\n".join([GENERATED_START, *rows, GENERATED_END])
+
+
+def with_current_weights_section(card: str, bundle: str) -> str:
+    """``card`` (a model card's text) with its generated weights part replaced by the registry's current one."""
+    before, start, rest = card.partition(GENERATED_START)
+    _, end, after = rest.partition(GENERATED_END)
+    if not (start and end):
+        raise ValueError(f"{bundle}: the model card has no generated weights part (markers {GENERATED_START!r} ...)")
+    return before + weights_section(bundle) + after
