@@ -114,3 +114,15 @@ def test_reading_stops_once_more_than_the_promised_size_arrives(server, http_roo
     with pytest.raises(WeightsError, match="size mismatch: expected 1000 bytes, got more; the download was discarded"):
         download(server.url("weights.bin"), tmp_path / "w.bin", size=1000, progress=False)
     assert list(tmp_path.iterdir()) == [tmp_path / "served"]
+
+
+def test_the_download_function_is_not_shadowed_by_its_module():
+    """``medfm.weights.download`` is the function whatever was imported first (the package imports lazily)."""
+    import subprocess
+    import sys
+
+    script = ("import medfm.weights.importer, medfm.weights.download; from medfm.weights import download; "
+              "import medfm.weights as w; assert callable(download) and callable(w.download), download")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+

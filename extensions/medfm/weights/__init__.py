@@ -1,6 +1,7 @@
 """Weights: the registry of checkpoints, safe loading, verified download and import into bundles."""
 
 from .._lazy import lazy_attributes
+from .download import download  # light; bound here so the submodule of the same name can never shadow it
 
 __all__ = [
     "ImportReport",
@@ -21,7 +22,7 @@ __all__ = [
 
 # the registry is read without torch (medfm list, info); loading and importing checkpoints need it
 __getattr__, __dir__ = lazy_attributes(__name__, attributes={
-    "load_checkpoint": ".checkpoint", "download": ".download",
+    "load_checkpoint": ".checkpoint",
     **dict.fromkeys(["fetch_weights", "import_weights", "installed_weights_path", "verify_bundle_weights"], ".importer"),
     **dict.fromkeys(["ImportReport", "installed_weights_id", "sha256_of"], ".records"),
     **dict.fromkeys(["REGISTRY", "WeightsEntry", "default_for_bundle", "for_bundle", "get"], ".registry")})
