@@ -33,16 +33,15 @@ def _in_process(argv: list[str], capfd) -> subprocess.CompletedProcess:
 
     capfd.readouterr()  # only what this call prints
 
-    loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    saved = [(logger, logger.handlers[:], logger.level) for logger in loggers]
+    def loggers():
+        return [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+
+    saved = {id(logger): (logger, logger.handlers[:], logger.level) for logger in loggers()}
     try:
         code = cli.main(argv)
     finally:
-        for logger in logging.Logger.manager.loggerDict.values():
-            if isinstance(logger, logging.Logger) and logger not in loggers:
-                logger.handlers.clear()  # a logger made during the run
-        for logger, handlers, level in saved:
-            logger.handlers[:], logger.level = handlers, level
+        for logger in loggers():
+            logger.handlers[:], logger.level = saved.get(id(logger), (logger, [], logger.level))[1:]
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(["medfm", *argv], code, out, err)
 

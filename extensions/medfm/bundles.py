@@ -102,7 +102,6 @@ def metadata_schema(bundle: str | os.PathLike) -> Path:
     import json
     from urllib.parse import urlparse
 
-
     metadata_file = find_bundle(bundle) / "configs" / "metadata.json"
     try:
         url = json.loads(metadata_file.read_text(encoding="utf-8"))["schema"]
@@ -115,4 +114,3 @@ def metadata_schema(bundle: str | os.PathLike) -> Path:
         raise MedfmError(f"{metadata_file}: medfm ships no copy of the schema {url} (it has: {shipped}); "
                          "verify_metadata would download it")
     return copy
-

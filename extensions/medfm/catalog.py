@@ -32,13 +32,17 @@ def _weights_licence(entry: registry.WeightsEntry) -> str:
     return f"{entry.name}: {'' if entry.commercial_use else 'NON-COMMERCIAL: '}{summary}"
 
 
+def _availability(entry: registry.WeightsEntry) -> str:
+    """How a user gets these weights: ``download``, ``ships with the bundle`` or ``import your copy``."""
+    return "download" if entry.url else "ships with the bundle" if entry.redistributable else "import your copy"
+
+
 def bundle_summary(bundle_dir: Path) -> dict[str, str]:
     """One row of ``medfm list``."""
     metadata = _metadata(bundle_dir)
     modality = metadata.get("input_contract", {}).get("modality", "")
     entries = registry.for_bundle(bundle_name(bundle_dir))
-    upstream = [f"{e.name} ({'download' if e.url else 'ships with the bundle' if e.redistributable else 'import your copy'})"
-                for e in entries]
+    upstream = [f"{e.name} ({_availability(e)})" for e in entries]
     return {
         "bundle": bundle_name(bundle_dir),
         "version": str(metadata.get("version", "")),
@@ -96,11 +100,12 @@ GENERATED_END = "<!-- end of generated part -->"
 def weights_section(bundle: str) -> str:
     """Markdown of every registered weights file of ``bundle``, from the registry alone (as torchvision's
     weights docs come from the weights' own metadata)."""
-    rows = ["| | " + " | ".join(f"`{entry.name}`" for entry in registry.for_bundle(bundle)) + " |",
-            "|---|" + "---|" * len(registry.for_bundle(bundle))]
+    entries = registry.for_bundle(bundle)
+    rows = ["| | " + " | ".join(f"`{entry.name}`" for entry in entries) + " |", "|---|" + "---|" * len(entries)]
+    how_to_get = {"download": lambda e: f"`medfm weights fetch {bundle}`", "ships with the bundle": lambda e: "ships with the bundle",
+                  "import your copy": lambda e: f"import your copy: {e.source}"}
     fields = [("what", lambda e: e.title), ("file", lambda e: f"`{e.file_name}`"),
-              ("how to get it", lambda e: "ships with the bundle" if e.redistributable and not e.url else
-               f"`medfm weights fetch {bundle}`" if e.url else f"import your copy: {e.source}"),
+              ("how to get it", lambda e: how_to_get[_availability(e)](e)),
               ("sha256", lambda e: f"`{e.sha256}`" if e.sha256 else "not published"),
               ("size", lambda e: f"{e.size:,} bytes" if e.size else "unknown"),
               ("licence", lambda e: e.license), ("commercial use", lambda e: "yes" if e.commercial_use else "**no**"),
@@ -109,7 +114,7 @@ def weights_section(bundle: str) -> str:
               ("reported metrics", lambda e: "; ".join(f"{k}: {v}" for k, v in e.metrics.items()) or "none published"),
               ("paper", lambda e: e.paper), ("notes", lambda e: e.notes or "")]
     for label, value in fields:
-        rows.append(f"| {label} | " + " | ".join(value(e).replace("|", "\\|") for e in registry.for_bundle(bundle)) + " |")
+        rows.append(f"| {label} | " + " | ".join(value(e).replace("|", "\\|") for e in entries) + " |")
     return "\n".join([GENERATED_START, *rows, GENERATED_END])
 
 

@@ -138,8 +138,7 @@ def _weights_lines(bundle_dir: Path, width: int = 95) -> list[str]:
     installed = installed_weights_id(bundle_dir)
     entry = registry.REGISTRY.get(installed)
     text = f"weights: {installed}" + (f". {entry.notes}" if entry is not None and entry.notes else "")
-    downloadable = [entry for entry in registry.for_bundle(bundle_name(bundle_dir)) if entry.url]
-    if installed not in {entry.name for entry in downloadable}:
+    downloadable = {other.name for other in registry.for_bundle(bundle_name(bundle_dir)) if other.url}
+    if installed not in downloadable:
         text += f" Other weights: {how_to_get_weights(bundle_dir)}."
     return textwrap.wrap(text, width)
-
