@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--cohort", type=int, default=20, help="scans for the throughput table (0: none)")
     parser.add_argument("--cohort_shape", default="96,96,48")
     parser.add_argument("--skip_full", action="store_true", help="leave out the full inference workflow (slow)")
-    parser.add_argument("--out", default="benchmark_results")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "embed"))
     args = parser.parse_args()
     shape = tuple(int(n) for n in args.shape.split(","))
     out = Path(args.out)

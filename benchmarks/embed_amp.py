@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmark_tables import write_rows  # beside this script
-from embed import bundle_with_weights
+from embed import REPO, bundle_with_weights
 
 ALL_BUNDLES = "models_genesis_chest_ct,universal_model_sar,vdt_resnet3d18,medical_transformer_brain_mri,spad_vit_base"
 
@@ -42,7 +42,7 @@ def embedding(bundle: Path, scan: str, out: Path, amp: bool) -> tuple[np.ndarray
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundles", default=ALL_BUNDLES, help="comma-separated bundle names")
-    parser.add_argument("--out", type=Path, default=Path("benchmark_results"), help="folder for embed_amp.csv")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "embed_amp", help="folder for embed_amp.csv")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("embed_amp.py: needs a CUDA device (medfm refuses --amp on the CPU); nothing measured", file=sys.stderr)
