@@ -213,9 +213,10 @@ def test_list_shows_every_bundle_with_weights_and_flags_restricted_licences():
     assert set(blocks) == {"models_genesis_chest_ct", "universal_model_sar", "vdt_resnet3d18",
                            "medical_transformer_brain_mri", "spad_vit_base"}
     assert "installed weights:  medfm_genesis_demo" in blocks["models_genesis_chest_ct"]
+    assert "genesis_chest_ct (download, default); medfm_genesis_demo (ships with the bundle)" in blocks["models_genesis_chest_ct"]
     assert "genesis_chest_ct: NON-COMMERCIAL" in blocks["models_genesis_chest_ct"]
-    assert "installed weights:  none" in blocks["spad_vit_base"] and "pumit_b_v1 (import your copy)" in blocks["spad_vit_base"]
-    assert "NO LICENCE" in blocks["universal_model_sar"] and "universal_model (download)" in blocks["universal_model_sar"]
+    assert "installed weights:  none" in blocks["spad_vit_base"] and "pumit_b_v1 (import your copy, default)" in blocks["spad_vit_base"]
+    assert "NO LICENCE" in blocks["universal_model_sar"] and "universal_model (download, default)" in blocks["universal_model_sar"]
 
 
 @pytest.mark.parametrize("command", [["--help"], ["list"], ["info", "spad_vit_base"], ["schema", "vdt_resnet3d18"]])

@@ -15,7 +15,8 @@ from .errors import describe_error
 from .weights import registry
 from .weights.records import installed_weights_id, read_provenance
 
-__all__ = ["bundle_summary", "bundle_summaries", "bundle_info", "weights_section", "with_current_weights_section"]
+__all__ = ["bundle_summary", "bundle_summaries", "bundle_info", "eval_metrics", "weights_section",
+           "with_current_eval_metrics", "with_current_weights_section"]
 
 CODE_LICENCE = "Apache-2.0"
 
@@ -26,15 +27,9 @@ def _metadata(bundle_dir: Path) -> dict:
 
 def _weights_licence(entry: registry.WeightsEntry) -> str:
     """``name: licence`` with restrictions flagged first (no licence at all, or non-commercial)."""
-    summary = entry.license.split(";")[0].split(":")[0]
-    if entry.license.startswith("none published"):
+    if entry.license_spdx is None:
         return f"{entry.name}: NO LICENCE (all rights reserved by the authors)"
-    return f"{entry.name}: {'' if entry.commercial_use else 'NON-COMMERCIAL: '}{summary}"
-
-
-def _availability(entry: registry.WeightsEntry) -> str:
-    """How a user gets these weights: ``download``, ``ships with the bundle`` or ``import your copy``."""
-    return "download" if entry.url else "ships with the bundle" if entry.redistributable else "import your copy"
+    return f"{entry.name}: {'' if entry.commercial_use else 'NON-COMMERCIAL: '}{entry.license_spdx}"
 
 
 def bundle_summary(bundle_dir: Path) -> dict[str, str]:
@@ -42,7 +37,7 @@ def bundle_summary(bundle_dir: Path) -> dict[str, str]:
     metadata = _metadata(bundle_dir)
     modality = metadata.get("input_contract", {}).get("modality", "")
     entries = registry.for_bundle(bundle_name(bundle_dir))
-    upstream = [f"{e.name} ({_availability(e)})" for e in entries]
+    upstream = [f"{e.name} ({e.availability}{', default' if e.default else ''})" for e in entries]
     return {
         "bundle": bundle_name(bundle_dir),
         "version": str(metadata.get("version", "")),
@@ -75,7 +70,8 @@ def bundle_info(bundle: str | os.PathLike) -> list[str]:
              f"folder: {bundle_dir}", f"task: {metadata.get('task', '')}", "", str(metadata.get("description", "")), "",
              f"intended use: {metadata.get('intended_use', '')}", "", "input contract:"]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in metadata.get("input_contract", {}).items()]
-    lines += ["", f"installed weights: {installed_weights_id(bundle_dir)}"]
+    lines += ["", f"installed weights: {installed_weights_id(bundle_dir)}",
+              f"default weights: {registry.default_for_bundle(bundle_name(bundle_dir)).name}"]
     record, problem = read_provenance(bundle_dir)
     if problem:
         lines.append(f"  {problem}")
@@ -102,16 +98,18 @@ def weights_section(bundle: str) -> str:
     weights docs come from the weights' own metadata)."""
     entries = registry.for_bundle(bundle)
     rows = ["| | " + " | ".join(f"`{entry.name}`" for entry in entries) + " |", "|---|" + "---|" * len(entries)]
-    how_to_get = {"download": lambda e: f"`medfm weights fetch {bundle}`", "ships with the bundle": lambda e: "ships with the bundle",
+    how_to_get = {"download": lambda e: f"`medfm weights fetch {bundle}{'' if e.default else f' --weights {e.name}'}`",
+                  "ships with the bundle": lambda e: "ships with the bundle",
                   "import your copy": lambda e: f"import your copy: {e.source}"}
-    fields = [("what", lambda e: e.title), ("file", lambda e: f"`{e.file_name}`"),
-              ("how to get it", lambda e: how_to_get[_availability(e)](e)),
+    fields = [("what", lambda e: e.title), ("default", lambda e: "yes" if e.default else "no"),
+              ("file", lambda e: f"`{e.file_name}`"), ("how to get it", lambda e: how_to_get[e.availability](e)),
               ("sha256", lambda e: f"`{e.sha256}`" if e.sha256 else "not published"),
               ("size", lambda e: f"{e.size:,} bytes" if e.size else "unknown"),
-              ("licence", lambda e: e.license), ("commercial use", lambda e: "yes" if e.commercial_use else "**no**"),
+              ("licence", lambda e: f"{e.license_spdx or 'none'}: {e.license}"), ("commercial use", lambda e: "yes" if e.commercial_use else "**no**"),
               ("redistributable", lambda e: "yes" if e.redistributable else "no"),
               ("trained on", lambda e: e.trained_on), ("preprocessing", lambda e: e.preprocessing),
-              ("reported metrics", lambda e: "; ".join(f"{k}: {v}" for k, v in e.metrics.items()) or "none published"),
+              ("parameters", lambda e: f"{e.num_params:,}"),
+              ("reported metrics", lambda e: "; ".join(f"{m.task}: {m}" for m in e.metrics) or "none published"),
               ("paper", lambda e: e.paper), ("notes", lambda e: e.notes or "")]
     for label, value in fields:
         rows.append(f"| {label} | " + " | ".join(value(e).replace("|", "\\|") for e in entries) + " |")
@@ -125,3 +123,23 @@ def with_current_weights_section(card: str, bundle: str) -> str:
     if not (start and end):
         raise ValueError(f"{bundle}: the model card has no generated weights part (markers {GENERATED_START!r} ...)")
     return before + weights_section(bundle) + after
+
+
+def eval_metrics(bundle: str) -> dict[str, float]:
+    """``metadata.json``'s ``eval_metrics``: each registered weights file's reported results, by
+    ``"<weights>: <task> (<unit>)"`` (the baselines reported beside them are in the model card)."""
+    return {f"{entry.name}: {metric.task}" + (f" ({metric.unit})" if metric.unit else ""): metric.value
+            for entry in registry.for_bundle(bundle) for metric in entry.metrics}
+
+
+def with_current_eval_metrics(metadata_text: str, bundle: str) -> str:
+    """``metadata_text`` (a ``metadata.json``) with its top-level ``eval_metrics`` object replaced by the
+    registry's, the rest of the file untouched."""
+    key = '\n    "eval_metrics": '
+    start = metadata_text.find(key)
+    if start < 0:
+        raise ValueError(f"{bundle}: metadata.json has no top-level eval_metrics")
+    start += len(key)
+    _, end = json.JSONDecoder().raw_decode(metadata_text, start)
+    body = json.dumps(eval_metrics(bundle), indent=4, ensure_ascii=False).replace("\n", "\n    ")
+    return metadata_text[:start] + body + metadata_text[end:]

@@ -1,5 +1,5 @@
 """Facts written in more than one place agree: each bundle's input contract (``metadata.json``) against the values
-its configs use and its ``network_data_format``, and ``eval_metrics`` against the weights registry."""
+its configs use and its ``network_data_format``; ``eval_metrics`` and the networks' sizes against the weights registry."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medfm.bundles import bundle_network
+from medfm.catalog import with_current_eval_metrics
 from medfm.weights import registry
 from tests.conftest import BUNDLES
 
@@ -71,7 +72,16 @@ def test_network_data_format_and_inference_patch_follow_the_contract(bundle):
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
 def test_eval_metrics_are_the_registrys(bundle):
-    """``eval_metrics`` is generated from the registry: ``"<weights>: <metric>"`` for every registered weights file."""
-    expected = {f"{entry.name}: {metric}": value for entry in registry.for_bundle(_metadata(bundle)["name"])
-                for metric, value in entry.metrics.items()}
-    assert _metadata(bundle)["eval_metrics"] == expected
+    """``eval_metrics`` is generated from the registry (``docs/update_model_cards.py``): numbers, named
+    ``"<weights>: <task> (<unit>)"``, for every registered weights file."""
+    text = (bundle / "configs" / "metadata.json").read_text(encoding="utf-8")
+    assert with_current_eval_metrics(text, _metadata(bundle)["name"]) == text, \
+        "out of date: run .venv/bin/python docs/update_model_cards.py"
+    assert all(isinstance(value, float | int) for value in _metadata(bundle)["eval_metrics"].values())
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_registered_parameter_counts_are_the_bundle_networks(bundle):
+    count = sum(parameter.numel() for parameter in bundle_network(bundle).parameters())
+    entries = registry.for_bundle(_metadata(bundle)["name"])
+    assert entries and {entry.num_params for entry in entries} == {count}

@@ -6,7 +6,8 @@ import yaml
 
 from medfm.errors import WeightsError
 
-from medfm.weights import REGISTRY, default_for_bundle, get, sha256_of
+from medfm.weights import REGISTRY, default_for_bundle, fetch_weights, get, sha256_of
+from medfm.weights.registry import OPEN_LICENSES
 from tests.conftest import BUNDLES
 
 
@@ -16,6 +17,18 @@ def test_every_entry_points_at_a_bundle_and_an_importer():
         module = importlib.import_module(entry.network_module)
         assert callable(module.checkpoint_filter_fn), entry.name
         assert entry.license and entry.trained_on and entry.preprocessing and entry.source
+        assert entry.license_spdx is None or entry.license_spdx in OPEN_LICENSES or entry.license_spdx.startswith("LicenseRef-")
+
+
+def test_each_bundle_has_exactly_one_default_and_shipped_weights_need_an_open_licence():
+    assert {e.bundle for e in REGISTRY.values() if e.default} == {e.bundle for e in REGISTRY.values()}
+    assert default_for_bundle("medical_transformer_brain_mri").name == "medfm_medical_transformer_brain_t1"
+    with pytest.raises(WeightsError, match="no weights registered for bundle 'nope'"):
+        default_for_bundle("nope")
+    with pytest.raises(ValueError, match="only weights under an open licence"):
+        dataclasses.replace(get("medfm_genesis_demo"), license_spdx=None)
+    with pytest.raises(WeightsError, match="ship with the bundle as models/model.pt"):
+        fetch_weights("medical_transformer_brain_mri")
 
 
 def test_official_genesis_facts_as_published():
@@ -37,9 +50,10 @@ def test_vdt_weights_are_import_only_and_say_where_to_get_them():
     entry = get("vdt_resnet3d18_imagenet")
     assert entry.url is None and entry.sha256 == "5ff2ecb7" and not entry.redistributable
     assert entry.matches("5ff2ecb7" + "0" * 56) and not entry.matches("5ff2ecb8" + "0" * 56)
+    assert default_for_bundle("vdt_resnet3d18") is entry
     with pytest.raises(WeightsError, match=r"download res3d18_imagenet_BN_73\.07-5ff2ecb7\.pth yourself .*CSPR.*"
                                            r"medfm weights import vdt_resnet3d18"):
-        default_for_bundle("vdt_resnet3d18")
+        fetch_weights("vdt_resnet3d18")
 
 
 def test_large_files_yml_lists_the_downloadable_registry_entries():
@@ -64,6 +78,6 @@ def test_pumit_weights_have_no_published_hash_so_they_are_import_only():
     assert not entry.matches("0" * 64)
     with pytest.raises(WeightsError, match=r"download pumit-b\.ckpt yourself .*PUMIT/releases/tag/v1.*"
                                            r"medfm weights import spad_vit_base pumit-b\.ckpt"):
-        default_for_bundle("spad_vit_base")
+        fetch_weights("spad_vit_base")
     with pytest.raises(ValueError, match="needs a sha256"):
         dataclasses.replace(entry, url="https://example.invalid/pumit-b.ckpt")

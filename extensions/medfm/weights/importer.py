@@ -193,7 +193,7 @@ def fetch_weights(bundle: str | os.PathLike, weights: str | None = None, url: st
         raise WeightsError(f"weights {entry.name!r} belong to bundle {entry.bundle!r}, not {bundle_dir.name!r}")
     source = url or entry.url
     if not source:
-        raise WeightsError(f"weights {entry.name!r} have no download URL; import a local copy with 'medfm weights import'")
+        raise WeightsError(f"weights {entry.name!r} have no download URL: {entry.how_to_get()}")
     cached = cache_dir() / "weights" / entry.file_name
     if not (cached.is_file() and entry.matches(sha256_of(cached))):
         download(source, cached, sha256=entry.sha256, size=entry.size, progress=progress)

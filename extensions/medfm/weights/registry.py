@@ -12,7 +12,25 @@ from types import ModuleType
 
 from ..errors import WeightsError
 
-__all__ = ["WeightsEntry", "REGISTRY", "get", "for_bundle", "default_for_bundle", "match_sha256"]
+__all__ = ["Metric", "WeightsEntry", "REGISTRY", "get", "for_bundle", "default_for_bundle", "match_sha256"]
+
+#: SPDX identifiers of the licences under which weights may ship in a bundle.
+OPEN_LICENSES = frozenset({"Apache-2.0", "MIT", "BSD-3-Clause", "CC-BY-4.0"})
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported result: ``value`` (in ``unit``) of these weights on ``task``, and the same measure of
+    the baselines reported beside it (``{"from scratch": 94.3}``)."""
+
+    task: str
+    value: float
+    unit: str = ""
+    baselines: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        against = "; ".join(f"{name}: {value:g}{self.unit}" for name, value in self.baselines.items())
+        return f"{self.value:g}{self.unit}" + (f" ({against})" if against else "")
 
 
 @dataclass(frozen=True)
@@ -21,8 +39,12 @@ class WeightsEntry:
 
     ``sha256`` is the full hex digest, or a prefix (at least 8 characters) where only a prefix is
     published, or None where none is published (then the entry cannot be downloaded: a download
-    must be verifiable; a local copy is imported and its digest recorded). ``network_module`` is the ``medfm.networks`` module whose ``checkpoint_filter_fn``
-    turns this checkpoint into the bundle network's state dict.
+    must be verifiable; a local copy is imported and its digest recorded). ``network_module`` is the
+    ``medfm.networks`` module whose ``checkpoint_filter_fn`` turns this checkpoint into the bundle
+    network's state dict, and ``num_params`` that network's parameter count. ``license_spdx`` is the
+    licence's SPDX identifier (``LicenseRef-...`` for a custom one) or None where the authors published
+    none (all rights reserved); ``license`` says it in words. Each bundle has one ``default`` entry:
+    the weights its docs and ``medfm weights fetch`` mean when no name is given.
     """
 
     name: str
@@ -32,6 +54,7 @@ class WeightsEntry:
     sha256: str | None
     size: int | None
     url: str | None
+    license_spdx: str | None
     license: str
     commercial_use: bool
     redistributable: bool
@@ -40,7 +63,9 @@ class WeightsEntry:
     trained_on: str
     preprocessing: str
     network_module: str
-    metrics: dict[str, str] = field(default_factory=dict)
+    num_params: int
+    default: bool = False
+    metrics: tuple[Metric, ...] = ()
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -49,6 +74,22 @@ class WeightsEntry:
                 raise ValueError(f"{self.name}: a downloadable entry needs a sha256 to verify the download")
         elif len(self.sha256) < 8 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"{self.name}: sha256 must be lower-case hex, at least 8 characters")
+        if self.redistributable and self.license_spdx not in OPEN_LICENSES:
+            raise ValueError(f"{self.name}: only weights under an open licence ({', '.join(sorted(OPEN_LICENSES))}) "
+                             f"may ship in a bundle, not {self.license_spdx}")
+
+    @property
+    def availability(self) -> str:
+        """How a user gets these weights: ``download``, ``ships with the bundle`` or ``import your copy``."""
+        return "download" if self.url else "ships with the bundle" if self.redistributable else "import your copy"
+
+    def how_to_get(self) -> str:
+        """The one instruction that installs these weights into their bundle."""
+        if self.url:
+            return f"medfm weights fetch {self.bundle} --weights {self.name}"
+        if self.redistributable:
+            return f"they ship with the bundle as models/{self.file_name}"
+        return f"download {self.file_name} yourself ({self.source}) and run 'medfm weights import {self.bundle} {self.file_name}'"
 
     def matches(self, digest: str) -> bool:
         """True when ``digest`` (full sha256 hex) is this entry's hash (or starts with its prefix)."""
@@ -58,6 +99,12 @@ class WeightsEntry:
         """The module holding the network and its ``checkpoint_filter_fn``."""
         return importlib.import_module(self.network_module)
 
+
+#: Parameter counts of the bundle networks the weights load into (tested against the networks).
+GENESIS_PARAMS = 19_073_665
+VDT_PARAMS = 33_160_000
+MEDICAL_TRANSFORMER_PARAMS = 988_816
+SPAD_VIT_B_PARAMS = 88_639_488
 
 REGISTRY: dict[str, WeightsEntry] = {
     entry.name: entry
@@ -70,6 +117,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             sha256="62de21a05236d6a8d8d5b03ec740f6ac6b818d15d3e86eed4f38a2a17d63cc08",
             size=152_639_120,
             url="https://huggingface.co/MrGiovanni/ModelsGenesis/resolve/main/Genesis_Chest_CT.pt",
+            license_spdx="LicenseRef-ASU-Models-Genesis",
             license="ASU licence for Models Genesis: non-commercial research use only, patent pending "
             "(the Hugging Face page says apache-2.0; the repository's stricter licence applies)",
             commercial_use=False,
@@ -82,12 +130,14 @@ REGISTRY: dict[str, WeightsEntry] = {
             preprocessing="CT: HU clipped to [-1000, 1000] and scaled to [0, 1]; native spacing (no "
             "resampling); 64x64x32 cubes in (x, y, z) order. MRI: per-image min-max to [0, 1].",
             network_module="medfm.networks.genesis_unet3d",
-            metrics={
-                "lung nodule FP reduction AUC (scratch -> Genesis)": "94.3 -> 98.2",
-                "lung nodule segmentation IoU": "74.1 -> 77.6",
-                "pulmonary embolism FP reduction AUC": "80 -> 88",
-                "BraTS segmentation IoU": "90.2 -> 90.6",
-            },
+            num_params=GENESIS_PARAMS,
+            default=True,
+            metrics=(
+                Metric("lung nodule false-positive reduction, AUC", 98.2, "%", {"from scratch": 94.3}),
+                Metric("lung nodule segmentation, IoU", 77.6, "%", {"from scratch": 74.1}),
+                Metric("pulmonary embolism false-positive reduction, AUC", 88, "%", {"from scratch": 80}),
+                Metric("BraTS brain tumour segmentation, IoU", 90.6, "%", {"from scratch": 90.2}),
+            ),
             notes="Read off the authors' figure, approximate. Saved from nn.DataParallel with optimizer "
             "state ({'epoch', 'state_dict', 'optimizer_state_dict'}), probably PyTorch 1.3 legacy format.",
         ),
@@ -99,6 +149,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             sha256="69165de1823b1dea6bd3526450e55a4d3ef4090cc5b18b3e542a302d7fb86f53",
             size=38_190_459,
             url=None,
+            license_spdx="Apache-2.0",
             license="Apache-2.0 (code, training data and these weights)",
             commercial_use=True,
             redistributable=True,
@@ -108,6 +159,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             "300 steps of 2 corrupted 64x64x32 crops on 2 CPU cores (62 minutes)",
             preprocessing="same as the official weights",
             network_module="medfm.networks.genesis_unet3d",
+            num_params=GENESIS_PARAMS,
             notes="A demonstration that the pre-training runs end to end and that the quick start works "
             "offline; far weaker than the official weights.",
         ),
@@ -119,6 +171,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             sha256="bc7960eb31af5883468efb35b776993fe664250f98eca84244d4921dc3f7e3a5",
             size=152_640_882,
             url="https://media.githubusercontent.com/media/xm-cmic/Universal-Model/master/Universal_model.pt",
+            license_spdx=None,
             license="none published: the authors' repository has no licence file, so all rights are reserved; "
             "downloaded on request for research, never redistributed",
             commercial_use=False,
@@ -131,6 +184,8 @@ REGISTRY: dict[str, WeightsEntry] = {
             preprocessing="as Models Genesis (the README loads it exactly like Genesis_Chest_CT.pt): CT HU "
             "[-1000, 1000] to [0, 1], MRI per-image min-max to [0, 1]; 64x64x32 cubes",
             network_module="medfm.networks.genesis_unet3d",
+            num_params=GENESIS_PARAMS,
+            default=True,
             notes="The same 106 U-Net tensors as Models Genesis, saved from nn.DataParallel under "
             "'state_dict'; the pre-training heads are not in the file. The media URL assumes the "
             "repository's default branch 'master' (the mirror's); the sha256 pins the file either way.",
@@ -143,6 +198,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             sha256="5ff2ecb7",
             size=None,
             url=None,
+            license_spdx=None,
             license="not stated for the weights (the CSPR code is Apache-2.0); trained on ImageNet, whose terms "
             "allow non-commercial research only; imported from your own download, never redistributed",
             commercial_use=False,
@@ -157,10 +213,12 @@ REGISTRY: dict[str, WeightsEntry] = {
             preprocessing="pre-training: 0-255 images normalised with mean 114.495, std 57.63 (all slices). "
             "Fine-tuning in this bundle: CT HU [-1000, 1000] or MRI min-max to [0, 1], times 255, same normalisation",
             network_module="medfm.networks.vdt_resnet3d",
-            metrics={
-                "ImageNet top-1 of the 3D network (from the file name)": "73.07",
-                "annotation saving vs training from scratch (paper's claim)": "up to 60%",
-            },
+            num_params=VDT_PARAMS,
+            default=True,
+            metrics=(
+                Metric("ImageNet-1k top-1 of the 3D network, read from the file name", 73.07, "%"),
+                Metric("annotation saving against training from scratch, at most, as the paper claims", 60, "%"),
+            ),
             notes="Only the first 8 hex digits of the sha256 are published (in the file name, as mmcls' "
             "publish tool writes them). Layout expected from mmcls: {'meta', 'state_dict'}; keys may carry "
             "'backbone.' and a 'head.fc' classifier (both handled by checkpoint_filter_fn). A file whose meta "
@@ -174,6 +232,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             sha256="dd5dcae067f1d6b1729902d9fd13c2f1e1d0278551ba227c41511605fb40ca8e",
             size=3_999_669,
             url=None,
+            license_spdx="Apache-2.0",
             license="Apache-2.0 (weights and code); the training images keep their own licences (BSD-3-clause, "
             "Apache-2.0, MIT) and are not included",
             commercial_use=True,
@@ -188,10 +247,13 @@ REGISTRY: dict[str, WeightsEntry] = {
             preprocessing="RAS, 1 mm, centre pad/crop to the MNI152 grid 193x229x193, min-max to [0, 1], "
             "2x2x2 average pooling to 96x114x96; inputs should be MNI-registered and skull-stripped",
             network_module="medfm.networks.medical_transformer",
-            metrics={
-                "held-out masked-slice MSE (model / mean-embedding / neighbour interpolation)": "0.290 / 0.571 / 0.030",
-                "nearest neighbour is the same subject (24 augmented volumes, 4 subjects)": "0.917 (random init: 0.875)",
-            },
+            num_params=MEDICAL_TRANSFORMER_PARAMS,
+            default=True,
+            metrics=(
+                Metric("held-out masked-slice MSE", 0.290, "", {"mean embedding": 0.571, "neighbour-slice interpolation": 0.030}),
+                Metric("share of augmented volumes whose nearest neighbour is the same subject (24 volumes, 4 subjects)",
+                       0.917, "", {"random init": 0.875}),
+            ),
             notes="The only downloadable pretrained Medical Transformer, and a small one: 4 brains cannot teach "
             "population anatomy. Held-out numbers come from benchmarks/medical_transformer_pretext.py.",
         ),
@@ -203,6 +265,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             sha256=None,
             size=None,
             url=None,
+            license_spdx=None,
             license="none published: the authors' repository has no licence file, so all rights are reserved; "
             "imported from your own download for research, never redistributed",
             commercial_use=False,
@@ -218,7 +281,8 @@ REGISTRY: dict[str, WeightsEntry] = {
             "0.5-99.5 percentile to [0, 1], gray repeated to RGB, ImageNet mean / std. This bundle: RAS, percentile "
             "to [0, 1], one channel (the RGB patch kernel summed), spacing-aware resampling to whole tokens",
             network_module="medfm.networks.spad_vit",
-            metrics={},
+            num_params=SPAD_VIT_B_PARAMS,
+            default=True,
             notes="A PyTorch-Lightning checkpoint: weights under 'state_dict' (no 'model.' prefix, maybe 'module.'), "
             "tokenizer removed, 'mask_token' and 'mim_head.*' present, possibly optimizer state. A file that pickles "
             "Lightning objects imports with --strip_objects (never unpickled). Its sha256 is recorded at import in "
@@ -243,16 +307,23 @@ def for_bundle(bundle: str) -> list[WeightsEntry]:
 
 
 def default_for_bundle(bundle: str) -> WeightsEntry:
-    """The weights ``medfm weights fetch`` downloads for ``bundle`` (the first with a URL)."""
-    entries = for_bundle(bundle)
-    downloadable = [e for e in entries if e.url]
-    if not downloadable:
-        hint = "".join(f"; download {e.file_name} yourself ({e.source}) and run 'medfm weights import {bundle} "
-                       f"{e.file_name}'" for e in entries[:1])
-        raise WeightsError(f"no downloadable weights registered for bundle {bundle!r}{hint}")
-    return downloadable[0]
+    """The weights ``bundle``'s docs and ``medfm weights fetch`` mean when no name is given."""
+    try:
+        return next(e for e in REGISTRY.values() if e.bundle == bundle and e.default)
+    except StopIteration:
+        raise WeightsError(f"no weights registered for bundle {bundle!r}") from None
 
 
 def match_sha256(digest: str) -> WeightsEntry | None:
     """The registered entry whose hash is ``digest``, if any."""
     return next((e for e in REGISTRY.values() if e.matches(digest)), None)
+
+
+def _check_one_default_per_bundle() -> None:
+    for bundle in {e.bundle for e in REGISTRY.values()}:
+        defaults = [e.name for e in REGISTRY.values() if e.bundle == bundle and e.default]
+        if len(defaults) != 1:
+            raise ValueError(f"bundle {bundle!r} needs exactly one default weights entry, has {defaults}")
+
+
+_check_one_default_per_bundle()
