@@ -85,3 +85,22 @@ def test_registered_parameter_counts_are_the_bundle_networks(bundle):
     count = sum(parameter.numel() for parameter in bundle_network(bundle).parameters())
     entries = registry.for_bundle(_metadata(bundle)["name"])
     assert entries and {entry.num_params for entry in entries} == {count}
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_the_readme_bundle_table_states_the_registrys_size_and_licence_flags(bundle):
+    """The README's table of bundles restates three registry facts: the network's size, the weights
+    files, and which of them have no licence or a non-commercial one (flagged in bold)."""
+    readme = (BUNDLES.parent / "README.md").read_text(encoding="utf-8")
+    name = _metadata(bundle)["name"]
+    row = next(line for line in readme.splitlines() if line.startswith(f"| [`{name}`]"))
+    entries = registry.for_bundle(name)
+    assert f"({entries[0].num_params / 1e6:.2f} M parameters" in row
+    for entry in entries:
+        assert f"`{entry.file_name}`" in row or (entry.availability == "ships with the bundle" and "bundled" in row)
+        if entry.license_spdx is None:
+            assert "**no licence" in row, entry.name
+        elif not entry.commercial_use:
+            assert "**non-commercial**" in row, entry.name
+        else:
+            assert entry.license_spdx in row, entry.name
