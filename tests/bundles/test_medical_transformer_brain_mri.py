@@ -104,7 +104,7 @@ def test_classification_fine_tuning_evaluation_and_scratch(mt_bundle, labelled_t
     result = _fine_tune(mt_bundle, labelled_table, tmp_path / "ft")
     log = result.stdout + result.stderr
     pretrained = len(MedicalTransformer().state_dict())
-    total = len(MedicalTransformer(task="classification", num_outputs=2).state_dict())
+    total = len(MedicalTransformer(task="classification", num_classes=2).state_dict())
     assert f"loaded {pretrained} of {total} tensors" in log and "val_auc" in log and "val_accuracy" in log
     bundle_run(mt_bundle, ["configs/train.json", "configs/evaluate.json"], "--dataset_dir", str(labelled_table),
                "--output_dir", str(tmp_path / "ft"), *SMALL_GRID, "--val_fraction", "0.34")

@@ -186,7 +186,7 @@ def test_3d_segmentation_fine_tuning_on_anisotropic_voxels(spad_bundle, real_fil
     log = result.stdout + result.stderr
     assert "loaded" in log and "val_mean_dice" in log
     state = load_checkpoint(tmp_path / "seg" / "models" / "model.pt")
-    SpadViT(in_channels=1, task="segmentation", num_outputs=8, decoder_channels=(8, 8, 16, 16, 32, 32), **TINY).load_state_dict(state)
+    SpadViT(in_channels=1, task="segmentation", out_channels=8, decoder_channels=(8, 8, 16, 16, 32, 32), **TINY).load_state_dict(state)
     # its evaluation overlay: Dice per case and class by the labels' names, segmentations on the input's grid
     bundle_run(spad_bundle, ["configs/train_segmentation.json", "configs/evaluate_segmentation.json"], "--dataset_dir",
                str(folder), "--output_dir", str(tmp_path / "seg"), *TINY_ARGS, *TINY_DECODER, "--target_spacing",

@@ -79,7 +79,7 @@ def test_mean_embedding_baseline_uses_visible_slices_only():
 @pytest.mark.parametrize("task,outputs,shape", [("classification", 2, (2, 2)), ("regression", 1, (2, 1)),
                                                 ("segmentation", 3, (2, 3, 20, 24, 16))])
 def test_downstream_heads_give_their_shapes_and_train(task, outputs, shape):
-    network = MedicalTransformer(task=task, num_outputs=outputs)
+    network = MedicalTransformer(task=task, **{"out_channels" if task == "segmentation" else "num_classes": outputs})
     x = torch.rand(2, 1, 20, 24, 16)
     prediction = network(x)
     assert prediction.shape == shape
@@ -90,8 +90,10 @@ def test_downstream_heads_give_their_shapes_and_train(task, outputs, shape):
 def test_bad_task_arguments_are_refused():
     with pytest.raises(ValueError, match="task must be one of"):
         MedicalTransformer(task="detection")
-    with pytest.raises(ValueError, match="needs num_outputs >= 1"):
+    with pytest.raises(ValueError, match="needs num_classes >= 1"):
         MedicalTransformer(task="classification")
+    with pytest.raises(ValueError, match="needs out_channels >= 1"):
+        MedicalTransformer(task="segmentation", num_classes=3)
 
 
 # The authors' Multiview_MEP state dict (ejjun92/MedicalTransformer, stage 2 models/ResNet_Model.py),
@@ -235,8 +237,8 @@ def test_an_authors_checkpoint_imports_and_computes_the_authors_formulas(tmp_pat
 
 
 def test_a_fine_tuned_head_is_dropped_for_another_task():
-    classifier = MedicalTransformer(task="classification", num_outputs=2)
-    regressor = MedicalTransformer(task="regression", num_outputs=1)
+    classifier = MedicalTransformer(task="classification", num_classes=2)
+    regressor = MedicalTransformer(task="regression", num_classes=1)
     converted = checkpoint_filter_fn(classifier.state_dict(), regressor)
     assert not any(k.startswith("head.3.") for k in converted)
     assert "head.0.weight" in converted  # same shape in both tasks

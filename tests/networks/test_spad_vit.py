@@ -105,13 +105,13 @@ def test_spacing_sets_the_token_grid_and_one_batch_has_one_aniso_d():
 
 
 def test_heads_shapes_and_gradients():
-    seg = small(task="segmentation", num_outputs=3, decoder_channels=(4, 4, 8, 8, 16, 16))
+    seg = small(task="segmentation", out_channels=3, decoder_channels=(4, 4, 8, 8, 16, 16))
     for shape, spacing in [((1, 1, 64, 48, 32), None), ((1, 1, 64, 64, 8), (1, 1, 4)), ((1, 1, 64, 48), None)]:
         assert seg(torch.rand(*shape), spacing=spacing).shape == (1, 3, *shape[2:])
     seg.train()
     seg(torch.rand(2, 1, 64, 64, 8), spacing=(0.75, 0.75, 3)).mean().backward()
     assert seg.patch_embed.proj.weight.grad.abs().sum() > 0 and seg.fpn.up4[0].weight.grad.abs().sum() > 0
-    assert small(task="classification", num_outputs=5)(torch.rand(2, 1, 32, 32, 16), spacing=(1, 1, 2)).shape == (2, 5)
+    assert small(task="classification", num_classes=5)(torch.rand(2, 1, 32, 32, 16), spacing=(1, 1, 2)).shape == (2, 5)
     assert small()(torch.rand(3, 1, 32, 32, 32)).shape == (3, 128)  # cls + mean patch token
 
 

@@ -244,7 +244,7 @@ class SliceTransformer(nn.Module):
 class SegmentationDecoder(nn.Module):
     """In-plane U-Net decoder over one view's encoder maps (upsampling (2, 2, 1) per step)."""
 
-    def __init__(self, encoder_widths: Sequence[int], embed_dim: int, num_classes: int, width: int = 16) -> None:
+    def __init__(self, encoder_widths: Sequence[int], embed_dim: int, out_channels: int, width: int = 16) -> None:
         super().__init__()
         stem, *stages = encoder_widths  # stem (1/2), stages at 1/4, 1/8, 1/16, 1/32
         self.context = nn.Linear(embed_dim, stages[-1])
@@ -256,7 +256,7 @@ class SegmentationDecoder(nn.Module):
             self.up.append(nn.Sequential(_slice_conv(previous + skip, out, 3), nn.InstanceNorm3d(out, affine=True),
                                          nn.LeakyReLU(inplace=True)))
             previous = out
-        self.head = nn.Conv3d(previous, num_classes, kernel_size=1)
+        self.head = nn.Conv3d(previous, out_channels, kernel_size=1)
 
     def forward(self, maps: list[torch.Tensor], context: torch.Tensor, size: list[int]) -> torch.Tensor:
         """``maps`` from :meth:`SliceEncoder.feature_maps`, ``context`` ``(B, S, dim)`` -> ``(B, K, *size)``."""
@@ -282,12 +282,13 @@ class MedicalTransformer(nn.Module):
     """Slice encoder + view transformer for ``(B, C, X, Y, Z)`` RAS brain MRI (MNI: 96 x 114 x 96).
 
     ``forward`` returns, by ``task``: ``"embedding"`` the ``(B, 3 * embed_dim)`` volume embedding;
-    ``"classification"`` / ``"regression"`` ``(B, num_outputs)`` logits or values from an MLP on it;
-    ``"segmentation"`` ``(B, num_outputs, X, Y, Z)`` logits.
+    ``"classification"`` / ``"regression"`` ``(B, num_classes)`` logits or values from an MLP on it;
+    ``"segmentation"`` ``(B, out_channels, X, Y, Z)`` logits.
 
     Args:
         in_channels: image channels (1 for T1).
-        num_outputs: classes (classification, segmentation) or targets (regression); unused for embeddings.
+        num_classes: classes (classification) or targets (regression) of the MLP head.
+        out_channels: output channels (classes) of the segmentation decoder.
         task: ``"embedding"``, ``"classification"``, ``"regression"`` or ``"segmentation"``.
         widths: slice encoder widths of the four ResNet stages.
         embed_dim: slice embedding size, also the transformer's model size.
@@ -300,15 +301,17 @@ class MedicalTransformer(nn.Module):
 
     TASKS = ("embedding", "classification", "regression", "segmentation")
 
-    def __init__(self, in_channels: int = 1, num_outputs: int = 0, task: str = "embedding",
+    def __init__(self, in_channels: int = 1, num_classes: int = 0, out_channels: int = 0, task: str = "embedding",
                  widths: Sequence[int] = (16, 32, 64, 128), embed_dim: int = 64, num_heads: int = 4,
                  head_dim: int = 256, ff_dim: int = 128, num_layers: int = 1, dropout: float = 0.1,
                  max_slices: int = 114, head_hidden: int = 64, slice_pooling: str = "window") -> None:
         super().__init__()
         if task not in self.TASKS:
             raise ValueError(f"task must be one of {self.TASKS}, got {task!r}")
-        if task != "embedding" and num_outputs < 1:
-            raise ValueError(f"task {task!r} needs num_outputs >= 1")
+        outputs = {"classification": ("num_classes", num_classes), "regression": ("num_classes", num_classes),
+                   "segmentation": ("out_channels", out_channels)}
+        if task in outputs and outputs[task][1] < 1:
+            raise ValueError(f"task {task!r} needs {outputs[task][0]} >= 1")
         self.task = task
         self.in_channels = in_channels
         self.embed_dim = embed_dim
@@ -316,10 +319,10 @@ class MedicalTransformer(nn.Module):
         self.transformer = SliceTransformer(embed_dim, num_heads, head_dim, ff_dim, num_layers, dropout, max_slices)
         self.head = (
             nn.Sequential(nn.Linear(len(VIEWS) * embed_dim, head_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                          nn.Linear(head_hidden, num_outputs))
+                          nn.Linear(head_hidden, num_classes))
             if task in ("classification", "regression") else None
         )
-        self.decoder = (SegmentationDecoder([widths[0], *widths], embed_dim, num_outputs)
+        self.decoder = (SegmentationDecoder([widths[0], *widths], embed_dim, out_channels)
                         if task == "segmentation" else None)
 
     @staticmethod

@@ -311,7 +311,8 @@ class SpadViT(nn.Module):
         task: ``"embedding"`` (cls and mean patch token), ``"classification"`` (cls -> Linear),
             ``"segmentation"`` (taps -> simple FPN -> conv U-Net decoder) or ``"mim"`` (mask token
             and the head predicting tokenizer codes).
-        num_outputs: classes for classification / segmentation.
+        num_classes: classes of the classification head.
+        out_channels: output channels (classes) of the segmentation decoder.
         taps: blocks whose outputs feed the FPN; default: upstream's BTCV choice (3, 5, 7, 11 of
             12) scaled to ``depth``.
         decoder_channels: segmentation widths at in-plane strides 1, 2, 4, 8, 16, 32 (the last four
@@ -326,7 +327,7 @@ class SpadViT(nn.Module):
 
     def __init__(self, in_channels: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_hidden: int | None = None, patch_size: int = 16, pos_embed_grid: Sequence[int] = (5, 10, 10),
-                 task: str = "embedding", num_outputs: int = 2, taps: Sequence[int] | None = None,
+                 task: str = "embedding", num_classes: int = 2, out_channels: int = 2, taps: Sequence[int] | None = None,
                  decoder_channels: Sequence[int] = (32, 64, 128, 256, 512, 512),
                  codebook_size: int = 1024, rope_depth_base: float = 2333.0, rope_base: float = 10000.0) -> None:
         super().__init__()
@@ -353,7 +354,7 @@ class SpadViT(nn.Module):
             nn.init.trunc_normal_(self.mask_token, std=0.02)
             self.mim_head = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, codebook_size))
         elif task == "classification":
-            self.head = nn.Linear(embed_dim, num_outputs)
+            self.head = nn.Linear(embed_dim, num_classes)
         elif task == "segmentation":
             self.taps = list(taps) if taps is not None else [min(round(t * depth / 12), depth - 1) for t in UPSTREAM_TAPS]
             if len(self.taps) != 4 or not all(0 <= t < depth for t in self.taps):
@@ -361,7 +362,7 @@ class SpadViT(nn.Module):
             if len(decoder_channels) != 6:
                 raise ValueError(f"decoder_channels needs 6 widths (strides 1, 2, 4, 8, 16, 32), got {list(decoder_channels)}")
             self.fpn = SimpleFPN(embed_dim, decoder_channels[2:])
-            self.decoder = SegmentationDecoder(in_channels, decoder_channels, num_outputs)
+            self.decoder = SegmentationDecoder(in_channels, decoder_channels, out_channels)
 
     # -- geometry -----------------------------------------------------------------------------------
     def patch_stride(self, aniso_d: int) -> tuple[int, int, int]:
