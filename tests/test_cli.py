@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,6 +64,11 @@ def test_infer_by_name_writes_outputs_and_nothing_else(small_ct, tmp_path):
     assert stem.startswith("ct_small-") and len(stem) == len("ct_small-") + 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"], "no staging folder left behind"
     assert str(out / f"{stem}_restored.nii.gz") in result.stdout
+    # demo weights say so, in the run's output and in the file they made
+    assert ("medfm: warning: these outputs were made with medfm_genesis_demo, demo weights" in result.stderr
+            and "run 'medfm weights fetch models_genesis_chest_ct'" in result.stderr)
+    descrip = nib.load(out / f"{stem}_restored.nii.gz").header["descrip"].tobytes().rstrip(b"\0").decode()
+    assert descrip.startswith("medfm models_genesis_chest_ct ") and descrip.endswith(", weights medfm_genesis_demo (DEMO)")
     # a second scan into the same folder adds a row to the index instead of replacing it
     renamed = tmp_path / "second.nii.gz"
     renamed.write_bytes(small_ct.read_bytes())

@@ -27,6 +27,7 @@ from .io.atomic import atomic_path
 from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
+from .weights.records import demo_weights_warning
 from .workflows.embedding import EmbeddingSummary
 
 __all__ = ["EMBED_CONFIG", "embed", "infer"]
@@ -100,6 +101,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _warn_of_demo_weights(bundle_dir: Path, overrides: dict) -> None:
+    """Say in the run's own output when the installed weights are demo weights (never with another ``ckpt_path``)."""
+    warning = None if "ckpt_path" in overrides else demo_weights_warning(bundle_dir)
+    if warning:
+        package_logger.warning(warning)
+
+
 def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> None:
     """Refuse override keys the bundle's configs do not have (a misspelt ``--sw_batchsize 2`` would
     otherwise be added as a new key and silently do nothing). A new argument of a component
@@ -149,6 +157,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         package_logger.addHandler(warnings)
         with _output_captured(verbose) as log:
             try:
+                _warn_of_demo_weights(bundle_dir, overrides)
                 workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
                                      input_image=os.path.abspath(source), output_dir=str(staging), **overrides)
                 workflow.initialize()
@@ -237,6 +246,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         settings["num_workers"] = int(num_workers)
     with _warnings_printed():
         try:
+            _warn_of_demo_weights(bundle_dir, overrides)
             workflow = _workflow(bundle_dir, ["inference.json", EMBED_CONFIG], False, **settings, **overrides)
             workflow.initialize()
             summary = workflow.run()[0]

@@ -11,15 +11,19 @@ from .reading import DicomSeries, LoadScan, LoadScand, ScanError, list_dicom_ser
 from .tables import HeaderedCSVSaver
 from .target_table import target_table_datalist, target_table_labels
 from .segmentation import SaveSegmentation, SaveSegmentationd, SegmentationWriteError
+from .described_image import DescribedNibabelWriter, SaveDescribedImage, SaveDescribedImaged
 
 __all__ = [
     "HeaderedCSVSaver",
     "ArchiveError",
+    "DescribedNibabelWriter",
     "MAX_UNPACKED_GIB_ENV",
     "DicomSeries",
     "LoadScan",
     "LoadScand",
     "OutputLayout",
+    "SaveDescribedImage",
+    "SaveDescribedImaged",
     "SaveEmbedding",
     "SaveEmbeddingd",
     "SaveSegmentation",

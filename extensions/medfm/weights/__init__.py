@@ -8,6 +8,7 @@ __all__ = [
     "REGISTRY",
     "WeightsEntry",
     "default_for_bundle",
+    "demo_weights_warning",
     "download",
     "fetch_weights",
     "for_bundle",
@@ -18,11 +19,13 @@ __all__ = [
     "load_checkpoint",
     "sha256_of",
     "verify_bundle_weights",
+    "weights_description",
 ]
 
 # the registry is read without torch (medfm list, info); loading and importing checkpoints need it
 __getattr__, __dir__ = lazy_attributes(__name__, attributes={
     "load_checkpoint": ".checkpoint",
     **dict.fromkeys(["fetch_weights", "import_weights", "installed_weights_path", "verify_bundle_weights"], ".importer"),
-    **dict.fromkeys(["ImportReport", "installed_weights_id", "sha256_of"], ".records"),
+    **dict.fromkeys(["ImportReport", "demo_weights_warning", "installed_weights_id", "sha256_of", "weights_description"],
+                    ".records"),
     **dict.fromkeys(["REGISTRY", "WeightsEntry", "default_for_bundle", "for_bundle", "get"], ".registry")})

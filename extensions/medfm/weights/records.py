@@ -12,7 +12,7 @@ from ..errors import first_line
 from . import registry
 
 __all__ = ["ImportReport", "MODEL_FILE", "PROVENANCE_FILE", "identify_weights", "installed_weights_id", "read_provenance",
-           "sha256_of"]
+           "sha256_of", "demo_weights_warning", "weights_description"]
 
 MODEL_FILE = Path("models") / "model.pt"
 #: Written beside model.pt: which weights these are, from which file, imported when.
@@ -100,3 +100,25 @@ def installed_weights_id(bundle: str | os.PathLike, digest: str | None = None) -
     digest = digest or sha256_of(model_file)
     name, _ = identify_weights(Path(bundle), digest)
     return name or f"unregistered:{digest[:16]}"
+
+
+def weights_description(bundle: str | os.PathLike) -> str:
+    """Which model made an output, for its file's own metadata (a NIfTI ``descrip`` holds 80 bytes):
+    ``"medfm <bundle> <version>, weights <id>"``, marked where those are demo weights."""
+    bundle_dir = Path(bundle)
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    weights = installed_weights_id(bundle_dir)
+    entry = registry.REGISTRY.get(weights)
+    demo = " (DEMO)" if entry is not None and entry.demo else ""
+    return f"medfm {metadata.get('name', bundle_dir.name)} {metadata.get('version', '')}, weights {weights}{demo}"
+
+
+def demo_weights_warning(bundle: str | os.PathLike) -> str | None:
+    """A warning for outputs made with ``demo`` weights (they must never pass for results), else None."""
+    entry = registry.REGISTRY.get(installed_weights_id(bundle))
+    if entry is None or not entry.demo:
+        return None
+    official = registry.default_for_bundle(entry.bundle)
+    return (f"these outputs were made with {entry.name}, demo weights that only show the workflow runs; they are not "
+            f"results. For the official weights ({official.name}): {official.how_to_get()}")
+

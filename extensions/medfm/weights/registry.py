@@ -44,7 +44,8 @@ class WeightsEntry:
     network's state dict, and ``num_params`` that network's parameter count. ``license_spdx`` is the
     licence's SPDX identifier (``LicenseRef-...`` for a custom one) or None where the authors published
     none (all rights reserved); ``license`` says it in words. Each bundle has one ``default`` entry:
-    the weights its docs and ``medfm weights fetch`` mean when no name is given.
+    the weights its docs and ``medfm weights fetch`` mean when no name is given. ``demo`` weights only
+    show that the workflows run: outputs made with them say so.
     """
 
     name: str
@@ -65,6 +66,7 @@ class WeightsEntry:
     network_module: str
     num_params: int
     default: bool = False
+    demo: bool = False
     metrics: tuple[Metric, ...] = ()
     notes: str = ""
 
@@ -86,7 +88,7 @@ class WeightsEntry:
     def how_to_get(self) -> str:
         """The one instruction that installs these weights into their bundle."""
         if self.url:
-            return f"medfm weights fetch {self.bundle} --weights {self.name}"
+            return f"run 'medfm weights fetch {self.bundle}{'' if self.default else f' --weights {self.name}'}'"
         if self.redistributable:
             return f"they ship with the bundle as models/{self.file_name}"
         return f"download {self.file_name} yourself ({self.source}) and run 'medfm weights import {self.bundle} {self.file_name}'"
@@ -160,6 +162,7 @@ REGISTRY: dict[str, WeightsEntry] = {
             preprocessing="same as the official weights",
             network_module="medfm.networks.genesis_unet3d",
             num_params=GENESIS_PARAMS,
+            demo=True,
             notes="A demonstration that the pre-training runs end to end and that the quick start works "
             "offline; far weaker than the official weights.",
         ),
