@@ -9,7 +9,8 @@ the MNI152 2009a average), centred on a 20 mm grid, labelled by the lobe of the 
 the patch centre (frontal, temporal, parietal, occipital, cerebellum; centres in other regions
 or outside the atlas are skipped). A patch of one template and the patch at the same place in the
 other are near copies, so the probe's groups are 32 mm blocks of space: no block is ever on both
-sides of a split. Bundles without installed weights are skipped with a message. Results (the
+sides of a split. Bundles without installed weights get their baselines only (the untrained network,
+and the permuted control on its features): the floor their weights must beat, once imported. Results (the
 probe's outputs) go to ``--out``; with ``--write_docs``, each bundle's ``docs/probe_lobe_summary.csv``
 (its rows and the histogram baseline's) and ``docs/probe_lobe.png`` are this script's output for the
 weights installed when it was run.
@@ -112,15 +113,7 @@ def main() -> int:
         return 1
     out = Path(args.out)
     table = build_task(out / "task")
-    ready = []
-    for name in args.bundles.split(","):
-        if (find_bundle(name) / "models" / "model.pt").is_file():
-            ready.append(name)
-        else:
-            print(f"{name}: no weights installed, skipped (medfm weights fetch/import {name})", file=sys.stderr)
-    if not ready:
-        print("no bundle has weights installed", file=sys.stderr)
-        return 1
+    ready = args.bundles.split(",")
     start = time.perf_counter()
     probe(ready, table, out=out, fractions=[float(f) for f in args.fractions.split(",")], folds=args.folds,
           repeats=args.repeats, group_column="block", command=sys.argv)

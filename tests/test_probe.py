@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import sys
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import pytest
 import medfm
 from medfm.errors import MedfmError
 from medfm.probe import probe_splits, read_label_table
-from tests.conftest import crop_nifti, run_command
+from tests.conftest import GENESIS, crop_nifti, run_command
 
 PROBE = [sys.executable, "-m", "medfm", "probe"]
 
@@ -69,6 +70,25 @@ def test_probe_learns_the_modality_keeps_the_control_at_chance_and_reuses_embedd
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in embeddings] == stamps  # nothing embedded again
     assert summary_of(out / "probe_summary.csv") == summary  # same splits, same numbers
+
+
+def test_a_bundle_without_weights_gets_its_baselines_only_and_says_so(modality_table, tmp_path, capsys):
+    from medfm.probe import probe
+
+    bundle = tmp_path / "genesis_without_weights"
+    shutil.copytree(GENESIS, bundle, ignore=shutil.ignore_patterns("models", "eval", "pretrain", "finetune"))
+    out = tmp_path / "probe"
+    probe([str(bundle)], modality_table, out=out, folds=3, repeats=1, fractions=[1.0], group_column="subject",
+          progress=False)
+    assert "has no weights installed" in capsys.readouterr().err
+    summary = summary_of(out / "probe_summary.csv")
+    assert {k[1] for k in summary} == {"random_init", "histogram", "permuted"}
+    permuted = [float(r["mean"]) for k, r in summary.items() if k[1] == "permuted" and k[4] == "auc"]
+    assert abs(np.mean(permuted) - 0.5) < 0.2, permuted
+    record = json.loads((out / "probe_record.json").read_text())
+    assert record["bundles"][str(bundle)]["permuted_control_of"] == "random_init"
+    assert "pretrained_weights" not in record["bundles"][str(bundle)]
+    assert "no pretrained rows" in (out / "probe.md").read_text()
 
 
 def test_no_subject_sits_on_both_sides_and_fractions_stay_inside_the_training_part(modality_table):

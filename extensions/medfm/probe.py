@@ -370,7 +370,8 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
                 writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _write_markdown(path: Path, summary: list[dict], task: str, table: LabelTable, group_column: str | None) -> None:
+def _write_markdown(path: Path, summary: list[dict], task: str, table: LabelTable, group_column: str | None,
+                    permuted_of: dict[str, str]) -> None:
     metric = METRICS[task][0]
     fractions = sorted({row["fraction"] for row in summary})
     grouped = f"{len(set(table.groups))} groups by {group_column!r}, " if group_column else ""
@@ -383,6 +384,10 @@ def _write_markdown(path: Path, summary: list[dict], task: str, table: LabelTabl
         values = [cells.get((bundle, features, kind, f)) for f in fractions]
         lines.append(f"| {bundle} | {features} | {kind} | " + " | ".join(
             f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "" for v in values) + " |")
+    without = sorted(name for name, features in permuted_of.items() if features != "pretrained")
+    if without:
+        lines += ["", f"No weights were installed for {', '.join(without)}: no pretrained rows, and the permuted "
+                      "control shuffles the labels of the random_init features."]
     with atomic_path(path) as temporary:
         temporary.write_text("\n".join(lines) + "\n")
 
@@ -440,12 +445,17 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     weights, settings, the table's sha256 and ``command``). Embeddings live in
     ``out/embeddings/<bundle>/pretrained`` and ``.../random_init_seed<seed>`` and are reused by the
     next run (an index whose weights differ from the installed ones is refused, never mixed in).
+    A bundle without installed weights gets its baselines only (said on stderr and in the record):
+    no ``pretrained`` rows, and a permuted control on its ``random_init`` features.
     """
     import sklearn
     import torch
     from tqdm import tqdm
 
     from . import __version__
+    from .bundles import find_bundle
+    from .weights.importer import how_to_get_weights
+    from .weights.records import MODEL_FILE
 
     names = [b for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
     if not names:
@@ -466,8 +476,16 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
               "bundles": {name: _bundle_record(name) for name in names}}
     matrices: dict[tuple[str, str], np.ndarray] = {}
     points_file = None if labelled.points is None else _points_file(labelled, out_dir / "embeddings")
+    permuted_of = {}
     for name in names:
-        for features, pretrained in (("pretrained", True), ("random_init", False)):
+        bundle_dir = find_bundle(name)
+        has_weights = (bundle_dir / MODEL_FILE).is_file()
+        if not has_weights:
+            print(f"medfm: warning: {name} has no weights installed ({bundle_dir / MODEL_FILE}), so it gets no "
+                  f"'pretrained' rows: only its baselines run, and its permuted control shuffles the random_init "
+                  f"features. For its weights: {how_to_get_weights(bundle_dir)}", file=sys.stderr)
+        permuted_of[name] = record["bundles"][name]["permuted_control_of"] = "pretrained" if has_weights else "random_init"
+        for features, pretrained in (("pretrained", True), ("random_init", False))[0 if has_weights else 1:]:
             folder = out_dir / "embeddings" / name / (features if pretrained else f"{features}_seed{seed}")
             matrix, weights = _embedding_matrix(name, labelled, folder, pretrained, seed, progress, points_file)
             matrices[(name, features)] = matrix
@@ -482,7 +500,7 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     num_classes = len(labelled.classes) if labelled.classes else None
     bar = tqdm(total=len(jobs) * len(splits), desc="probes", unit="fit", disable=not progress)
     for bundle, features, kind in jobs:
-        matrix = matrices[(bundle, "pretrained" if features == "permuted" else features)]
+        matrix = matrices[(bundle, permuted_of[bundle] if features == "permuted" else features)]
         for split in splits:
             labels = permuted[split.repeat] if features == "permuted" else labelled.labels
             scores = score_probe(matrix, labels, labelled.groups, split, task, kind, num_classes)
@@ -495,7 +513,7 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     summary = _summary_rows(fold_rows)
     _write_csv(out_dir / "probe_folds.csv", FOLD_COLUMNS, fold_rows)
     _write_csv(out_dir / "probe_summary.csv", SUMMARY_COLUMNS, summary)
-    _write_markdown(out_dir / "probe.md", summary, task, labelled, group_column)
+    _write_markdown(out_dir / "probe.md", summary, task, labelled, group_column, permuted_of)
     _write_plot(out_dir / "probe.png", summary, task)
     with atomic_path(out_dir / "probe_record.json") as temporary:
         temporary.write_text(json.dumps(record, indent=2) + "\n")
