@@ -1,7 +1,6 @@
 """Every workflow of the VDT 3D ResNet-18 bundle, driven through ``python -m monai.bundle``."""
 
 import csv
-import json
 import shutil
 import re
 import sys
@@ -52,19 +51,18 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def crop_classification_dataset(tmp_path_factory):
-    """Decathlon-style classification set from the real volumes: 48^3 crops of the head CT
-    (class 0) and of the head T1 MRI (class 1), each item tagged with its modality."""
+    """Classification table (``dataset.csv``: image, label, modality) from the real volumes: 48^3 crops of
+    the head CT (label CT) and of the head T1 MRI (label MR), each row tagged with its modality."""
     folder = tmp_path_factory.mktemp("crops")
-    items = []
-    for label, (sample, modality) in enumerate((("ct_head", "CT"), ("mr_head_t1", "MR"))):
+    rows = []
+    for sample, modality in (("ct_head", "CT"), ("mr_head_t1", "MR")):
         shape = nib.load(medfm.samples.path(sample)).shape
         for index in range(4):
             offset = tuple(int(s * (0.2 + 0.1 * index)) for s in shape)
             crop = crop_nifti(medfm.samples.path(sample), folder / f"{modality}_{index}.nii.gz", (48, 48, 48), offset)
-            items.append({"image": crop.name, "label": label, "modality": modality})
+            rows.append(f"{crop.name},{modality},{modality}\n")
     order = [0, 4, 1, 5, 2, 6, 3, 7]  # both classes in the last quarter (validation)
-    (folder / "dataset.json").write_text(json.dumps({"name": "ct_vs_mr_crops", "labels": {"0": "CT", "1": "MR"},
-                                                     "training": [items[i] for i in order]}))
+    (folder / "dataset.csv").write_text("image,label,modality\n" + "".join(rows[i] for i in order))
     return folder
 
 
@@ -116,7 +114,7 @@ def test_classification_fine_tuning_evaluation_inference_and_scratch(vdt_bundle,
                str(crop_classification_dataset), "--output_dir", str(tmp_path / "ft"), "--patch_size", "[32,32,32]",
                "--val_fraction", "0.25")
     header, *rows = csv.reader((tmp_path / "ft" / "eval" / "predictions.csv").open())
-    assert header[0] == "input" and len(header) == 3
+    assert header == ["input", "CT", "MR"]  # the classes are the table's labels
     assert len(rows) == 2 and all(abs(float(a) + float(b) - 1) < 1e-5 for _, a, b in rows)
     assert (tmp_path / "ft" / "eval" / "metrics.csv").read_text().startswith("val_auc")
 

@@ -22,6 +22,16 @@ def test_classification_targets_index_the_sorted_class_names(table):
     assert items[0]["image"] == str(table.parent / "a.nii.gz")  # relative to the table's folder
 
 
+def test_extra_columns_are_carried_where_a_row_has_a_value(tmp_path):
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    path = tmp_path / "dataset.csv"
+    path.write_text("image,label,modality\na.nii.gz,x,CT\nb.nii.gz,y,\n")
+    items = target_table_datalist(path, "classification", extra_columns=["modality", "absent"])
+    assert [(item["label"], item.get("modality")) for item in items] == [(0, "CT"), (1, None)]
+    assert all("absent" not in item for item in items)
+
+
 def test_regression_targets_are_one_float_per_item(table):
     assert target_table_labels(table, "regression", target_column="age") == ["age"]
     items = target_table_datalist(table, "regression", target_column="age")

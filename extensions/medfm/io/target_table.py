@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +16,22 @@ __all__ = ["target_table_datalist", "target_table_labels"]
 TASKS = ("classification", "regression")
 
 
-def _rows(table: Path, image_column: str, target_column: str) -> list[tuple[str, str]]:
+def _rows(table: Path, image_column: str, target_column: str, extra_columns: Sequence[str] = ()
+          ) -> list[tuple[str, str, dict[str, str]]]:
+    """``(image, target, {extra column: value})`` per row; extra columns the table lacks, or leaves empty, are left out."""
     try:
         with open(table, newline="") as stream:
             reader = csv.DictReader(stream)
             missing = [c for c in (image_column, target_column) if c not in (reader.fieldnames or [])]
             if missing:
                 raise MedfmError(f"{table}: no column {missing[0]!r} (columns: {', '.join(reader.fieldnames or [])})")
-            rows = [(row[image_column].strip(), row[target_column].strip()) for row in reader]
+            rows = [(row[image_column].strip(), row[target_column].strip(),
+                     {c: row[c].strip() for c in extra_columns if (row.get(c) or "").strip()}) for row in reader]
     except OSError as error:
         raise MedfmError(f"{table}: cannot be read ({error.strerror})") from None
     if not rows:
         raise MedfmError(f"{table}: no rows")
-    for line, (image, target) in enumerate(rows, start=2):
+    for line, (image, target, _) in enumerate(rows, start=2):
         if not image or not target:
             raise MedfmError(f"{table}: line {line} has an empty {image_column if not image else target_column}")
     return rows
@@ -40,12 +44,13 @@ def target_table_labels(table: str | os.PathLike, task: str, image_column: str =
         raise MedfmError(f"task must be one of {TASKS}, got {task!r}")
     if task == "regression":
         return [target_column]
-    return sorted({target for _, target in _rows(Path(table), image_column, target_column)})
+    return sorted({target for _, target, _ in _rows(Path(table), image_column, target_column)})
 
 
 def target_table_datalist(table: str | os.PathLike, task: str, image_column: str = "image",
-                          target_column: str = "label") -> list[dict]:
-    """``[{"image": path, "label": target}]`` from a CSV with an image column and a target column.
+                          target_column: str = "label", extra_columns: Sequence[str] = ()) -> list[dict]:
+    """``[{"image": path, "label": target}]`` from a CSV with an image column and a target column,
+    plus the row's value of each of ``extra_columns`` (e.g. ``modality``) where it has one.
 
     Relative image paths are taken from the CSV's folder. Classification targets become indices
     into :func:`target_table_labels`; regression targets become float32 arrays of shape ``(1,)``. A
@@ -54,7 +59,7 @@ def target_table_datalist(table: str | os.PathLike, task: str, image_column: str
     table = Path(table)
     labels = target_table_labels(table, task, image_column, target_column)
     items = []
-    for line, (image, target) in enumerate(_rows(table, image_column, target_column), start=2):
+    for line, (image, target, extra) in enumerate(_rows(table, image_column, target_column, extra_columns), start=2):
         path = Path(image) if Path(image).is_absolute() else table.parent / image
         if not path.exists():
             raise MedfmError(f"{table}: line {line}: image {image} not found")
@@ -67,5 +72,5 @@ def target_table_datalist(table: str | os.PathLike, task: str, image_column: str
                 raise MedfmError(f"{table}: line {line}: regression target {target!r} is not a number") from None
             if not np.isfinite(label).all():
                 raise MedfmError(f"{table}: line {line}: regression target {target!r} is not finite")
-        items.append({"image": str(path), "label": label})
+        items.append({"image": str(path), "label": label, **extra})
     return items
