@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -145,16 +144,26 @@ def test_pretraining_logs_on_rank_zero_only(bundle):
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
 def test_metadata_is_valid_against_the_shipped_schema(bundle):
-    """The README's offline form: ``verify_metadata --filepath "$(medfm schema .)"`` reads medfm's copy, no download."""
+    """MONAI's own ``verify_metadata`` (in-process; the command line form is tested below) with medfm's copy."""
+    from monai.bundle import verify_metadata
+
+    from medfm.bundles import metadata_schema
+
+    path = metadata_schema(bundle)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(path))  # raises when invalid
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_the_readme_offline_metadata_check_reads_the_shipped_schema_without_download():
+    """The README's form, as a user runs it: ``verify_metadata --filepath "$(medfm schema .)"``."""
+    bundle = BUNDLE_DIRS[0]
     schema = run_command([sys.executable, "-m", "medfm", "schema", "."], cwd=bundle)
     assert schema.returncode == 0, schema.stderr
-    path = schema.stdout.strip()
-    before = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     result = run_command([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                          "configs/metadata.json", "--filepath", path], cwd=bundle)
+                          "configs/metadata.json", "--filepath", schema.stdout.strip()], cwd=bundle)
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "skipped downloading" in log and "metadata is verified with no error" in log
-    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
 
 
 def test_a_schema_medfm_does_not_ship_is_named(tmp_path):
@@ -170,10 +179,12 @@ def test_a_schema_medfm_does_not_ship_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
-def test_network_input_and_output_match_the_metadata(bundle):
-    result = run_command([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
-                          "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"], cwd=bundle)
-    assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr
+def test_network_input_and_output_match_the_metadata(bundle, monkeypatch):
+    """MONAI's ``verify_net_in_out`` in-process: it raises when the network's input or output disagrees."""
+    from monai.bundle import verify_net_in_out
+
+    monkeypatch.chdir(bundle)  # the configs' relative paths, as from the bundle folder
+    verify_net_in_out(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json")
 
 
 #: Bundles exported by tracing (as the model zoo allows), each with why scripting is not possible.
