@@ -33,6 +33,30 @@ def run_command(args: list[str], cwd: Path | None = None, timeout: int = 600, en
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def cli_in_process(argv: list[str], capfd) -> subprocess.CompletedProcess:
+    """The CLI run in this process (``medfm.cli.main``), reported as ``run_command`` reports a subprocess: for
+    checks of messages and outputs, where starting Python again (seconds each) is not what is tested. The loggers'
+    handlers are put back afterwards: a bundle's logging.conf and MONAI's StatsHandler point theirs at this test's
+    captured output, which is closed once the test ends."""
+    import logging
+
+    capfd.readouterr()  # only what this call prints
+
+    def loggers():
+        return [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+
+    saved = {id(logger): (logger, logger.handlers[:], logger.level) for logger in loggers()}
+    try:
+        from medfm import cli
+
+        code = cli.main(argv)
+    finally:
+        for logger in loggers():
+            logger.handlers[:], logger.level = saved.get(id(logger), (logger, [], logger.level))[1:]
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["medfm", *argv], code, out, err)
+
+
 def bundle_run(bundle: Path, configs: list[str], *overrides: str, launcher: list[str] | None = None, timeout: int = 600,
                check: bool = True, env: dict | None = None):
     """``python -m monai.bundle run`` with the given configs; asserts success (unless not ``check``) and returns the process."""

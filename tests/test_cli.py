@@ -19,32 +19,10 @@ from PIL import Image
 import medfm
 from medfm import cli
 from medfm.io import output_stem, read_index_rows
-from tests.conftest import GENESIS, run_command, save_upstream_checkpoint
+from tests.conftest import GENESIS, cli_in_process, run_command, save_upstream_checkpoint
 from tests.io.bad_inputs import CORPUS
 
 MEDFM = [sys.executable, "-m", "medfm.cli"]
-
-
-def _in_process(argv: list[str], capfd) -> subprocess.CompletedProcess:
-    """The CLI run in this process (``medfm.cli.main``), reported as ``run_command`` reports a subprocess: for
-    checks of messages and outputs, where starting Python again (seconds each) is not what is tested. The loggers'
-    handlers are put back afterwards: a bundle's logging.conf and MONAI's StatsHandler point theirs at this test's
-    captured output, which is closed once the test ends."""
-    import logging
-
-    capfd.readouterr()  # only what this call prints
-
-    def loggers():
-        return [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-
-    saved = {id(logger): (logger, logger.handlers[:], logger.level) for logger in loggers()}
-    try:
-        code = cli.main(argv)
-    finally:
-        for logger in loggers():
-            logger.handlers[:], logger.level = saved.get(id(logger), (logger, [], logger.level))[1:]
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(["medfm", *argv], code, out, err)
 
 
 def _single_error_line(result):
@@ -79,7 +57,7 @@ def test_infer_by_name_writes_outputs_and_nothing_else(small_ct, tmp_path):
 
 
 def test_missing_input_is_one_line_and_creates_nothing(tmp_path, capfd):
-    line = _single_error_line(_in_process(["infer", "models_genesis_chest_ct", str(tmp_path / "nope.nii.gz"),
+    line = _single_error_line(cli_in_process(["infer", "models_genesis_chest_ct", str(tmp_path / "nope.nii.gz"),
                                           "--out", str(tmp_path / "out")], capfd))
     assert "nope.nii.gz: no such file or folder" in line
     assert not (tmp_path / "out").exists()
@@ -115,7 +93,7 @@ def test_infer_refuses_an_unusable_out_before_any_work(small_ct, tmp_path, probl
         out.write_text("notes")
         expected = "out: exists and is not a folder; give --out a folder"
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    line = _single_error_line(_in_process(["infer", str(GENESIS), str(small_ct), "--out", str(out)], capfd))
+    line = _single_error_line(cli_in_process(["infer", str(GENESIS), str(small_ct), "--out", str(out)], capfd))
     assert expected in line, line
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
@@ -124,14 +102,14 @@ def test_infer_refuses_an_unusable_out_before_any_work(small_ct, tmp_path, probl
 def test_bad_inputs_give_their_message_in_one_line_and_no_output(case, small_ct, tmp_path, real_file, capfd):
     path, expected = CORPUS[case](small_ct, tmp_path, real_file)
     before, logs = set(tmp_path.iterdir()), set(Path(tempfile.gettempdir()).glob("medfm-*.log"))
-    line = _single_error_line(_in_process(["infer", str(GENESIS), str(path), "--out", str(tmp_path / "out")], capfd))
+    line = _single_error_line(cli_in_process(["infer", str(GENESIS), str(path), "--out", str(tmp_path / "out")], capfd))
     assert re.search(expected, line), line
     assert set(tmp_path.iterdir()) == before, "no output or staging folder left behind"
     assert set(Path(tempfile.gettempdir()).glob("medfm-*.log")) == logs, "no log kept for a problem the line explains"
 
 
 def test_unknown_bundle_lists_the_known_ones(tmp_path, capfd):
-    line = _single_error_line(_in_process(["infer", "no_such_bundle", str(tmp_path), "--out", str(tmp_path / "o")], capfd))
+    line = _single_error_line(cli_in_process(["infer", "no_such_bundle", str(tmp_path), "--out", str(tmp_path / "o")], capfd))
     assert "unknown bundle 'no_such_bundle'" in line and "models_genesis_chest_ct" in line
 
 
@@ -155,13 +133,13 @@ def test_weights_import_and_verify_from_the_command_line(genesis_bundle, tmp_pat
 
 
 def test_weights_errors_are_one_line(genesis_bundle, tmp_path, capfd):
-    line = _single_error_line(_in_process(["weights", "import", str(genesis_bundle), str(tmp_path / "absent.pt")], capfd))
+    line = _single_error_line(cli_in_process(["weights", "import", str(genesis_bundle), str(tmp_path / "absent.pt")], capfd))
     assert "absent.pt: no such file" in line
-    line = _single_error_line(_in_process(["weights", "fetch", str(genesis_bundle), "--url",
+    line = _single_error_line(cli_in_process(["weights", "fetch", str(genesis_bundle), "--url",
                                           "http://127.0.0.1:9/Genesis_Chest_CT.pt", "--progress", "false"], capfd))
     assert "cannot download http://127.0.0.1:9/Genesis_Chest_CT.pt" in line
     (genesis_bundle / "models" / "model.pt").unlink()
-    line = _single_error_line(_in_process(["weights", "verify", str(genesis_bundle)], capfd))
+    line = _single_error_line(cli_in_process(["weights", "verify", str(genesis_bundle)], capfd))
     assert "model.pt: missing; run 'medfm weights fetch" in line
 
 
@@ -195,7 +173,7 @@ def test_folder_with_several_series_lists_them_in_one_line(tmp_path, capfd):
     study = tmp_path / "study"
     medfm.samples.write_dicom_series("ct_head", study / "a")
     medfm.samples.write_dicom_series("mr_head_t1", study / "b")
-    line = _single_error_line(_in_process(["infer", "models_genesis_chest_ct", str(study), "--out", str(tmp_path / "o")], capfd))
+    line = _single_error_line(cli_in_process(["infer", "models_genesis_chest_ct", str(study), "--out", str(tmp_path / "o")], capfd))
     assert f"{study}: 2 DICOM series, choose one with series_uid: " in line and "(CT, " in line and "(MR, " in line
     assert "inference failed" not in line, "the reader's own message, not a wrapper"
     assert not (tmp_path / "o").exists()
@@ -312,7 +290,7 @@ def test_the_demo_montage_names_the_weights_and_how_to_get_the_official_ones():
 
 @pytest.mark.parametrize("command", ["infer", "embed"])
 def test_a_misspelt_override_is_refused_with_the_keys_it_could_mean(small_ct, tmp_path, command, capfd):
-    line = _single_error_line(_in_process([command, str(GENESIS), str(small_ct), "--out", str(tmp_path / "out"),
+    line = _single_error_line(cli_in_process([command, str(GENESIS), str(small_ct), "--out", str(tmp_path / "out"),
                                           "--sw_batchsize", "2"], capfd))
     assert "has no key 'sw_batchsize'; did you mean sw_batch_size" in line
     assert not (tmp_path / "out").exists()

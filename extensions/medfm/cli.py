@@ -18,7 +18,8 @@ from .errors import MedfmError, describe_error
 __all__ = ["main", "infer", "embed", "demo", "download", "info", "label_bundle", "list_bundles", "release"]
 
 
-def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, **overrides) -> None:
+def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, report: str | None = None,
+          **overrides) -> None:
     """Run a bundle's full inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
 
     Args:
@@ -26,17 +27,22 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
         input: the scan to process.
         out: output folder; results appear there only when the whole run succeeded.
         verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
+        report: write a JSON run report there, for a failed run too (versions, bundle, weights and their sha256,
+            device, inputs with series UIDs, warnings, seconds per stage, outputs, the error).
         overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
     """
     from .inference import infer as run_inference
+    from .run_report import run_report
 
-    for path in run_inference(bundle, input, out=out, verbose=verbose, **overrides):
+    with run_report(report, "infer", sys.argv[1:]) as record:
+        paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, **overrides)
+    for path in paths:
         print(path)
 
 
 def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str = "embeddings.csv",
           progress: bool = True, num_workers: int | None = None, amp: bool = False, points: str | None = None,
-          mask: str | None = None, **overrides) -> None:
+          mask: str | None = None, report: str | None = None, **overrides) -> None:
     """Embeddings of many inputs in one run of the bundle's embedding workflow (configs/embed.json).
 
     Args:
@@ -51,6 +57,7 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
         points: CSV of seed points (``image, x, y, z`` in mm, LPS, optional ``id``): one embedding per point
             from a crop of the model's input size centred there (no other inputs).
         mask: label image (NIfTI, NRRD, MHA or DICOM-SEG) of the one input: one embedding per label.
+        report: write a JSON run report there (rank 0), for a failed run too; see ``medfm infer --help``.
         overrides: further ``--key value`` pairs for the bundle config.
 
     Resumable: inputs already in the index are skipped. A failing input is reported and skipped;
@@ -58,17 +65,19 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
     embed ...`` each process embeds its own share and rank 0 writes the one index.
     """
     from .inference import embed as run_embedding
+    from .run_report import run_report
     from .workflows.embedding import FAILED_FILE
 
-    summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers, amp=amp,
-                            points=points, mask=mask, **overrides)
-    if _is_rank_zero():
-        for line in summary.lines():
-            print(line)
-    if summary.failed:
-        total = summary.embedded + summary.already_done + len(summary.failed)
-        raise MedfmError(f"{len(summary.failed)} of {total} inputs failed (listed above and in "
-                         f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
+    with run_report(report if _is_rank_zero() else None, "embed", sys.argv[1:]) as record:
+        summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers,
+                                amp=amp, points=points, mask=mask, report=record, **overrides)
+        if _is_rank_zero():
+            for line in summary.lines():
+                print(line)
+        if summary.failed:
+            total = summary.embedded + summary.already_done + len(summary.failed)
+            raise MedfmError(f"{len(summary.failed)} of {total} inputs failed (listed above and in "
+                             f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
 
 
 def probe(bundles: str, table: str, out: str = "medfm_probe", task: str = "classification",

@@ -27,6 +27,7 @@ from .io.atomic import atomic_path
 from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
+from .run_report import RunReport
 from .weights.records import demo_weights_warning
 from .workflows.embedding import EmbeddingSummary
 
@@ -129,7 +130,7 @@ def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> No
 
 
 def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike = "medfm_output",
-          verbose: bool = False, **overrides) -> list[str]:
+          verbose: bool = False, report: RunReport | None = None, **overrides) -> list[str]:
     """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
 
     Args:
@@ -137,13 +138,17 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         input: the scan to process.
         out: output folder; results appear there only when the whole run succeeded.
         verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
+        report: filled in with the run's facts (:mod:`medfm.run_report`).
         overrides: further config values (e.g. ``sw_batch_size=2``).
 
     Returns the paths written. Contract deviations are printed as ``medfm: warning:`` lines.
     """
+    report = report or RunReport.discarded()
     bundle_dir = find_bundle(bundle)
+    report.describe_bundle(bundle_dir, overrides.get("ckpt_path"))
     check_overrides(bundle_dir, ["inference.json"], overrides)
     source = Path(input).expanduser()
+    report.inputs([{"input": os.path.abspath(source)}])
     if not source.exists():
         raise MedfmError(f"{source}: no such file or folder")
     out_dir = Path(out).expanduser().resolve()
@@ -158,11 +163,13 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         with _output_captured(verbose) as log:
             try:
                 _warn_of_demo_weights(bundle_dir, overrides)
-                workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
-                                     input_image=os.path.abspath(source), output_dir=str(staging), **overrides)
-                workflow.initialize()
-                workflow.run()
-                workflow.finalize()
+                with report.stage("configure"):
+                    workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
+                                         input_image=os.path.abspath(source), output_dir=str(staging), **overrides)
+                    workflow.initialize()
+                with report.stage("run"):
+                    workflow.run()
+                    workflow.finalize()
             except Exception as error:
                 cause = innermost(error)
                 if isinstance(cause, MedfmError):  # the input's own problem: the line says it all, no log kept
@@ -182,6 +189,8 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         results = []
         for path in written:
             target = out_dir / path.name
+            if is_index_file(path):
+                report.inputs(read_index_rows(path))  # the rows name the DICOM series read
             if target.exists() and is_index_file(path):  # one index accumulates across runs, a row per output
                 added = read_index_rows(path)
                 replaced = {row["embedding"] for row in added}
@@ -189,6 +198,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
             elif not (target.exists() and _merged_table(path, target)):
                 path.replace(target)
             results.append(str(target))
+        report.outputs(results)
         return results
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -197,7 +207,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
 def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike = (),
           out: str | os.PathLike = "medfm_embeddings", index: str = "embeddings.csv", progress: bool = True,
           num_workers: int | None = None, amp: bool = False, points: str | os.PathLike | None = None,
-          mask: str | os.PathLike | None = None, **overrides) -> EmbeddingSummary:
+          mask: str | os.PathLike | None = None, report: RunReport | None = None, **overrides) -> EmbeddingSummary:
     """Embed many inputs in one run of the bundle's embedding workflow.
 
     Args:
@@ -215,6 +225,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
             column (give no ``inputs``).
         mask: a label image (NIfTI/NRRD/MHA, or a DICOM-SEG) for the one scan in ``inputs``: one
             embedding per label, from a crop centred on the label's centroid.
+        report: filled in with the run's facts (:mod:`medfm.run_report`).
         overrides: further config values (e.g. ``sw_batch_size=8``).
 
     Inputs already in the index (with their ``.npy`` present) are skipped, so running the same call
@@ -222,7 +233,9 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     the summary's ``failed`` (and ``out/failed.csv``); nothing is raised for them. Under ``torchrun``
     every process calls this with the same arguments and gets the same summary.
     """
+    report = report or RunReport.discarded()
     bundle_dir = find_bundle(bundle)
+    report.describe_bundle(bundle_dir, overrides.get("ckpt_path"))
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
@@ -240,6 +253,8 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         items = [str(source) for source in sources]
     if not items:
         raise MedfmError("no inputs given")
+    report.inputs([{"input": os.path.abspath(item["image"] if isinstance(item, dict) else item),
+                    "region": item.get("region", "") if isinstance(item, dict) else ""} for item in items])
     settings = {"embed_inputs": items, "output_dir": str(Path(out).expanduser()),
                 "embeddings_index": index, "progress": bool(progress), "amp": bool(amp)}
     if num_workers is not None:
@@ -247,15 +262,22 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     with _warnings_printed():
         try:
             _warn_of_demo_weights(bundle_dir, overrides)
-            workflow = _workflow(bundle_dir, ["inference.json", EMBED_CONFIG], False, **settings, **overrides)
-            workflow.initialize()
-            summary = workflow.run()[0]
+            with report.stage("configure"):
+                workflow = _workflow(bundle_dir, ["inference.json", EMBED_CONFIG], False, **settings, **overrides)
+                workflow.initialize()
+            with report.stage("run"):
+                summary = workflow.run()[0]
         except Exception as error:
             cause = innermost(error)
             if isinstance(cause, MedfmError):
                 raise MedfmError(str(cause)) from error
             raise MedfmError(f"{bundle_dir.name} embedding failed: {describe_error(error)}") from error
     workflow.finalize()
+    asked = {(entry["input"], entry["region"]) for entry in report.data["inputs"]}
+    done = [row for row in summary.rows if (row["input"], row["region"]) in asked]
+    report.inputs(done + [{"input": image, "region": region, "error": error}
+                          for (image, region), error in summary.failed.items()])
+    report.outputs([summary.index] + [summary.index.parent / row["embedding"] for row in done])
     return summary
 
 

@@ -1,0 +1,143 @@
+"""``--report FILE.json``: what one ``medfm infer`` or ``medfm embed`` run did, written for failed runs too.
+
+The report names the software (medfm, MONAI, torch, Python), the bundle and the weights (id and
+sha256), the device, the inputs (with their DICOM series UIDs where the run read them), the
+warnings medfm logged (contract deviations among them), seconds per stage, the outputs written,
+and the error that ended the run, if one did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import MedfmError, describe_error
+from .io.atomic import atomic_path
+
+__all__ = ["RunReport", "run_report"]
+
+
+class _Warnings(logging.Handler):
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+class RunReport:
+    """The facts of one run, filled in as it goes (``stage``, ``inputs``, ``outputs``) and written by :func:`run_report`.
+
+    A :meth:`discarded` report (no ``--report``) skips the work of gathering them, hashing the weights among it.
+    """
+
+    def __init__(self, command: str, arguments: Sequence[str], enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.data: dict = {"command": command, "arguments": list(arguments), "status": "running",
+                           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "software": _software(), "bundle": None, "weights": None, "device": None, "inputs": [],
+                           "warnings": [], "seconds": {}, "outputs": [], "error": None}
+
+    @classmethod
+    def discarded(cls) -> RunReport:
+        return cls("", [], enabled=False)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the stage ``name`` (seconds, added up when a stage runs more than once)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = self.data["seconds"]
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    def describe_bundle(self, bundle_dir: Path, checkpoint: str | os.PathLike | None = None) -> None:
+        """Bundle name, version and folder; the weights the run loads (``checkpoint``, default the installed ones)."""
+        from .weights.records import MODEL_FILE, installed_weights_id, sha256_of
+
+        if not self.enabled:
+            return
+        metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        self.data["bundle"] = {"name": metadata.get("name", bundle_dir.name), "version": metadata.get("version"),
+                               "folder": str(bundle_dir)}
+        path = Path(checkpoint) if checkpoint else bundle_dir / MODEL_FILE
+        if path.is_file():
+            digest = sha256_of(path)
+            weights_id = installed_weights_id(bundle_dir, digest) if path == bundle_dir / MODEL_FILE else "given by ckpt_path"
+            self.data["weights"] = {"id": weights_id, "file": str(path), "sha256": digest}
+        else:
+            self.data["weights"] = {"id": "none", "file": str(path), "sha256": None}
+        self.data["device"] = _device()
+
+    def inputs(self, rows: Sequence[dict]) -> None:
+        """The inputs as the run read them: path, DICOM series UID (empty for other files), region, and
+        the embedding file or the error where there is one."""
+        self.data["inputs"] = [{"input": row["input"], "series_uid": row.get("series_uid", ""), "region": row.get("region", ""),
+                                **{key: row[key] for key in ("embedding", "error") if row.get(key)}} for row in rows]
+
+    def outputs(self, paths: Sequence[str | os.PathLike]) -> None:
+        self.data["outputs"] = [str(path) for path in paths]
+
+
+def _software() -> dict:
+    from . import __version__
+
+    versions = {"medfm": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for module in ("monai", "torch"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = None
+    return versions
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    return "cpu"
+
+
+@contextlib.contextmanager
+def run_report(path: str | os.PathLike | None, command: str, arguments: Sequence[str]) -> Iterator[RunReport | None]:
+    """A :class:`RunReport` written to ``path`` when the block ends, with ``status`` ``ok``, ``failed``
+    (and the error's one line) or ``interrupted``; None and nothing written when ``path`` is None."""
+    if path is None:
+        yield None
+        return
+    target = Path(path).expanduser()
+    if target.is_dir() or not target.parent.is_dir():
+        raise MedfmError(f"{target}: --report must be a file in an existing folder")
+    report = RunReport(command, arguments)
+    collector = _Warnings(report.data["warnings"])
+    package_logger = logging.getLogger("medfm")
+    package_logger.addHandler(collector)
+    start = time.perf_counter()
+    try:
+        yield report
+        report.data["status"] = "ok"
+    except KeyboardInterrupt:
+        report.data["status"], report.data["error"] = "interrupted", "interrupted"
+        raise
+    except BaseException as error:
+        report.data["status"] = "failed"
+        report.data["error"] = str(error) if isinstance(error, MedfmError) else describe_error(error)
+        raise
+    finally:
+        package_logger.removeHandler(collector)
+        report.data["seconds"]["total"] = round(time.perf_counter() - start, 3)
+        with atomic_path(target) as temporary:
+            temporary.write_text(json.dumps(report.data, indent=2) + "\n", encoding="utf-8")
