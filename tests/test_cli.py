@@ -185,6 +185,7 @@ def test_contract_deviations_are_printed_as_warnings(tmp_path):
     result = run_command(MEDFM + ["infer", "models_genesis_chest_ct", medfm.samples.path("mr_head_t1"), "--out", str(tmp_path / "o")])
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("medfm: warning: ")]
+    assert "demo weights" in warnings.pop(), "the demo-weights warning comes last, once the outputs exist"
     assert len(warnings) == 3
     assert "are not CT Hounsfield units" in warnings[0] and "outside the pre-training range" in warnings[1]
     assert "is smaller than the 64 x 64 x 32 window the network was trained on; it is padded" in warnings[2]
@@ -223,6 +224,7 @@ def test_info_gives_contract_weights_provenance_and_citation(genesis_bundle, tmp
     assert 'intensity: {"method": "hu_window", "window": [-1000, 1000], "output_range": [0, 1]}' in out
     assert "installed weights: unregistered:" in out and "imported from" in out and "Genesis_Chest_CT_copy.pt" in out
     assert "sha256: 62de21a05236d6a8" in out and "[no commercial use]" in out and "cite:" in out
+    assert "default weights: genesis_chest_ct" in out
     spad = run_command([sys.executable, "-m", "medfm.cli", "info", "spad_vit_base"]).stdout
     assert "sha256: not published" in spad and "arXiv:2312.07630" in spad
     bad = run_command([sys.executable, "-m", "medfm.cli", "info", "no_such_bundle"])

@@ -70,8 +70,9 @@ def bundle_info(bundle: str | os.PathLike) -> list[str]:
              f"folder: {bundle_dir}", f"task: {metadata.get('task', '')}", "", str(metadata.get("description", "")), "",
              f"intended use: {metadata.get('intended_use', '')}", "", "input contract:"]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in metadata.get("input_contract", {}).items()]
-    lines += ["", f"installed weights: {installed_weights_id(bundle_dir)}",
-              f"default weights: {registry.default_for_bundle(bundle_name(bundle_dir)).name}"]
+    lines += ["", f"installed weights: {installed_weights_id(bundle_dir)}"]
+    defaults = [entry.name for entry in registry.for_bundle(bundle_name(bundle_dir)) if entry.default]
+    lines += [f"default weights: {name}" for name in defaults]
     record, problem = read_provenance(bundle_dir)
     if problem:
         lines.append(f"  {problem}")

@@ -103,7 +103,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def _warn_of_demo_weights(bundle_dir: Path, overrides: dict) -> None:
-    """Say in the run's own output when the installed weights are demo weights (never with another ``ckpt_path``)."""
+    """Say in the run's own output, once it made its outputs, when the installed weights are demo weights
+    (never with another ``ckpt_path``)."""
     warning = None if "ckpt_path" in overrides else demo_weights_warning(bundle_dir)
     if warning:
         package_logger.warning(warning)
@@ -162,7 +163,6 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         package_logger.addHandler(warnings)
         with _output_captured(verbose) as log:
             try:
-                _warn_of_demo_weights(bundle_dir, overrides)
                 with report.stage("configure"):
                     workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
                                          input_image=os.path.abspath(source), output_dir=str(staging), **overrides)
@@ -170,6 +170,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
                 with report.stage("run"):
                     workflow.run()
                     workflow.finalize()
+                _warn_of_demo_weights(bundle_dir, overrides)
             except Exception as error:
                 cause = innermost(error)
                 if isinstance(cause, MedfmError):  # the input's own problem: the line says it all, no log kept
@@ -261,12 +262,12 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         settings["num_workers"] = int(num_workers)
     with _warnings_printed():
         try:
-            _warn_of_demo_weights(bundle_dir, overrides)
             with report.stage("configure"):
                 workflow = _workflow(bundle_dir, ["inference.json", EMBED_CONFIG], False, **settings, **overrides)
                 workflow.initialize()
             with report.stage("run"):
                 summary = workflow.run()[0]
+            _warn_of_demo_weights(bundle_dir, overrides)
         except Exception as error:
             cause = innermost(error)
             if isinstance(cause, MedfmError):
