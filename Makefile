@@ -6,6 +6,8 @@ INSTALLED := $(VENV)/.installed
 # torch first, pinned: a bare "torch" requirement would pull a CUDA build from the index
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist processes: much of the suite waits on Python and torchrun start-up, so two share two cores well
+TEST_WORKERS ?= 2
 
 # MONAI Label 0.8.5 in its own environment (its pins clash with medfm's): the integration test
 # in tests/integration serves medfm label bundles with it
@@ -41,7 +43,7 @@ test-data: $(INSTALLED)
 	-$(PY) tests/testdata.py
 
 test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED)
-	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MONAILABEL_VENV) demo_output .pytest_cache .cache
