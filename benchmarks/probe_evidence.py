@@ -113,14 +113,14 @@ def main() -> int:
         return 1
     out = Path(args.out)
     table = build_task(out / "task")
-    ready = args.bundles.split(",")
+    bundles = args.bundles.split(",")
     start = time.perf_counter()
-    probe(ready, table, out=out, fractions=[float(f) for f in args.fractions.split(",")], folds=args.folds,
+    probe(bundles, table, out=out, fractions=[float(f) for f in args.fractions.split(",")], folds=args.folds,
           repeats=args.repeats, group_column="block", command=sys.argv)
-    print(f"{len(ready)} bundles in {time.perf_counter() - start:.0f} s")
+    print(f"{len(bundles)} bundles in {time.perf_counter() - start:.0f} s")
     print((out / "probe.md").read_text())
     if args.write_docs:
-        for name in ready:
+        for name in bundles:
             docs = find_bundle(name) / "docs"
             with open(out / "probe_summary.csv", newline="") as stream:
                 rows = [r for r in csv.DictReader(stream) if r["bundle"] in (name, "-")]

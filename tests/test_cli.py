@@ -46,7 +46,7 @@ def test_infer_by_name_writes_outputs_and_nothing_else(small_ct, tmp_path):
     assert ("medfm: warning: these outputs were made with medfm_genesis_demo, demo weights" in result.stderr
             and "run 'medfm weights fetch models_genesis_chest_ct'" in result.stderr)
     descrip = nib.load(out / f"{stem}_restored.nii.gz").header["descrip"].tobytes().rstrip(b"\0").decode()
-    assert descrip.startswith("medfm models_genesis_chest_ct ") and descrip.endswith(", weights medfm_genesis_demo (DEMO)")
+    assert descrip.startswith("DEMO: medfm models_genesis_chest_ct ") and descrip.endswith(", weights medfm_genesis_demo")
     # a second scan into the same folder adds a row to the index instead of replacing it
     renamed = tmp_path / "second.nii.gz"
     renamed.write_bytes(small_ct.read_bytes())

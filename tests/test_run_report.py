@@ -30,6 +30,7 @@ def test_infer_reports_software_bundle_weights_inputs_warnings_stages_and_output
     assert result.returncode == 0, result.stderr
     facts = _report(report)
     assert facts["status"] == "ok" and facts["error"] is None and facts["command"] == "infer"
+    assert facts["arguments"][:2] == ["infer", "models_genesis_chest_ct"] and "--report" in facts["arguments"]
     assert set(facts["software"]) >= {"medfm", "monai", "torch", "python"} and facts["software"]["medfm"] == medfm.__version__
     assert facts["bundle"]["name"] == "models_genesis_chest_ct" and facts["bundle"]["version"]
     assert facts["weights"] == {"id": "medfm_genesis_demo", "file": str(GENESIS / "models" / "model.pt"),
@@ -71,5 +72,5 @@ def test_embed_reports_each_input_and_the_ones_that_failed(small_ct, tmp_path, c
 def test_a_report_path_in_a_missing_folder_is_refused_before_any_work(small_ct, tmp_path, capfd):
     result = cli_in_process(["infer", "models_genesis_chest_ct", str(small_ct), "--out", str(tmp_path / "out"),
                              "--report", str(tmp_path / "no" / "run.json")], capfd)
-    assert result.returncode == 1 and "--report must be a file in an existing folder" in result.stderr
+    assert result.returncode == 1 and "--report must be a file in an existing, writable folder" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -106,7 +106,8 @@ def weights_section(bundle: str) -> str:
               ("file", lambda e: f"`{e.file_name}`"), ("how to get it", lambda e: how_to_get[e.availability](e)),
               ("sha256", lambda e: f"`{e.sha256}`" if e.sha256 else "not published"),
               ("size", lambda e: f"{e.size:,} bytes" if e.size else "unknown"),
-              ("licence", lambda e: f"{e.license_spdx or 'none'}: {e.license}"), ("commercial use", lambda e: "yes" if e.commercial_use else "**no**"),
+              ("licence", lambda e: e.license if e.license.startswith(e.license_spdx or "none")
+               else f"{e.license_spdx or 'none'}: {e.license}"), ("commercial use", lambda e: "yes" if e.commercial_use else "**no**"),
               ("redistributable", lambda e: "yes" if e.redistributable else "no"),
               ("trained on", lambda e: e.trained_on), ("preprocessing", lambda e: e.preprocessing),
               ("parameters", lambda e: f"{e.num_params:,}"),

@@ -34,7 +34,7 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
     from .inference import infer as run_inference
     from .run_report import run_report
 
-    with run_report(report, "infer", sys.argv[1:]) as record:
+    with run_report(report, "infer", _arguments) as record:
         paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, **overrides)
     for path in paths:
         print(path)
@@ -68,7 +68,7 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
     from .run_report import run_report
     from .workflows.embedding import FAILED_FILE
 
-    with run_report(report if _is_rank_zero() else None, "embed", sys.argv[1:]) as record:
+    with run_report(report if _is_rank_zero() else None, "embed", _arguments) as record:
         summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers,
                                 amp=amp, points=points, mask=mask, report=record, **overrides)
         if _is_rank_zero():
@@ -268,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(stop, handler)
 
 
+#: The arguments of the command being run (what ``--report`` records), also when called in-process.
+_arguments: list[str] = []
+
+
 def _run(argv: list[str] | None, received: list[int]) -> int:
+    _arguments[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         fire.Fire(commands(), command=argv, name="medfm")
         sys.stdout.flush()  # a closed pipe is reported here, inside the handlers below, not at interpreter exit

@@ -28,7 +28,7 @@ from .io.embeddings import check_index_file, is_index_file, read_index_rows, wri
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
 from .run_report import RunReport
-from .weights.records import demo_weights_warning
+from .weights.records import MODEL_FILE, demo_weights_warning
 from .workflows.embedding import EmbeddingSummary
 
 __all__ = ["EMBED_CONFIG", "embed", "infer"]
@@ -146,7 +146,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
     """
     report = report or RunReport.discarded()
     bundle_dir = find_bundle(bundle)
-    report.describe_bundle(bundle_dir, overrides.get("ckpt_path"))
+    report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
     check_overrides(bundle_dir, ["inference.json"], overrides)
     source = Path(input).expanduser()
     report.inputs([{"input": os.path.abspath(source)}])
@@ -236,7 +236,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     """
     report = report or RunReport.discarded()
     bundle_dir = find_bundle(bundle)
-    report.describe_bundle(bundle_dir, overrides.get("ckpt_path"))
+    report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)

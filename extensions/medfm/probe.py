@@ -485,7 +485,8 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
                   f"'pretrained' rows: only its baselines run, and its permuted control shuffles the random_init "
                   f"features. For its weights: {how_to_get_weights(bundle_dir)}", file=sys.stderr)
         permuted_of[name] = record["bundles"][name]["permuted_control_of"] = "pretrained" if has_weights else "random_init"
-        for features, pretrained in (("pretrained", True), ("random_init", False))[0 if has_weights else 1:]:
+        feature_sets = [("pretrained", True), ("random_init", False)] if has_weights else [("random_init", False)]
+        for features, pretrained in feature_sets:
             folder = out_dir / "embeddings" / name / (features if pretrained else f"{features}_seed{seed}")
             matrix, weights = _embedding_matrix(name, labelled, folder, pretrained, seed, progress, points_file)
             matrices[(name, features)] = matrix

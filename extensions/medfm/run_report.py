@@ -63,23 +63,19 @@ class RunReport:
             seconds = self.data["seconds"]
             seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
-    def describe_bundle(self, bundle_dir: Path, checkpoint: str | os.PathLike | None = None) -> None:
-        """Bundle name, version and folder; the weights the run loads (``checkpoint``, default the installed ones)."""
-        from .weights.records import MODEL_FILE, installed_weights_id, sha256_of
+    def describe_bundle(self, bundle_dir: Path, checkpoint: str | os.PathLike | None, device: str | None = None) -> None:
+        """Bundle name, version and folder; the weights the run loads from ``checkpoint`` (the config's
+        ``ckpt_path``; None: random initialisation); the device (a ``device`` override, else the bundles' rule)."""
+        from .weights.records import checkpoint_weights_id
 
         if not self.enabled:
             return
         metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
         self.data["bundle"] = {"name": metadata.get("name", bundle_dir.name), "version": metadata.get("version"),
                                "folder": str(bundle_dir)}
-        path = Path(checkpoint) if checkpoint else bundle_dir / MODEL_FILE
-        if path.is_file():
-            digest = sha256_of(path)
-            weights_id = installed_weights_id(bundle_dir, digest) if path == bundle_dir / MODEL_FILE else "given by ckpt_path"
-            self.data["weights"] = {"id": weights_id, "file": str(path), "sha256": digest}
-        else:
-            self.data["weights"] = {"id": "none", "file": str(path), "sha256": None}
-        self.data["device"] = _device()
+        weights_id, digest = checkpoint_weights_id(bundle_dir, checkpoint)
+        self.data["weights"] = {"id": weights_id, "file": None if checkpoint is None else str(checkpoint), "sha256": digest}
+        self.data["device"] = str(device) if device else _device()
 
     def inputs(self, rows: Sequence[dict]) -> None:
         """The inputs as the run read them: path, DICOM series UID (empty for other files), region, and
@@ -111,33 +107,47 @@ def _device() -> str:
     return "cpu"
 
 
+def _write(report: RunReport, target: Path) -> None:
+    try:
+        with atomic_path(target) as temporary:
+            temporary.write_text(json.dumps(report.data, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise MedfmError(f"{target}: the run report could not be written ({error.strerror or error})") from None
+
+
 @contextlib.contextmanager
 def run_report(path: str | os.PathLike | None, command: str, arguments: Sequence[str]) -> Iterator[RunReport | None]:
     """A :class:`RunReport` written to ``path`` when the block ends, with ``status`` ``ok``, ``failed``
-    (and the error's one line) or ``interrupted``; None and nothing written when ``path`` is None."""
+    (and the error's one line) or ``interrupted``; None and nothing written when ``path`` is None. A report
+    that cannot be written after a failed run is a warning: the run's own error is the one raised."""
     if path is None:
         yield None
         return
     target = Path(path).expanduser()
-    if target.is_dir() or not target.parent.is_dir():
-        raise MedfmError(f"{target}: --report must be a file in an existing folder")
+    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise MedfmError(f"{target}: --report must be a file in an existing, writable folder")
     report = RunReport(command, arguments)
     collector = _Warnings(report.data["warnings"])
     package_logger = logging.getLogger("medfm")
     package_logger.addHandler(collector)
     start = time.perf_counter()
+
+    def finish(status: str, error: str | None) -> None:
+        package_logger.removeHandler(collector)
+        report.data["status"], report.data["error"] = status, error
+        report.data["seconds"]["total"] = round(time.perf_counter() - start, 3)
+
     try:
         yield report
-        report.data["status"] = "ok"
-    except KeyboardInterrupt:
-        report.data["status"], report.data["error"] = "interrupted", "interrupted"
-        raise
     except BaseException as error:
-        report.data["status"] = "failed"
-        report.data["error"] = str(error) if isinstance(error, MedfmError) else describe_error(error)
+        if isinstance(error, KeyboardInterrupt):
+            finish("interrupted", "interrupted")
+        else:
+            finish("failed", str(error) if isinstance(error, MedfmError) else describe_error(error))
+        try:
+            _write(report, target)
+        except MedfmError as unwritten:
+            print(f"medfm: warning: {unwritten}", file=sys.stderr)
         raise
-    finally:
-        package_logger.removeHandler(collector)
-        report.data["seconds"]["total"] = round(time.perf_counter() - start, 3)
-        with atomic_path(target) as temporary:
-            temporary.write_text(json.dumps(report.data, indent=2) + "\n", encoding="utf-8")
+    finish("ok", None)
+    _write(report, target)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from monai.data import MetaTensor
 
 from medfm.io import OutputLayout, SaveDescribedImage, SaveDescribedImaged
-from medfm.weights import weights_description
+from medfm.weights import sha256_of, weights_description
 from tests.conftest import BUNDLES
 
 
@@ -41,13 +42,28 @@ def test_a_long_description_is_cut_to_the_80_bytes_of_the_field(tmp_path):
     assert _descrip(next(tmp_path.glob("*.nii.gz"))) == "x" * 80
 
 
-def test_the_description_names_bundle_version_and_weights_and_marks_demo_weights():
+def test_the_description_names_bundle_version_and_the_weights_the_run_loads(tmp_path):
     def version(bundle):
         return json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())["version"]
 
-    assert weights_description(BUNDLES / "models_genesis_chest_ct") == \
-        f"medfm models_genesis_chest_ct {version('models_genesis_chest_ct')}, weights medfm_genesis_demo (DEMO)"
-    assert weights_description(BUNDLES / "medical_transformer_brain_mri") == (
+    genesis = BUNDLES / "models_genesis_chest_ct"
+    installed = genesis / "models" / "model.pt"
+    assert weights_description(genesis, installed) == \
+        f"DEMO: medfm models_genesis_chest_ct {version('models_genesis_chest_ct')}, weights medfm_genesis_demo"
+    copy = tmp_path / "elsewhere.pt"
+    shutil.copyfile(installed, copy)  # the same file under another ckpt_path: still known by its sha256
+    assert weights_description(genesis, copy).endswith("weights medfm_genesis_demo")
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"other weights")
+    assert weights_description(genesis, other).endswith(f"weights unregistered:{sha256_of(other)[:16]}")
+    assert weights_description(genesis, None).endswith("weights none")  # random initialisation
+    mt = BUNDLES / "medical_transformer_brain_mri"
+    assert weights_description(mt, mt / "models" / "model.pt") == (
         f"medfm medical_transformer_brain_mri {version('medical_transformer_brain_mri')}, "
         "weights medfm_medical_transformer_brain_t1")
-    assert weights_description(BUNDLES / "vdt_resnet3d18") == f"medfm vdt_resnet3d18 {version('vdt_resnet3d18')}, weights none"
+
+
+def test_a_cut_at_80_bytes_never_splits_a_character(tmp_path):
+    SaveDescribedImage("é" * 50, folder_layout=OutputLayout(tmp_path, "a"), separate_folder=False,
+                       resample=False)(_image(np.eye(4)))
+    assert _descrip(next(tmp_path.glob("*.nii.gz"))) == "é" * 40

@@ -28,8 +28,10 @@ def test_extra_columns_are_carried_where_a_row_has_a_value(tmp_path):
     path = tmp_path / "dataset.csv"
     path.write_text("image,label,modality\na.nii.gz,x,CT\nb.nii.gz,y,\n")
     items = target_table_datalist(path, "classification", extra_columns=["modality", "absent"])
-    assert [(item["label"], item.get("modality")) for item in items] == [(0, "CT"), (1, None)]
+    assert [(item["label"], item["modality"]) for item in items] == [(0, "CT"), (1, "")]  # same keys: they batch
     assert all("absent" not in item for item in items)
+    with pytest.raises(ValueError, match="cannot be"):
+        target_table_datalist(path, "classification", extra_columns=["label"])
 
 
 def test_regression_targets_are_one_float_per_item(table):

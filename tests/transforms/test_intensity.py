@@ -34,3 +34,10 @@ def test_per_item_modality_and_restoration_to_input_units():
     scaled["restored"] = scaled["image"].clone()
     restored = RestoreIntensityd("restored", source_key="image")(scaled)["restored"]
     torch.testing.assert_close(restored.as_tensor(), torch.tensor([[[[40.0, 80.0, 120.0]]]]))
+
+
+def test_an_empty_per_item_modality_falls_back_to_the_given_one():
+    """A table's empty modality cell: the item keeps the key (so a batch collates) and uses ``modality``."""
+    data = {"image": _image([[[[40.0, 80.0, 120.0]]]]), "modality": ""}
+    scaled = ModalityIntensityd("image", modality="MR")(data)
+    torch.testing.assert_close(scaled["image"].as_tensor(), torch.tensor([[[[0.0, 0.5, 1.0]]]]))

@@ -19,7 +19,7 @@ class DescribedNibabelWriter(NibabelWriter):
     @classmethod
     def create_backend_obj(cls, data_array, affine=None, dtype=None, description: str = "", **kwargs):
         image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
-        image.header["descrip"] = description.encode("utf-8")[:DESCRIP_BYTES]
+        image.header["descrip"] = description.encode("utf-8")[:DESCRIP_BYTES].decode("utf-8", "ignore").encode("utf-8")
         return image
 
 

@@ -18,7 +18,8 @@ TASKS = ("classification", "regression")
 
 def _rows(table: Path, image_column: str, target_column: str, extra_columns: Sequence[str] = ()
           ) -> list[tuple[str, str, dict[str, str]]]:
-    """``(image, target, {extra column: value})`` per row; extra columns the table lacks, or leaves empty, are left out."""
+    """``(image, target, {extra column: value})`` per row, for the extra columns the table has (empty cells as "",
+    so every item of one table has the same keys and they batch together)."""
     try:
         with open(table, newline="") as stream:
             reader = csv.DictReader(stream)
@@ -26,7 +27,7 @@ def _rows(table: Path, image_column: str, target_column: str, extra_columns: Seq
             if missing:
                 raise MedfmError(f"{table}: no column {missing[0]!r} (columns: {', '.join(reader.fieldnames or [])})")
             rows = [(row[image_column].strip(), row[target_column].strip(),
-                     {c: row[c].strip() for c in extra_columns if (row.get(c) or "").strip()}) for row in reader]
+                     {c: (row[c] or "").strip() for c in extra_columns if c in reader.fieldnames}) for row in reader]
     except OSError as error:
         raise MedfmError(f"{table}: cannot be read ({error.strerror})") from None
     if not rows:
@@ -50,13 +51,16 @@ def target_table_labels(table: str | os.PathLike, task: str, image_column: str =
 def target_table_datalist(table: str | os.PathLike, task: str, image_column: str = "image",
                           target_column: str = "label", extra_columns: Sequence[str] = ()) -> list[dict]:
     """``[{"image": path, "label": target}]`` from a CSV with an image column and a target column,
-    plus the row's value of each of ``extra_columns`` (e.g. ``modality``) where it has one.
+    plus the row's value of each of ``extra_columns`` (e.g. ``modality``) that the table has ("" where a cell is empty).
 
     Relative image paths are taken from the CSV's folder. Classification targets become indices
     into :func:`target_table_labels`; regression targets become float32 arrays of shape ``(1,)``. A
     non-numeric regression target or a missing image file is an error naming the line.
     """
     table = Path(table)
+    clashing = sorted({"image", "label"} & set(extra_columns))
+    if clashing:
+        raise ValueError(f"extra_columns cannot be {clashing}: those keys hold the image and the target")
     labels = target_table_labels(table, task, image_column, target_column)
     items = []
     for line, (image, target, extra) in enumerate(_rows(table, image_column, target_column, extra_columns), start=2):

@@ -63,7 +63,8 @@ class ModalityIntensity(Transform):
 
 
 class ModalityIntensityd(MapTransform):
-    """Dictionary version: the modality comes from ``modality_key`` of each item when present, else ``modality``."""
+    """Dictionary version: the modality comes from ``modality_key`` of each item when present and not empty, else
+    ``modality``."""
 
     def __init__(self, keys: KeysCollection, modality: str = "auto", modality_key: str | None = "modality",
                  hu_window: Sequence[float] = (-1000.0, 1000.0), allow_missing_keys: bool = False) -> None:
@@ -74,7 +75,8 @@ class ModalityIntensityd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        modality = str(d[self.modality_key]) if self.modality_key and self.modality_key in d else self.modality
+        given = str(d.get(self.modality_key) or "") if self.modality_key else ""
+        modality = given or self.modality  # an empty cell of a table's modality column means "not given"
         for key in self.key_iterator(d):
             d[key] = self.scaler(d[key], modality)
         return d

@@ -7,6 +7,7 @@ __all__ = [
     "ImportReport",
     "REGISTRY",
     "WeightsEntry",
+    "checkpoint_weights_id",
     "default_for_bundle",
     "demo_weights_warning",
     "download",
@@ -26,6 +27,6 @@ __all__ = [
 __getattr__, __dir__ = lazy_attributes(__name__, attributes={
     "load_checkpoint": ".checkpoint",
     **dict.fromkeys(["fetch_weights", "import_weights", "installed_weights_path", "verify_bundle_weights"], ".importer"),
-    **dict.fromkeys(["ImportReport", "demo_weights_warning", "installed_weights_id", "sha256_of", "weights_description"],
+    **dict.fromkeys(["ImportReport", "checkpoint_weights_id", "demo_weights_warning", "installed_weights_id", "sha256_of", "weights_description"],
                     ".records"),
     **dict.fromkeys(["REGISTRY", "WeightsEntry", "default_for_bundle", "for_bundle", "get"], ".registry")})

@@ -132,7 +132,7 @@ def how_to_get_weights(bundle_dir: Path) -> str:
     except MedfmError:
         target = str(bundle_dir)
     entries = registry.for_bundle(name)
-    downloadable = [e for e in entries if e.url]
+    downloadable = sorted((e for e in entries if e.url), key=lambda e: not e.default)
     if downloadable:
         return f"run 'medfm weights fetch {target}' (downloads {downloadable[0].name}) or 'medfm weights import {target} FILE'"
     published = "; ".join(f"{e.name}: {e.source}" for e in entries if e.source)

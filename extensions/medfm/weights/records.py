@@ -12,7 +12,7 @@ from ..errors import first_line
 from . import registry
 
 __all__ = ["ImportReport", "MODEL_FILE", "PROVENANCE_FILE", "identify_weights", "installed_weights_id", "read_provenance",
-           "sha256_of", "demo_weights_warning", "weights_description"]
+           "sha256_of", "checkpoint_weights_id", "demo_weights_warning", "weights_description"]
 
 MODEL_FILE = Path("models") / "model.pt"
 #: Written beside model.pt: which weights these are, from which file, imported when.
@@ -102,15 +102,29 @@ def installed_weights_id(bundle: str | os.PathLike, digest: str | None = None) -
     return name or f"unregistered:{digest[:16]}"
 
 
-def weights_description(bundle: str | os.PathLike) -> str:
+def checkpoint_weights_id(bundle: str | os.PathLike, checkpoint: str | os.PathLike | None) -> tuple[str, str | None]:
+    """Which weights a run loads from ``checkpoint`` (a bundle config's ``ckpt_path``), and the file's sha256: the
+    installed ``models/model.pt``'s id, a registered name matched by sha256, ``unregistered:<prefix>``, or
+    ``none`` where there is no file (the network keeps its random initialisation)."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return "none", None
+    digest = sha256_of(checkpoint)
+    if Path(checkpoint).resolve() == (Path(bundle) / MODEL_FILE).resolve():
+        return installed_weights_id(bundle, digest), digest
+    entry = registry.match_sha256(digest)
+    return (entry.name if entry else f"unregistered:{digest[:16]}"), digest
+
+
+def weights_description(bundle: str | os.PathLike, checkpoint: str | os.PathLike | None) -> str:
     """Which model made an output, for its file's own metadata (a NIfTI ``descrip`` holds 80 bytes):
-    ``"medfm <bundle> <version>, weights <id>"``, marked where those are demo weights."""
+    ``"medfm <bundle> <version>, weights <id>"`` for the weights in ``checkpoint``, led by ``DEMO:`` for demo
+    weights (first, so that a cut at the field's end never drops it)."""
     bundle_dir = Path(bundle)
     metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    weights = installed_weights_id(bundle_dir)
+    weights, _ = checkpoint_weights_id(bundle_dir, checkpoint)
     entry = registry.REGISTRY.get(weights)
-    demo = " (DEMO)" if entry is not None and entry.demo else ""
-    return f"medfm {metadata.get('name', bundle_dir.name)} {metadata.get('version', '')}, weights {weights}{demo}"
+    demo = "DEMO: " if entry is not None and entry.demo else ""
+    return f"{demo}medfm {metadata.get('name', bundle_dir.name)} {metadata.get('version', '')}, weights {weights}"
 
 
 def demo_weights_warning(bundle: str | os.PathLike) -> str | None:
