@@ -46,7 +46,7 @@ class RunReport:
         self.enabled = enabled
         self.data: dict = {"command": command, "arguments": list(arguments), "status": "running",
                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "software": _software(), "bundle": None, "weights": None, "device": None, "inputs": [],
+                           "software": _software() if enabled else {}, "bundle": None, "weights": None, "device": None, "inputs": [],
                            "warnings": [], "seconds": {}, "outputs": [], "error": None}
 
     @classmethod

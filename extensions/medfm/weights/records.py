@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,19 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: stream.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _unchanged_file_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return sha256_of(path)
+
+
+def _weights_sha256(path: str | os.PathLike) -> str:
+    """``sha256_of`` for naming the weights a run uses, remembered in this process while the file is unchanged
+    (same size, modification time and inode): one run names them in its index rows, its output headers, its
+    report and its demo check. Downloads and imports are verified with ``sha256_of`` itself, never remembered."""
+    stat = os.stat(path)
+    return _unchanged_file_sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 @dataclass
@@ -97,7 +111,7 @@ def installed_weights_id(bundle: str | os.PathLike, digest: str | None = None) -
     model_file = Path(bundle) / MODEL_FILE
     if not model_file.is_file():
         return "none"
-    digest = digest or sha256_of(model_file)
+    digest = digest or _weights_sha256(model_file)
     name, _ = identify_weights(Path(bundle), digest)
     return name or f"unregistered:{digest[:16]}"
 
@@ -108,7 +122,7 @@ def checkpoint_weights_id(bundle: str | os.PathLike, checkpoint: str | os.PathLi
     ``none`` where there is no file (the network keeps its random initialisation)."""
     if checkpoint is None or not Path(checkpoint).is_file():
         return "none", None
-    digest = sha256_of(checkpoint)
+    digest = _weights_sha256(checkpoint)
     if Path(checkpoint).resolve() == (Path(bundle) / MODEL_FILE).resolve():
         return installed_weights_id(bundle, digest), digest
     entry = registry.match_sha256(digest)
