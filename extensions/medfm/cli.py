@@ -19,8 +19,12 @@ __all__ = ["main", "infer", "embed", "demo", "download", "info", "label_bundle",
 
 
 def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, report: str | None = None,
-          **overrides) -> None:
-    """Run a bundle's full inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
+          store: str | None = None, **overrides) -> None:
+    """Run a bundle's full inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip,
+    or a DICOMweb series URL ``http(s)://HOST/PREFIX/studies/<UID>/series/<UID>``).
+
+    Credentials for a DICOMweb server come from the environment: MEDFM_DICOMWEB_TOKEN (bearer), or
+    MEDFM_DICOMWEB_USER and MEDFM_DICOMWEB_PASSWORD (basic).
 
     Args:
         bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
@@ -29,13 +33,14 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
         verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
         report: write a JSON run report there, for a failed run too (versions, bundle, weights and their sha256,
             device, inputs with series UIDs, warnings, seconds per stage, outputs, the error).
+        store: send the DICOM outputs (a DICOM-SEG) to this DICOMweb server with STOW-RS (its root URL).
         overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
     """
     from .inference import infer as run_inference
     from .run_report import run_report
 
     with run_report(report, "infer", _arguments) as record:
-        paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, **overrides)
+        paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, store=store, **overrides)
     for path in paths:
         print(path)
 
@@ -47,8 +52,9 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
 
     Args:
         bundle: bundle name or folder.
-        inputs: scans (files, DICOM folders or .zip) and/or ``.csv`` lists of them (column ``image``,
-            else the first column; relative paths are relative to the list).
+        inputs: scans (files, DICOM folders or .zip, DICOMweb series URLs; a study URL means each of its
+            image series) and/or ``.csv`` lists of them (column ``image``, else the first column;
+            relative paths are relative to the list).
         out: output folder: one ``.npy`` per input, the index ``out/INDEX`` and ``failed.csv``.
         index: the index file name (``.csv``, or ``.parquet`` with the parquet extra).
         progress: show progress bars.

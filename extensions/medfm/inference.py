@@ -24,6 +24,7 @@ from pathlib import Path
 from .bundles import find_bundle
 from .errors import MedfmError, describe_error, innermost
 from .io.atomic import atomic_path
+from .io.dicomweb import absolute_input, is_dicomweb_url, service_root, store_instances
 from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
@@ -131,8 +132,9 @@ def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> No
 
 
 def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike = "medfm_output",
-          verbose: bool = False, report: RunReport | None = None, **overrides) -> list[str]:
-    """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip).
+          verbose: bool = False, report: RunReport | None = None, store: str | None = None, **overrides) -> list[str]:
+    """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip,
+    or a DICOMweb series URL, :mod:`medfm.io.dicomweb`).
 
     Args:
         bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
@@ -140,6 +142,8 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         out: output folder; results appear there only when the whole run succeeded.
         verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
         report: filled in with the run's facts (:mod:`medfm.run_report`).
+        store: a DICOMweb server (its root, or a study/series URL on it) to send the run's DICOM outputs
+            to with STOW-RS, once they are in ``out`` (e.g. a label bundle's DICOM-SEG).
         overrides: further config values (e.g. ``sw_batch_size=2``).
 
     Returns the paths written. Contract deviations are printed as ``medfm: warning:`` lines.
@@ -148,10 +152,11 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
     bundle_dir = find_bundle(bundle)
     report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
     check_overrides(bundle_dir, ["inference.json"], overrides)
-    source = Path(input).expanduser()
-    report.inputs([{"input": os.path.abspath(source)}])
-    if not source.exists():
+    source = absolute_input(input)
+    report.inputs([{"input": source}])
+    if not is_dicomweb_url(source) and not os.path.exists(source):
         raise MedfmError(f"{source}: no such file or folder")
+    store_root = service_root(store) if store else None
     out_dir = Path(out).expanduser().resolve()
     _check_out_folder(out_dir)
     check_index_file(out_dir / str(overrides.get("embeddings_index", "embeddings.csv")))
@@ -165,7 +170,7 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
             try:
                 with report.stage("configure"):
                     workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
-                                         input_image=os.path.abspath(source), output_dir=str(staging), **overrides)
+                                         input_image=source, output_dir=str(staging), **overrides)
                     workflow.initialize()
                 with report.stage("run"):
                     workflow.run()
@@ -200,9 +205,24 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
                 path.replace(target)
             results.append(str(target))
         report.outputs(results)
+        if store_root:
+            _store(store_root, results, report)
         return results
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _store(root: str, outputs: list[str], report: RunReport) -> None:
+    """Send the DICOM outputs to ``root`` (STOW-RS); they stay in ``--out`` whatever the server answers."""
+    dicom = [path for path in outputs if path.lower().endswith(".dcm")]
+    if not dicom:
+        raise MedfmError(f"--store {root}: the run wrote no DICOM output to send (its outputs are in the output "
+                         "folder); DICOM-SEG comes from segmenting bundles run on DICOM input")
+    try:
+        report.stored(root, store_instances(root, dicom))
+    except MedfmError as error:
+        raise MedfmError(f"{error} (the outputs are in {Path(dicom[0]).parent}, not stored)") from None
+    print(f"medfm: stored {len(dicom)} DICOM file(s) at {root}", file=sys.stderr)
 
 
 def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike = (),
@@ -213,8 +233,9 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
 
     Args:
         bundle: bundle name or folder.
-        inputs: scans (files, DICOM folders or .zip) and/or ``.csv`` lists of them (column ``image``,
-            else the first column; relative paths are relative to the list).
+        inputs: scans (files, DICOM folders or .zip, DICOMweb series URLs; a study URL stands for each of
+            its image series) and/or ``.csv`` lists of them (column ``image``, else the first column;
+            relative paths are relative to the list).
         out: output folder: one ``.npy`` per input, the index ``out/INDEX`` (one row per input) and,
             when inputs failed, ``failed.csv``.
         index: the index file name (``.csv``, or ``.parquet`` with the parquet extra).
@@ -254,7 +275,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         items = [str(source) for source in sources]
     if not items:
         raise MedfmError("no inputs given")
-    report.inputs([{"input": os.path.abspath(item["image"] if isinstance(item, dict) else item),
+    report.inputs([{"input": absolute_input(item["image"] if isinstance(item, dict) else item),
                     "region": item.get("region", "") if isinstance(item, dict) else ""} for item in items])
     settings = {"embed_inputs": items, "output_dir": str(Path(out).expanduser()),
                 "embeddings_index": index, "progress": bool(progress), "amp": bool(amp)}

@@ -47,7 +47,7 @@ class RunReport:
         self.data: dict = {"command": command, "arguments": list(arguments), "status": "running",
                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "software": _software() if enabled else {}, "bundle": None, "weights": None, "device": None, "inputs": [],
-                           "warnings": [], "seconds": {}, "outputs": [], "error": None}
+                           "warnings": [], "seconds": {}, "outputs": [], "stored": None, "error": None}
 
     @classmethod
     def discarded(cls) -> RunReport:
@@ -85,6 +85,10 @@ class RunReport:
 
     def outputs(self, paths: Sequence[str | os.PathLike]) -> None:
         self.data["outputs"] = [str(path) for path in paths]
+
+    def stored(self, server: str, sop_instance_uids: Sequence[str]) -> None:
+        """The DICOM outputs a server stored (STOW-RS): its URL and the SOP instance UIDs."""
+        self.data["stored"] = {"server": server, "sop_instance_uids": list(sop_instance_uids)}
 
 
 def _software() -> dict:

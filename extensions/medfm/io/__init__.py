@@ -2,6 +2,7 @@
 
 from .embeddings import (OutputLayout, SaveEmbedding, SaveEmbeddingd, append_index_rows, embedding_file_name, input_stem,
                          output_stem, read_index_rows)
+from .dicomweb import DicomWebError, is_dicomweb_url, store_instances
 from .input_list import expand_inputs
 from .datalists import pretraining_datalist, read_datalist
 from .regions import label_regions, read_points
@@ -17,6 +18,7 @@ __all__ = [
     "HeaderedCSVSaver",
     "ArchiveError",
     "DescribedNibabelWriter",
+    "DicomWebError",
     "MAX_UNPACKED_GIB_ENV",
     "DicomSeries",
     "LoadScan",
@@ -36,6 +38,7 @@ __all__ = [
     "image_folder_classes",
     "image_folder_datalist",
     "input_stem",
+    "is_dicomweb_url",
     "label_regions",
     "list_dicom_series",
     "output_stem",
@@ -44,6 +47,7 @@ __all__ = [
     "read_index_rows",
     "read_points",
     "safe_extract_zip",
+    "store_instances",
     "target_table_datalist",
     "target_table_labels",
 ]

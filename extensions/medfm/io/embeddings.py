@@ -16,6 +16,7 @@ from monai.utils.type_conversion import convert_data_type
 
 from ..errors import MedfmError
 from .atomic import atomic_path
+from .dicomweb import absolute_input
 
 __all__ = ["INDEX_COLUMNS", "SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "check_index_file", "embedding_file_name", "index_row",
            "input_meta", "input_stem", "is_index_file", "OutputLayout", "output_stem", "read_index_rows", "save_vector", "write_index_rows"]
@@ -116,12 +117,12 @@ def index_row(input: str, series_uid: str, model: str, weights: str, embedding: 
 def output_stem(source: str | os.PathLike, region: str = "") -> str:
     """``<input stem>-<10 hex digits>``: the start of every output file name medfm writes for an input.
 
-    The digits hash the input's absolute path (and region), so two inputs with the same base name
+    The digits hash the input's absolute path or URL (and region), so two inputs with the same base name
     (``a/ct.nii.gz``, ``b/ct.nii.gz``) or a folder and a zip of one name never share an output,
     the name still says which scan it came from, and every process of a distributed run derives
     the same name.
     """
-    digest = hashlib.sha1(f"{os.path.abspath(str(source))}\0{region}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{absolute_input(source)}\0{region}".encode()).hexdigest()[:10]
     return f"{input_stem(source)}-{digest}"
 
 

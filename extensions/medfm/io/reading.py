@@ -26,6 +26,7 @@ from monai.utils import SpaceKeys
 from ..errors import MedfmError, first_line, innermost
 from ..limits import positive_setting
 from .archives import ArchiveError, safe_extract_zip
+from .dicomweb import downloaded, image_series, is_dicomweb_url
 from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
                     rescale_varies, series_geometry, stack_series)
 
@@ -81,6 +82,8 @@ class LoadScan(Transform):
         self.allow_2d = allow_2d
 
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
+        if is_dicomweb_url(path):
+            return self._load_remote(str(path))
         source = Path(path)
         if not source.exists():
             raise ScanError(f"{source}: no such file or folder")
@@ -101,6 +104,16 @@ class LoadScan(Transform):
             _check_nifti_header(source)
         self._check_memory(source, self._file_voxels(source))
         return self._validated(self._read(str(source), source), source)
+
+    def _load_remote(self, url: str) -> MetaTensor:
+        """A series on a DICOMweb server, checked before download and read as a local series folder."""
+        series = image_series(url, self.series_uid)
+        if len(series) > 1:
+            raise ScanError(f"{url}: {len(series)} image series, choose one with series_uid or give its series URL: "
+                            f"{'; '.join(s.summary() for s in series)}")
+        self._check_memory(url, series[0].voxels)
+        with downloaded(series) as folder:
+            return self._load_folder(folder, url)
 
     def _read(self, target: str | list[str], source: Path) -> MetaTensor:
         """Read a NIfTI file (nibabel), another image file, or a DICOM series given as its sorted files (ITK)."""
@@ -126,7 +139,7 @@ class LoadScan(Transform):
             volume = volume.astype(volume.dtype.newbyteorder("="))
         return MetaTensor.ensure_torch_and_prune_meta(volume, meta)
 
-    def _load_folder(self, folder: Path, source: Path) -> MetaTensor:
+    def _load_folder(self, folder: Path, source: Path | str) -> MetaTensor:
         found = list_dicom_series(folder)
         if not found:
             raise ScanError(f"{source}: no DICOM files found in the folder")
@@ -198,7 +211,7 @@ class LoadScan(Transform):
         except Exception:
             return None
 
-    def _check_memory(self, source: Path, voxels: int | None) -> None:
+    def _check_memory(self, source: Path | str, voxels: int | None) -> None:
         if voxels is None:
             return
         gib, limit = _max_input_bytes(self.max_gib)

@@ -18,6 +18,7 @@ import pydicom
 from ..errors import MedfmError
 from ..transforms.region import voxel_to_lps
 from .dicom import _frame_attribute
+from .input_list import listed_input
 
 __all__ = ["label_regions", "read_points", "SEGMENTATION_STORAGE"]
 
@@ -29,7 +30,7 @@ _POINT_COLUMNS = ("image", "x", "y", "z")
 def read_points(path: str | os.PathLike) -> list[dict]:
     """Regions from a CSV with columns ``image, x, y, z`` (mm, LPS) and optionally ``id`` (default: the line number).
 
-    Relative image paths are relative to the CSV's folder. A missing column, a value that is not a
+    Relative image paths are relative to the CSV's folder; an image may be a DICOMweb series URL. A missing column, a value that is not a
     finite number, or an id repeated for one image is a :class:`MedfmError` naming the file and line.
     """
     path = Path(path).expanduser()
@@ -47,8 +48,8 @@ def read_points(path: str | os.PathLike) -> list[dict]:
                          + (f"missing {', '.join(missing)}" if rows else "it has no rows"))
     regions, seen = [], set()
     for line, row in enumerate(rows, start=2):
-        image = Path(str(row["image"] or "").strip()).expanduser()
-        if not str(image) or str(image) == ".":
+        cell = str(row["image"] or "").strip()
+        if not cell:
             raise MedfmError(f"{path}: line {line} has no image")
         try:
             center = tuple(float(row[axis]) for axis in "xyz")
@@ -57,7 +58,7 @@ def read_points(path: str | os.PathLike) -> list[dict]:
         if not all(math.isfinite(value) for value in center):
             raise MedfmError(f"{path}: line {line}: x, y and z must be finite")
         identifier = str(row.get("id") or line - 1).strip()
-        image = image if image.is_absolute() else (path.parent / image).resolve()
+        image = listed_input(cell, path)
         if (image, identifier) in seen:
             raise MedfmError(f"{path}: line {line}: point id {identifier!r} appears twice for {image}")
         seen.add((image, identifier))

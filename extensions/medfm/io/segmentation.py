@@ -20,6 +20,7 @@ from monai.utils.type_conversion import convert_data_type
 from .. import __version__
 from ..errors import MedfmError
 from .atomic import atomic_path
+from .dicomweb import is_dicomweb_url, series_headers
 from .dicom import LPS_TO_RAS, frame_positions, is_mosaic, list_dicom_series
 from .embeddings import input_meta, output_stem
 from .reading import safe_extract_zip
@@ -37,7 +38,9 @@ class SegmentationWriteError(MedfmError):
 
 
 def source_datasets(source: str | os.PathLike, series_uid: str) -> list[pydicom.Dataset]:
-    """Headers of the DICOM series ``series_uid`` that ``source`` (folder, zip or file) was read from."""
+    """Headers of the DICOM series ``series_uid`` that ``source`` (folder, zip, file or DICOMweb URL) was read from."""
+    if is_dicomweb_url(source):
+        return series_headers(str(source), series_uid)
     source = Path(source)
     if source.is_file() and not source.suffix.lower() == ".zip":
         return [pydicom.dcmread(source, stop_before_pixels=True)]

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MedfmError, describe_error, innermost
 from ..io.atomic import atomic_path
+from ..io.dicomweb import absolute_input
 from ..transforms.region import CropAtWorldPoint, PointOutsideScanError
 from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
                              save_vector, write_index_rows)
@@ -94,7 +95,7 @@ def _item(entry: str | os.PathLike | Mapping) -> dict:
     """An input as ``{"image": absolute path, "region": "", "center_lps": None}``; mappings may name a
     region (``point:<id>``, ``label:<value>``) and its centre in mm (LPS)."""
     item = dict(entry) if isinstance(entry, Mapping) else {"image": entry}
-    item["image"] = os.path.abspath(os.path.expanduser(str(item["image"])))  # "a/../b" and "b" are one input
+    item["image"] = absolute_input(item["image"])
     item.setdefault("region", "")
     center = item.get("center_lps")
     item["center_lps"] = tuple(float(c) for c in center) if center is not None else None
