@@ -266,3 +266,24 @@ def medfm_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "medfm_home"
     monkeypatch.setenv("MEDFM_HOME", str(home))
     return home
+
+
+def require(missing: str | None) -> None:
+    """Skip a test whose tool is missing here, or fail it in CI (MEDFM_REQUIRE_TEST_DATA=1: everything is installed)."""
+    if missing is None:
+        return
+    if os.environ.get("MEDFM_REQUIRE_TEST_DATA") == "1":
+        pytest.fail(missing)
+    pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """A real Orthanc with DICOMweb on loopback (tests/orthanc.py), stopped by its PID after the module."""
+    from .orthanc import Orthanc, missing
+
+    require(missing())
+    with Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+        assert server.process.poll() is None, "Orthanc died during the tests:\n" + server.log.read_text()[-3000:]
+    assert server.process.poll() is not None

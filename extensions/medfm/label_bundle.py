@@ -101,6 +101,7 @@ def _inference_config(train: dict) -> dict:
         "network": "$@network_def.to(@device)",
         "preprocessing": preprocessing,
         "inferer": copy.deepcopy(train["validate"]["inferer"]),
+        # MONAI Label runs "postprocessing" and returns the label itself; the bundle's own runs also save it
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -108,11 +109,12 @@ def _inference_config(train: dict) -> dict:
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
                 {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
                  "nearest_interp": True, "to_tensor": True},
-                {"_target_": "SaveImaged", "keys": "pred",
-                 "folder_layout": {"_target_": "medfm.io.OutputLayout", "output_dir": "@output_dir", "postfix": "seg"},
-                 "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False},
             ],
         },
+        "dicom_seg": True,
+        "save_segmentation": {"_target_": "medfm.io.SaveSegmentationd", "keys": "pred", "output_dir": "@output_dir",
+                              "labels": "@label_names", "source_key": "image", "postfix": "seg",
+                              "dicom_seg": "@dicom_seg", "algorithm": "$medfm.bundles.bundle_name(@bundle_root)"},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
@@ -122,7 +124,8 @@ def _inference_config(train: dict) -> dict:
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "network": "@network", "inferer": "@inferer",
+                      "postprocessing": "$monai.transforms.Compose([@postprocessing, @save_segmentation])",
                       "val_handlers": "@handlers"},
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
