@@ -15,7 +15,11 @@ MONAILABEL_VENV ?= .venv-monailabel
 MONAILABEL_INSTALLED := $(MONAILABEL_VENV)/.installed
 MONAILABEL_REQUIREMENTS := tests/integration/monailabel-requirements.txt
 
-.PHONY: demo test test-data install clean monailabel-env
+# Orthanc PACS with its DICOMweb plugin (Debian packages) for the DICOMweb tests: installed with
+# apt-get where missing when run as root (CI); elsewhere the tests skip and say how to install it
+ORTHANC_PACKAGES := orthanc orthanc-dicomweb
+
+.PHONY: demo test test-data install clean monailabel-env orthanc
 
 install: $(INSTALLED)
 
@@ -42,7 +46,13 @@ demo: $(INSTALLED)
 test-data: $(INSTALLED)
 	-$(PY) tests/testdata.py
 
-test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED)
+orthanc:
+	@if [ -x /usr/sbin/Orthanc ] && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(ORTHANC_PACKAGES); \
+	else echo "medfm: Orthanc is not installed: 'sudo apt-get install $(ORTHANC_PACKAGES)' (the DICOMweb tests skip without it)"; fi
+
+test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED) orthanc
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
 clean:

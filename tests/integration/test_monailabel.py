@@ -9,12 +9,12 @@ made from Models Genesis. The test goes through what an annotator's viewer does 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,10 +26,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 import medfm
 from tests.conftest import crop_nifti, run_command
+from tests.orthanc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,12 +82,6 @@ class Client:
                             fields={"params": json.dumps({"device": "cpu"})})
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _stop(process: subprocess.Popen) -> None:
     """Stop the server by its PID (its process group: MONAI Label may start helpers)."""
     if process.poll() is None:
@@ -108,8 +104,8 @@ def monailabel_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(monailabel_python, tmp_path_factory):
-    """(client, app folder, studies folder, server log) of a running server; stopped afterwards."""
+def app(monailabel_python, tmp_path_factory) -> Path:
+    """MONAI Label's sample ``monaibundle`` app holding the two label bundles made by ``medfm label-bundle``."""
     work = tmp_path_factory.mktemp("monailabel")
     app = work / "apps" / "monaibundle"
     result = run_command([str(monailabel_python), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
@@ -122,19 +118,24 @@ def served(monailabel_python, tmp_path_factory):
     made = run_command([sys.executable, "-m", "medfm.cli", "label-bundle", "spad_vit_base", "--labels", "tissue",
                         "--out", str(app / "model" / RESAMPLING_MODEL), "--pretrained", "False"])
     assert made.returncode == 0, made.stderr
-    studies = work / "studies"
-    studies.mkdir()
-    for index, (size, offset) in enumerate(CROPS):
-        crop_nifti(medfm.samples.path("ct_head"), studies / f"head_ct_{index}.nii.gz", size, offset)
-    port = _free_port()
+    return app
+
+
+@contextlib.contextmanager
+def _server(monailabel_python: Path, app: Path, studies: str, work: Path, models: str):
+    """(client, server log) of a MONAI Label server on a free loopback port; stopped by its PID afterwards."""
+    port = free_port()
     log_path = work / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(monailabel_python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-             "--host", "127.0.0.1", "--port", str(port), "--conf", "models", f"{MODEL},{RESAMPLING_MODEL}", "--conf", "zoo_source", "github",
+            [str(monailabel_python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", studies,
+             "--host", "127.0.0.1", "--port", str(port), "--conf", "models", models, "--conf", "zoo_source", "github",
              "--conf", "sam2", "false", "--conf", "preload", "false"],
             stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True,
-            env=dict(os.environ, PYTHONPATH=str(STAND_IN), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false"))
+            # its DICOMweb datastore converts labels to DICOM-SEG with dcmqi's itkimage2segimage, from its environment
+            env=dict(os.environ, PYTHONPATH=str(STAND_IN), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
+                     MONAI_LABEL_DATASTORE_CACHE_PATH=str(work / "cache"),
+                     PATH=f"{monailabel_python.parent}{os.pathsep}{os.environ.get('PATH', '')}"))
     client = Client(port)
     try:
         deadline = time.monotonic() + 300
@@ -147,10 +148,22 @@ def served(monailabel_python, tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "server did not answer /info/ in 300 s:\n" + log_path.read_text()[-4000:]
             time.sleep(2)
-        yield client, app, studies, log_path
+        yield client, log_path
     finally:
         _stop(process)
         assert process.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def served(monailabel_python, app, tmp_path_factory):
+    """(client, app folder, studies folder, server log) of a server on a studies folder of real CT crops."""
+    work = tmp_path_factory.mktemp("monailabel_local")
+    studies = work / "studies"
+    studies.mkdir()
+    for index, (size, offset) in enumerate(CROPS):
+        crop_nifti(medfm.samples.path("ct_head"), studies / f"head_ct_{index}.nii.gz", size, offset)
+    with _server(monailabel_python, app, str(studies), work, f"{MODEL},{RESAMPLING_MODEL}") as (client, log_path):
+        yield client, app, studies, log_path
 
 
 def _label_volume(response: bytes, path: Path) -> nib.Nifti1Image:
@@ -208,3 +221,41 @@ def test_monailabel_serves_trains_and_answers_concurrent_requests(served, tmp_pa
     for index, (_, body) in enumerate(answers):
         label = _label_volume(body, tmp_path / f"concurrent_{index}.nii.gz")
         assert label.shape == nib.load(studies / f"{images[index % len(images)]}.nii.gz").shape
+
+
+def test_monailabel_on_dicomweb_infers_a_series_in_orthanc_and_stores_the_label_as_dicom_seg(monailabel_python, app, pacs,
+                                                                                               tmp_path):
+    """MONAI Label's DICOMweb datastore on the same Orthanc the medfm CLI reads: what OHIF does against a PACS."""
+    from dicomweb_client import DICOMwebClient
+
+    scan = crop_nifti(medfm.samples.path("ct_head"), tmp_path / "ct.nii.gz", *CROPS[0])
+    files = medfm.samples.write_dicom_series(str(scan), tmp_path / "series", modality="CT")
+    first = pydicom.dcmread(files[0])
+    study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    pacs.upload(tmp_path / "series")
+    local = medfm.io.LoadScan()(str(tmp_path / "series"))
+    with _server(monailabel_python, app, pacs.dicomweb, tmp_path, MODEL) as (client, log_path):
+        log = lambda: log_path.read_text()[-6000:]  # noqa: E731
+        status, body = client.request("GET", "/datastore/")  # counted from the PACS (QIDO-RS)
+        assert status == 200 and json.loads(body)["total"] == 1, body[:2000]
+        status, body = client.request("POST", "/activelearning/random", body={})  # a viewer's "next sample"
+        assert status == 200 and json.loads(body)["id"] == series_uid, body[:2000]
+        status, body = client.infer(series_uid)
+        assert status == 200, body[:2000].decode(errors="replace") + log()
+        label = _label_volume(body, tmp_path / "predicted.nii.gz")
+        assert label.shape == tuple(local.shape)
+        np.testing.assert_allclose(label.affine, local.affine.numpy(), atol=1e-3)
+        # the annotator's final label (tissue above 25 HU) goes back to the PACS as DICOM-SEG
+        mask = tmp_path / "final.nii.gz"
+        nib.save(nib.Nifti1Image((local.numpy() > 25).astype(np.uint8), label.affine), mask)
+        status, body = client.request("PUT", "/datastore/label", {"image": series_uid, "tag": "final"}, files={"label": mask})
+        assert status == 200, body[:2000].decode(errors="replace") + log()
+    dicomweb = DICOMwebClient(pacs.dicomweb)
+    [seg] = [pydicom.Dataset.from_json(s) for s in dicomweb.search_for_series(study_uid, search_filters={"Modality": "SEG"})]
+    [stored] = dicomweb.retrieve_series(study_uid, str(seg.SeriesInstanceUID))
+    assert stored.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    [referenced] = stored.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == series_uid
+    sources = {str(pydicom.dcmread(path).SOPInstanceUID) for path in files}
+    assert {str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence} <= sources
+    assert len(stored.SegmentSequence) == 1 and stored.pixel_array.any()
