@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 import medfm
 from medfm.io.dicomweb import (DICOMWEB_PASSWORD_ENV, DICOMWEB_TOKEN_ENV, DICOMWEB_USER_ENV, DicomWebError,
@@ -120,7 +121,7 @@ def test_a_segmentation_is_stored_back_and_refers_to_its_source_instances(study,
     url = study.series_url(study.first_uid)
     report = tmp_path / "run.json"
     result = cli_in_process(["infer", str(bundle), url, "--out", str(tmp_path / "out"), "--store", study.pacs.dicomweb,
-                             "--report", str(report)], capfd)
+                             "--report", str(report), "--preview"], capfd)
     assert result.returncode == 0, result.stderr
     assert f"stored 1 DICOM file(s) at {study.pacs.dicomweb}" in result.stderr
     [written] = (tmp_path / "out").glob("*_seg.dcm")
@@ -142,6 +143,10 @@ def test_a_segmentation_is_stored_back_and_refers_to_its_source_instances(study,
     assert {str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence} == source_instances
     label = nib.load(next((tmp_path / "out").glob("*_seg.nii.gz")))
     np.testing.assert_allclose(label.affine, _restored_affine(study), atol=1e-4)
+    # the picture to check it: the series' planes with the segmentation overlaid (tinted, not gray)
+    [preview] = (tmp_path / "out").glob("*_preview.png")
+    picture = np.asarray(Image.open(preview).convert("RGB")).astype(int)
+    assert np.asarray(label.dataobj).any() and (np.abs(picture[..., 0] - picture[..., 1]) > 30).sum() > 100
 
 
 def _restored_affine(study: Study) -> np.ndarray:

@@ -19,7 +19,7 @@ __all__ = ["main", "infer", "embed", "demo", "download", "info", "label_bundle",
 
 
 def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, report: str | None = None,
-          store: str | None = None, **overrides) -> None:
+          store: str | None = None, preview: bool = False, **overrides) -> None:
     """Run a bundle's full inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip,
     or a DICOMweb series URL ``http(s)://HOST/PREFIX/studies/<UID>/series/<UID>``).
 
@@ -34,20 +34,23 @@ def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = Fa
         report: write a JSON run report there, for a failed run too (versions, bundle, weights and their sha256,
             device, inputs with series UIDs, warnings, seconds per stage, outputs, the error).
         store: send the DICOM outputs (a DICOM-SEG) to this DICOMweb server with STOW-RS (its root URL).
+        preview: also write INPUT_preview.png: the input's three middle planes, a segmentation overlaid or a
+            restoration beneath, to check the run at a glance.
         overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
     """
     from .inference import infer as run_inference
     from .run_report import run_report
 
     with run_report(report, "infer", _arguments) as record:
-        paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, store=store, **overrides)
+        paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, store=store, preview=preview,
+                              **overrides)
     for path in paths:
         print(path)
 
 
 def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str = "embeddings.csv",
           progress: bool = True, num_workers: int | None = None, amp: bool = False, points: str | None = None,
-          mask: str | None = None, report: str | None = None, **overrides) -> None:
+          mask: str | None = None, report: str | None = None, preview: bool = False, **overrides) -> None:
     """Embeddings of many inputs in one run of the bundle's embedding workflow (configs/embed.json).
 
     Args:
@@ -64,6 +67,8 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
             from a crop of the model's input size centred there (no other inputs).
         mask: label image (NIfTI, NRRD, MHA or DICOM-SEG) of the one input: one embedding per label.
         report: write a JSON run report there (rank 0), for a failed run too; see ``medfm infer --help``.
+        preview: also write OUT/preview.png (more pages as preview_2.png...): every scan's middle planes as
+            the network saw them, so a misoriented or wrongly scaled scan stands out.
         overrides: further ``--key value`` pairs for the bundle config.
 
     Resumable: inputs already in the index are skipped. A failing input is reported and skipped;
@@ -76,7 +81,8 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
 
     with run_report(report if _is_rank_zero() else None, "embed", _arguments) as record:
         summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers,
-                                amp=amp, points=points, mask=mask, report=record, **overrides)
+                                amp=amp, points=points, mask=mask, report=record,
+                                preview=preview, **overrides)
         if _is_rank_zero():
             for line in summary.lines():
                 print(line)

@@ -132,7 +132,8 @@ def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> No
 
 
 def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike = "medfm_output",
-          verbose: bool = False, report: RunReport | None = None, store: str | None = None, **overrides) -> list[str]:
+          verbose: bool = False, report: RunReport | None = None, store: str | None = None, preview: bool = False,
+          **overrides) -> list[str]:
     """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip,
     or a DICOMweb series URL, :mod:`medfm.io.dicomweb`).
 
@@ -144,6 +145,8 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         report: filled in with the run's facts (:mod:`medfm.run_report`).
         store: a DICOMweb server (its root, or a study/series URL on it) to send the run's DICOM outputs
             to with STOW-RS, once they are in ``out`` (e.g. a label bundle's DICOM-SEG).
+        preview: also write ``<input>_preview.png``: the input's three middle planes, with a segmentation
+            output overlaid and other outputs on the input's grid (a restoration) in rows beneath.
         overrides: further config values (e.g. ``sw_batch_size=2``).
 
     Returns the paths written. Contract deviations are printed as ``medfm: warning:`` lines.
@@ -175,6 +178,9 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
                 with report.stage("run"):
                     workflow.run()
                     workflow.finalize()
+                if preview:
+                    with report.stage("preview"):
+                        _write_preview(bundle_dir, source, staging, overrides.get("series_uid"))
                 _warn_of_demo_weights(bundle_dir, overrides)
             except Exception as error:
                 cause = innermost(error)
@@ -212,6 +218,32 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str | None) -> Path:
+    """The input's middle planes (read again, as the bundle read it) with the NIfTI outputs that lie on its grid."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from .io.embeddings import input_stem, output_stem
+    from .io.reading import LoadScan
+    from .io.segmentation import corner_offset_mm
+    from .preview import write_scan_preview
+
+    scan = LoadScan(series_uid, allow_2d=True)(source)
+    volume, affine = scan.numpy(), scan.affine.numpy()
+    segmentations, images = [], []
+    for path in sorted(staging.glob("*.nii.gz")):
+        output = nib.load(path)
+        if output.shape == volume.shape and corner_offset_mm(output.affine, affine, volume.shape) < 1e-3:
+            (segmentations if path.name.endswith("_seg.nii.gz") else images).append((path.name, np.asarray(output.dataobj)))
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    expected = metadata["network_data_format"]["inputs"]["image"].get("modality", "")
+    modality = scan.meta.get("Modality") or (expected if expected == "CT" else "")
+    return write_scan_preview(staging / f"{output_stem(source)}_preview.png", volume, affine, modality, segmentations,
+                              images, title=input_stem(source))
+
+
 def _store(root: str, outputs: list[str], report: RunReport) -> None:
     """Send the DICOM outputs to ``root`` (STOW-RS); they stay in ``--out`` whatever the server answers."""
     dicom = [path for path in outputs if path.lower().endswith(".dcm")]
@@ -228,7 +260,8 @@ def _store(root: str, outputs: list[str], report: RunReport) -> None:
 def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike = (),
           out: str | os.PathLike = "medfm_embeddings", index: str = "embeddings.csv", progress: bool = True,
           num_workers: int | None = None, amp: bool = False, points: str | os.PathLike | None = None,
-          mask: str | os.PathLike | None = None, report: RunReport | None = None, **overrides) -> EmbeddingSummary:
+          mask: str | os.PathLike | None = None, report: RunReport | None = None, preview: bool = False,
+          **overrides) -> EmbeddingSummary:
     """Embed many inputs in one run of the bundle's embedding workflow.
 
     Args:
@@ -248,6 +281,8 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         mask: a label image (NIfTI/NRRD/MHA, or a DICOM-SEG) for the one scan in ``inputs``: one
             embedding per label, from a crop centred on the label's centroid.
         report: filled in with the run's facts (:mod:`medfm.run_report`).
+        preview: also write ``out/preview.png`` (and further pages): a contact sheet of every scan's middle
+            planes as the network saw them, so a misoriented or wrongly scaled scan stands out.
         overrides: further config values (e.g. ``sw_batch_size=8``).
 
     Inputs already in the index (with their ``.npy`` present) are skipped, so running the same call
@@ -278,7 +313,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     report.inputs([{"input": absolute_input(item["image"] if isinstance(item, dict) else item),
                     "region": item.get("region", "") if isinstance(item, dict) else ""} for item in items])
     settings = {"embed_inputs": items, "output_dir": str(Path(out).expanduser()),
-                "embeddings_index": index, "progress": bool(progress), "amp": bool(amp)}
+                "embeddings_index": index, "progress": bool(progress), "amp": bool(amp), "preview": bool(preview)}
     if num_workers is not None:
         settings["num_workers"] = int(num_workers)
     with _warnings_printed():
@@ -299,7 +334,8 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     done = [row for row in summary.rows if (row["input"], row["region"]) in asked]
     report.inputs(done + [{"input": image, "region": region, "error": error}
                           for (image, region), error in summary.failed.items()])
-    report.outputs([summary.index] + [summary.index.parent / row["embedding"] for row in done])
+    sheets = sorted(summary.index.parent.glob("preview*.png")) if preview else []
+    report.outputs([summary.index] + [summary.index.parent / row["embedding"] for row in done] + sheets)
     return summary
 
 

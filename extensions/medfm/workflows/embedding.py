@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -33,13 +34,15 @@ from ..errors import MedfmError, describe_error, innermost
 from ..io.atomic import atomic_path
 from ..io.dicomweb import absolute_input
 from ..transforms.region import CropAtWorldPoint, PointOutsideScanError
-from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, read_index_rows,
-                             save_vector, write_index_rows)
+from ..io.embeddings import (INDEX_COLUMNS, check_index_file, embedding_file_name, index_row, output_stem,
+                             read_index_rows, save_vector, write_index_rows)
 from ..bundles import bundle_name
 from ..weights import installed_weights_id, load_checkpoint, sha256_of
 from .precision import mixed_precision
 
 __all__ = ["EmbeddingRunner", "EmbeddingSummary", "FAILED_COLUMNS", "embedding_device", "sliding_window_of", "window_count"]
+
+logger = logging.getLogger(__name__)
 
 #: Columns of ``failed.csv``: the inputs (and regions) that have no embedding yet, and why.
 FAILED_COLUMNS = ("input", "region", "error")
@@ -100,6 +103,12 @@ def _item(entry: str | os.PathLike | Mapping) -> dict:
     center = item.get("center_lps")
     item["center_lps"] = tuple(float(c) for c in center) if center is not None else None
     return item
+
+
+def _caption(source: str) -> str:
+    """A scan's name on a contact sheet, its end kept when long (a path's file, a URL's series UID)."""
+    text = source.rstrip("/")
+    return text if len(text) <= 90 else "..." + text[-87:]
 
 
 def _key(item: Mapping) -> tuple[str, str]:
@@ -203,6 +212,9 @@ class EmbeddingRunner:
         num_workers: DataLoader worker processes reading and preprocessing ahead.
         progress: per-input progress bar (and per-window for big sliding-window scans) on rank 0.
         amp: bfloat16 autocast on CUDA (refused on the CPU, where it is slower and untested).
+        preview: also write ``preview.png`` (pages ``preview_2.png``...): a contact sheet of every scan's
+            middle planes as the network saw them (after preprocessing), from one tile per scan kept in
+            ``preview/`` (:mod:`medfm.preview`).
         timeout_hours: how long the processes of a distributed run wait for the slowest one.
     """
 
@@ -212,7 +224,7 @@ class EmbeddingRunner:
                  pooling: Callable | None = None, index_file: str = "embeddings.csv",
                  region_size: Sequence[int] | None = None,
                  device: torch.device | str | None = None, num_workers: int = 0, progress: bool = True,
-                 amp: bool = False, timeout_hours: float = 24.0) -> None:
+                 amp: bool = False, preview: bool = False, timeout_hours: float = 24.0) -> None:
         self.items = [_item(entry) for entry in inputs]
         self.preprocessing = preprocessing
         self.network = network
@@ -232,6 +244,7 @@ class EmbeddingRunner:
         self.num_workers = int(num_workers)
         self.progress = progress
         self.amp = mixed_precision(amp, self.device)
+        self.preview = bool(preview)
         self.timeout = datetime.timedelta(hours=timeout_hours)
         if self.index.suffix.lower() not in (".csv", ".parquet") or Path(index_file).name != str(index_file):
             raise MedfmError(f"{index_file}: the index must be a file name (no folders) ending in .csv or .parquet")
@@ -342,6 +355,8 @@ class EmbeddingRunner:
         bar = tqdm(loader, total=len(scans), desc="embedding", unit="scan", disable=not self.progress or rank != 0,
                    file=sys.stderr)
         for scan in bar:
+            if self.preview and scan.get("failure") is None:
+                self._write_tile(scan)
             for item in scan["items"]:
                 message = scan.get("failure")
                 if message is None:
@@ -357,6 +372,34 @@ class EmbeddingRunner:
                 _durable_append(self._part("failed", rank), FAILED_COLUMNS,
                                 {"input": item["image"], "region": item["region"], "error": message})
         return embedded
+
+    @property
+    def _tiles_dir(self) -> Path:
+        return self.output_dir / "preview"
+
+    def _tile(self, image: str) -> Path:
+        return self._tiles_dir / f"{output_stem(image)}.png"
+
+    def _write_tile(self, scan: dict) -> None:
+        """The scan's middle planes as the network sees them (first channel), for the contact sheet."""
+        from ..preview import write_plane_tile
+
+        image = scan["data"]["image"]
+        if image.ndim != 4:  # a model input that is not one (C, X, Y, Z) volume has no three planes
+            return
+        self._tiles_dir.mkdir(exist_ok=True)
+        write_plane_tile(self._tile(scan["image"]), image[0].detach().cpu().numpy(), image.affine.numpy())
+
+    def _write_contact_sheet(self, rows: list[dict]) -> list[Path]:
+        """The contact sheet of every scan in the index that has a tile, in index order."""
+        from ..preview import write_contact_sheet
+
+        scans = list(dict.fromkeys(row["input"] for row in rows))
+        tiles = [(_caption(scan), self._tile(scan)) for scan in scans if self._tile(scan).is_file()]
+        if len(tiles) < len(scans):
+            logger.warning("%s: %d of %d scans have no preview tile (embedded by a run without --preview)",
+                           self.index, len(scans) - len(tiles), len(scans))
+        return write_contact_sheet(self.output_dir / "preview.png", tiles) if tiles else []
 
     def _embed_item(self, item: dict, image, rank: int, weights_id: str) -> None:
         """Embed the whole preprocessed scan, or the crop at the item's point, and save it with its row."""
@@ -424,4 +467,6 @@ class EmbeddingRunner:
         for part in self._parts_dir.glob("*.csv"):
             part.unlink()
         self._parts_dir.rmdir()
+        if self.preview:
+            self._write_contact_sheet(rows)
         return EmbeddingSummary(index=self.index, failed={k: e for k, e in this_run.items() if k not in done}, rows=rows)
