@@ -91,7 +91,8 @@ def _positionals(argv: list[str]) -> list[str]:
     return [token for position, token in enumerate(argv) if not token.startswith("--") and position not in values]
 
 
-def _check_medfm_command(argv: list[str]) -> None:
+def _check_medfm_command(argv: list[str], made: dict | None = None) -> None:
+    """``made``: bundles the documents make first (label bundles), by the path the documents give them."""
     command, arguments = commands()[argv[0]], argv[1:]
     if isinstance(command, dict):  # medfm weights fetch ...
         command, arguments = command[arguments[0]], arguments[1:]
@@ -101,7 +102,8 @@ def _check_medfm_command(argv: list[str]) -> None:
     assert takes_any or not unknown, f"medfm {argv[0]} has no option {sorted(unknown)}"
     if next(iter(parameters), None) in ("bundle", "bundles"):  # the first argument names bundles of this repository
         named = _positionals(arguments)[:1]  # none for ``medfm release``: every bundle
-        assert {name for names in named for name in names.split(",")} <= {p.name for p in BUNDLES.iterdir()}, named
+        known = {p.name for p in BUNDLES.iterdir()} | {str(path.relative_to(REPO)) for path in (made or {})}
+        assert {name.rstrip("/") for names in named for name in names.split(",")} <= known, named
 
 
 def _strip_launcher(argv: list[str]) -> list[str]:
@@ -142,7 +144,7 @@ def test_documented_command_names_what_exists(document, folder, argv, label_bund
         if module == "monai.bundle":
             _check_monai_command(folder, rest)
         elif module == "medfm":
-            _check_medfm_command(rest)
+            _check_medfm_command(rest, label_bundles)
         else:
             pytest.fail(f"README runs an unchecked module: {module}")
     elif program == "python":  # python -c: the API it calls exists
@@ -151,12 +153,17 @@ def test_documented_command_names_what_exists(document, folder, argv, label_bund
         for name in re.findall(r"medfm\.(\w+)\(", argv[argv.index("-c") + 1]):
             assert callable(getattr(medfm, name, None)), f"medfm.{name}"
     elif program == "medfm":
-        _check_medfm_command(argv[1:])
+        _check_medfm_command(argv[1:], label_bundles)
     elif program == "make":
         targets = set(re.findall(r"^([a-z-]+):", (REPO / "Makefile").read_text(), flags=re.M))
         assert set(argv[1:]) <= targets
     elif program == "monailabel":
         assert argv[1] == "start_server" and argv[argv.index("--conf") + 1] == "models"
+    elif program == "export":  # the variables medfm reads (credentials for DICOMweb)
+        from medfm.io import dicomweb
+
+        known = {dicomweb.DICOMWEB_TOKEN_ENV, dicomweb.DICOMWEB_USER_ENV, dicomweb.DICOMWEB_PASSWORD_ENV}
+        assert {assignment.split("=")[0] for assignment in argv[1:] if "=" in assignment} <= known, argv
     else:
         pytest.fail(f"{document.name} shows a command this test does not check: {' '.join(argv)}")
 
