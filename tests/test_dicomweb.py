@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 
 import medfm
@@ -116,6 +117,7 @@ def test_embed_of_a_study_url_embeds_each_image_series_as_the_local_folders(stud
 
 def test_a_segmentation_is_stored_back_and_refers_to_its_source_instances(study, tmp_path, capfd):
     bundle = tmp_path / "genesis_seg"
+    torch.manual_seed(0)  # the new head's weights: a prediction with foreground, for the overlay below
     made = cli_in_process(["label-bundle", BUNDLE, "--labels", "tissue", "--out", str(bundle)], capfd)
     assert made.returncode == 0, made.stderr
     url = study.series_url(study.first_uid)
@@ -159,7 +161,7 @@ def test_what_a_pacs_can_answer_is_one_line_and_leaves_nothing(study, tmp_path, 
         f"{study.pacs.dicomweb}/studies/1.2.3.4": "1.2.3.4: no such study on the DICOMweb server",
         study.series_url("1.2.3.4"): "/series/1.2.3.4: no such series on the DICOMweb server",
         study.series_url(study.seg_uid): f"series {study.seg_uid} holds Segmentation Storage instances, not images",
-        study.url: f"2 image series, choose one with series_uid or give its series URL: {study.first_uid} (CT",
+        study.url: "2 image series, choose one with series_uid or give its series URL: ",
         down: "cannot reach the DICOMweb server (Connection refused)",
         f"{study.pacs.dicomweb}/studies/1.2.x": "'1.2.x' is not a DICOM UID",
         f"{study.pacs.dicomweb}/series/1.2.3": "not a DICOMweb study or series URL",
@@ -169,6 +171,8 @@ def test_what_a_pacs_can_answer_is_one_line_and_leaves_nothing(study, tmp_path, 
         assert result.returncode == 1 and expected in result.stderr, (url, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "out").exists()
+        if url == study.url:  # the series listed, in the server's order, with what they are
+            assert all(f"{uid} (CT 'medfm sample" in result.stderr for uid in (study.first_uid, study.second_uid))
     refused = cli_in_process(["infer", BUNDLE, study.series_url(study.first_uid), "--out", str(tmp_path / "out"),
                               "--store", "ftp://pacs"], capfd)
     assert refused.returncode == 1 and "ftp://pacs: not a DICOMweb URL" in refused.stderr, refused.stderr

@@ -70,6 +70,8 @@ def test_contact_sheets_come_in_pages(tmp_path):
     pages = write_contact_sheet(tmp_path / "sheet.png", tiles, rows=2)
     assert [p.name for p in pages] == ["sheet.png", "sheet_2.png", "sheet_3.png"]
     assert Image.open(pages[0]).size[1] > Image.open(pages[2]).size[1]
+    assert write_contact_sheet(tmp_path / "sheet.png", tiles[:1], rows=2) == [tmp_path / "sheet.png"]
+    assert sorted(p.name for p in tmp_path.glob("sheet*.png")) == ["sheet.png"], "a shorter sheet leaves no stale pages"
 
 
 @pytest.mark.slow

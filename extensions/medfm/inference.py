@@ -220,8 +220,6 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
 
 def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str | None) -> Path:
     """The input's middle planes (read again, as the bundle read it) with the NIfTI outputs that lie on its grid."""
-    import json
-
     import nibabel as nib
     import numpy as np
 
@@ -229,6 +227,7 @@ def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str
     from .io.reading import LoadScan
     from .io.segmentation import corner_offset_mm
     from .preview import write_scan_preview
+    from .transforms.contract import read_contract
 
     scan = LoadScan(series_uid, allow_2d=True)(source)
     volume, affine = scan.numpy(), scan.affine.numpy()
@@ -237,8 +236,7 @@ def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str
         output = nib.load(path)
         if output.shape == volume.shape and corner_offset_mm(output.affine, affine, volume.shape) < 1e-3:
             (segmentations if path.name.endswith("_seg.nii.gz") else images).append((path.name, np.asarray(output.dataobj)))
-    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    expected = metadata["network_data_format"]["inputs"]["image"].get("modality", "")
+    expected = read_contract(bundle_dir).get("modality")  # a CT model's input gets the CT window
     modality = scan.meta.get("Modality") or (expected if expected == "CT" else "")
     return write_scan_preview(staging / f"{output_stem(source)}_preview.png", volume, affine, modality, segmentations,
                               images, title=input_stem(source))
@@ -334,8 +332,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     done = [row for row in summary.rows if (row["input"], row["region"]) in asked]
     report.inputs(done + [{"input": image, "region": region, "error": error}
                           for (image, region), error in summary.failed.items()])
-    sheets = sorted(summary.index.parent.glob("preview*.png")) if preview else []
-    report.outputs([summary.index] + [summary.index.parent / row["embedding"] for row in done] + sheets)
+    report.outputs([summary.index] + [summary.index.parent / row["embedding"] for row in done] + summary.previews)
     return summary
 
 

@@ -60,12 +60,17 @@ def display_window(volume: np.ndarray, modality: str = "") -> tuple[float, float
     percentile (MR and other modalities have no absolute scale)."""
     if modality.upper() == "CT":
         return CT_WINDOW
+    return _range(np.percentile, volume, [0.5, 99.5])
+
+
+def _range(statistic, volume: np.ndarray, *arguments) -> tuple[float, float]:
+    """``statistic(finite voxels, *arguments)`` as a (low, high) window that is never empty."""
     finite = np.asarray(volume, float)
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(finite, [0.5, 99.5])
-    return float(low), float(high if high > low else low + 1.0)
+    low, high = (float(value) for value in statistic(finite, *arguments))
+    return low, high if high > low else low + 1.0
 
 
 def _gray(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -152,10 +157,7 @@ def write_scan_preview(target: str | os.PathLike, volume: np.ndarray, affine: np
 def write_plane_tile(target: str | os.PathLike, volume: np.ndarray, affine: np.ndarray, height: int = 96) -> Path:
     """A small strip of the three middle planes, intensities from the volume's minimum to its maximum (so a
     volume scaled wrongly, e.g. saturated, shows it), for a contact sheet."""
-    finite = np.asarray(volume, float)
-    finite = finite[np.isfinite(finite)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    return _save_png(_strip(volume, affine, (low, high if high > low else low + 1.0), height), target)
+    return _save_png(_strip(volume, affine, _range(lambda v: (v.min(), v.max()), volume), height), target)
 
 
 def contact_sheet_pages(count: int, rows: int = SHEET_ROWS) -> int:
@@ -164,12 +166,18 @@ def contact_sheet_pages(count: int, rows: int = SHEET_ROWS) -> int:
 
 def write_contact_sheet(target: str | os.PathLike, tiles: Sequence[tuple[str, str | os.PathLike]],
                         rows: int = SHEET_ROWS) -> list[Path]:
-    """Pages of captioned tiles (``target``, then ``<stem>_2.png``... when there are more than ``rows``)."""
+    """Pages of captioned tiles (``target``, then ``<stem>_2.png``... when there are more than ``rows``);
+    further pages left by an earlier, longer sheet are removed."""
     from PIL import Image
 
     target = Path(target)
+    count = contact_sheet_pages(len(tiles), rows)
+    for stale in target.parent.glob(f"{target.stem}_*{target.suffix}"):
+        number = stale.stem[len(target.stem) + 1:]
+        if number.isdigit() and int(number) > count:
+            stale.unlink()
     pages = []
-    for page in range(contact_sheet_pages(len(tiles), rows)):
+    for page in range(count):
         chunk = tiles[page * rows:(page + 1) * rows]
         opened = [(caption, Image.open(path).convert("RGB")) for caption, path in chunk]
         name = target if page == 0 else target.with_name(f"{target.stem}_{page + 1}{target.suffix}")

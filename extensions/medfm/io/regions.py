@@ -30,8 +30,9 @@ _POINT_COLUMNS = ("image", "x", "y", "z")
 def read_points(path: str | os.PathLike) -> list[dict]:
     """Regions from a CSV with columns ``image, x, y, z`` (mm, LPS) and optionally ``id`` (default: the line number).
 
-    Relative image paths are relative to the CSV's folder; an image may be a DICOMweb series URL. A missing column, a value that is not a
-    finite number, or an id repeated for one image is a :class:`MedfmError` naming the file and line.
+    Relative image paths are relative to the CSV's folder; an image may be a DICOMweb series URL. A
+    missing column, a value that is not a finite number, or an id repeated for one image is a
+    :class:`MedfmError` naming the file and line.
     """
     path = Path(path).expanduser()
     try:

@@ -87,6 +87,7 @@ class EmbeddingSummary:
     failed: dict[tuple[str, str], str] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     per_process: list[int] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         shares = f" (by {len(self.per_process)} processes: {', '.join(map(str, self.per_process))})" \
@@ -395,7 +396,7 @@ class EmbeddingRunner:
         from ..preview import write_contact_sheet
 
         scans = list(dict.fromkeys(row["input"] for row in rows))
-        tiles = [(_caption(scan), self._tile(scan)) for scan in scans if self._tile(scan).is_file()]
+        tiles = [(_caption(scan), tile) for scan in scans if (tile := self._tile(scan)).is_file()]
         if len(tiles) < len(scans):
             logger.warning("%s: %d of %d scans have no preview tile (embedded by a run without --preview)",
                            self.index, len(scans) - len(tiles), len(scans))
@@ -467,6 +468,6 @@ class EmbeddingRunner:
         for part in self._parts_dir.glob("*.csv"):
             part.unlink()
         self._parts_dir.rmdir()
-        if self.preview:
-            self._write_contact_sheet(rows)
-        return EmbeddingSummary(index=self.index, failed={k: e for k, e in this_run.items() if k not in done}, rows=rows)
+        previews = self._write_contact_sheet(rows) if self.preview else []
+        return EmbeddingSummary(index=self.index, failed={k: e for k, e in this_run.items() if k not in done}, rows=rows,
+                                previews=previews)
