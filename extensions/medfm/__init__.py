@@ -6,9 +6,9 @@ from ._lazy import lazy_attributes  # noqa: E402
 from .errors import report_bundle_errors_in_one_line  # noqa: E402
 
 # bundle configs use medfm.<sub>.<name>; each submodule loads on first use
-__getattr__, __dir__ = lazy_attributes(__name__, ("bundles", "io", "networks", "samples", "transforms", "weights", "workflows"),
+__getattr__, __dir__ = lazy_attributes(__name__, ("bundles", "engines", "io", "networks", "samples", "transforms", "weights", "workflows"),
                                        {"embed": ".inference", "infer": ".inference"})
 
-__all__ = ["bundles", "embed", "infer", "io", "networks", "samples", "transforms", "weights", "workflows", "__version__"]
+__all__ = ["bundles", "embed", "engines", "infer", "io", "networks", "samples", "transforms", "weights", "workflows", "__version__"]
 
 report_bundle_errors_in_one_line()

@@ -350,7 +350,7 @@ class EmbeddingRunner:
         from tqdm import tqdm
 
         loader = DataLoader(_Preprocessed(scans, self.preprocessing), batch_size=1, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_one)
+                            num_workers=self.num_workers, collate_fn=_one, pin_memory=self.device.type == "cuda")
         self.network.eval()
         embedded = 0
         bar = tqdm(loader, total=len(scans), desc="embedding", unit="scan", disable=not self.progress or rank != 0,

@@ -12,6 +12,7 @@ from monai.inferers import Inferer
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from ..engines.utils import rank_seed
 from ..networks.spad_tokenizer import SpadTokenizer
 from ..transforms.spad import image_aniso_d, voxel_spacing
 from .batches import plain_tensor
@@ -66,7 +67,8 @@ class PrepareMIMBatch(PrepareSpadBatch):
 
     Inputs: the image in [0, 1] and a random token mask, passed to ``SpadViT.mim_logits``; targets:
     ``(probabilities, mask)``. Each item gets exactly ``round(mask_ratio * L)`` masked tokens
-    (PUMIT: 0.55), drawn from a generator seeded with ``seed`` so runs repeat. The mask is drawn
+    (PUMIT: 0.55), drawn from a generator seeded with ``seed`` plus the process's rank, so runs repeat
+    and the ranks of a distributed run mask differently. The mask is drawn
     here, after collation, because only then is the token grid of the batch known. The tokenizer
     sees the image scaled to [-1, 1], as it was trained.
     """
@@ -77,7 +79,7 @@ class PrepareMIMBatch(PrepareSpadBatch):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.mask_ratio = mask_ratio
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(rank_seed(seed))
 
     def random_mask(self, items: int, tokens: int) -> torch.Tensor:
         """``(items, tokens)`` bool with ``round(mask_ratio * tokens)`` (at least one) True per row."""
