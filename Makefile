@@ -15,11 +15,17 @@ MONAILABEL_VENV ?= .venv-monailabel
 MONAILABEL_INSTALLED := $(MONAILABEL_VENV)/.installed
 MONAILABEL_REQUIREMENTS := tests/integration/monailabel-requirements.txt
 
+# The lowest torch and MONAI that setup.cfg declares, in an environment of their own (torch 2.5.1 from PyPI is a
+# CUDA build, about 3 GB with its libraries): CI runs the training tests there as well (make test-lowest)
+LOWEST_VENV ?= .venv-lowest
+LOWEST_INSTALLED := $(LOWEST_VENV)/.installed
+LOWEST_TESTS ?= tests/engines tests/bundles/test_distributed_training.py
+
 # Orthanc PACS with its DICOMweb plugin (Debian packages) for the DICOMweb tests: installed with
 # apt-get where missing when run as root (CI); elsewhere the tests skip and say how to install it
 ORTHANC_PACKAGES := orthanc orthanc-dicomweb
 
-.PHONY: demo test test-data install clean monailabel-env orthanc
+.PHONY: demo test test-data test-lowest install clean lowest-env monailabel-env orthanc
 
 install: $(INSTALLED)
 
@@ -36,6 +42,14 @@ $(MONAILABEL_INSTALLED): setup.cfg pyproject.toml $(MONAILABEL_REQUIREMENTS)
 	$(MONAILABEL_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(MONAILABEL_VENV)/bin/python -m pip install --quiet -e . -r $(MONAILABEL_REQUIREMENTS)
 	$(MONAILABEL_VENV)/bin/python -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	touch $@
+
+lowest-env: $(LOWEST_INSTALLED)
+
+$(LOWEST_INSTALLED): setup.cfg pyproject.toml tests/lowest_requirements.py
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet $$($(PYTHON) tests/lowest_requirements.py torch)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -e ".[test]" $$($(PYTHON) tests/lowest_requirements.py)
 	touch $@
 
 demo: $(INSTALLED)
@@ -55,5 +69,9 @@ orthanc:
 test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED) orthanc
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
+# the training tests against the lowest declared torch and MONAI (CI runs this before make test)
+test-lowest: $(LOWEST_INSTALLED) test-data
+	$(LOWEST_VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=10 $(PYTEST_ARGS) $(LOWEST_TESTS)
+
 clean:
-	rm -rf $(VENV) $(MONAILABEL_VENV) demo_output .pytest_cache .cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(MONAILABEL_VENV) demo_output .pytest_cache .cache

@@ -180,3 +180,23 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     script.write_text(example + "\nassert tuple(bottleneck.shape) == (1, 512, 8, 8, 4)\n"
                       "assert pair['image'].shape == pair['label'].shape == (1, 64, 64, 32)\n")
     runpy.run_path(str(script))
+
+
+def test_the_version_statement_is_what_setup_cfg_declares_and_ci_installs():
+    """The README's tested versions: the floors are setup.cfg's (which make test-lowest installs), the top is the
+    torch the Makefile installs and the MONAI this environment resolved."""
+    import monai
+    import torch
+
+    from tests.lowest_requirements import lowest_requirements
+
+    statement = " ".join(README.read_text(encoding="utf-8").split("**Versions.**")[1].split("\n\n")[0].split())
+    floors = dict(requirement.split("[")[0].split("==") if "[" in requirement else requirement.split("==")
+                  for requirement in lowest_requirements())
+    assert f"torch >= {floors['torch']}" in statement and f"MONAI {floors['monai']} to 1.6.x" in statement
+    assert f"torch {floors['torch']} and MONAI {floors['monai']}" in statement
+    makefile = (REPO / "Makefile").read_text()
+    pinned = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", makefile, flags=re.M).group(1)
+    assert f"`make test` with torch {pinned} and the newest MONAI the range admits ({monai.__version__} today)" in statement
+    assert torch.__version__.split("+")[0] in (pinned, floors["torch"]), "this suite runs on one of the two tested torches"
+    assert "make test-lowest" in (REPO / ".ci" / "run").read_text()

@@ -93,11 +93,10 @@ def test_both_pretraining_stages_on_two_processes_share_out_the_scans_and_resume
     assert all(torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("encoding.")), "stage 2 trains the transformer only"
 
 
-def _fine_tune(bundle, table, output_dir, *overrides, launcher=None):
-    configs = ["configs/train.json"] + [o for o in overrides if o.startswith("configs/")]
-    return bundle_run(bundle, configs, "--dataset_dir", str(table), "--output_dir", str(output_dir), *SMALL_GRID,
+def _fine_tune(bundle, table, output_dir, *overrides):
+    return bundle_run(bundle, ["configs/train.json"], "--dataset_dir", str(table), "--output_dir", str(output_dir), *SMALL_GRID,
                       "--max_epochs", "1", "--num_workers", "0", "--val_fraction", "0.34", "--batch_size", "2",
-                      *[o for o in overrides if not o.startswith("configs/")], launcher=launcher)
+                      *overrides)
 
 
 def test_classification_fine_tuning_evaluation_and_scratch(mt_bundle, labelled_table, tmp_path):
@@ -168,10 +167,3 @@ def test_the_committed_weights_reproduce_the_documented_held_out_numbers(brain_t
     assert float(measured["masked_mse_model"]) < 0.6 * float(measured["masked_mse_mean_embedding"])
     assert float(measured["nn_same_subject_weights"]) > float(measured["nn_same_subject_random_init"])
 
-
-def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(mt_bundle, labelled_table, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = _fine_tune(mt_bundle, labelled_table, tmp_path / "ddp", "configs/multi_gpu_train.json", "--batch_size", "1",
-                        launcher=torchrun)
-    assert (result.stdout + result.stderr).count("pretrained weights") == 2
-    assert_written_by_rank_zero(tmp_path / "ddp")

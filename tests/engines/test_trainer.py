@@ -2,7 +2,6 @@
 every trainable parameter gets a gradient."""
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 from medfm.engines import SupervisedTrainer
 from medfm.errors import MedfmError
-from tests.conftest import TORCHRUN, run_command
+from tests.conftest import REPO, TORCHRUN, run_command
 
 
 def _xy(batch, device, non_blocking, **kwargs):
@@ -117,8 +116,6 @@ WORKER = textwrap.dedent("""
 
 
 def test_under_ddp_accumulation_all_reduces_once_per_step_and_ranks_agree(tmp_path):
-    from tests.conftest import REPO
-
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     result = run_command([*TORCHRUN, str(script), str(tmp_path)], env={"PYTHONPATH": str(REPO)}, timeout=300)
