@@ -16,10 +16,10 @@ MONAILABEL_INSTALLED := $(MONAILABEL_VENV)/.installed
 MONAILABEL_REQUIREMENTS := tests/integration/monailabel-requirements.txt
 
 # The lowest torch and MONAI that setup.cfg declares, in an environment of their own (torch 2.5.1 from PyPI is a
-# CUDA build, about 3 GB with its libraries): CI runs the training tests there as well (make test-lowest)
+# CUDA build, about 7 GB with its libraries): CI runs the tests marked "training" there as well (make test-lowest):
+# every bundle's training workflows and medfm's trainer
 LOWEST_VENV ?= .venv-lowest
 LOWEST_INSTALLED := $(LOWEST_VENV)/.installed
-LOWEST_TESTS ?= tests/engines tests/bundles/test_distributed_training.py
 
 # Orthanc PACS with its DICOMweb plugin (Debian packages) for the DICOMweb tests: installed with
 # apt-get where missing when run as root (CI); elsewhere the tests skip and say how to install it
@@ -69,9 +69,9 @@ orthanc:
 test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED) orthanc
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
-# the training tests against the lowest declared torch and MONAI (CI runs this before make test)
+# the training workflows against the lowest declared torch and MONAI (CI runs this before make test)
 test-lowest: $(LOWEST_INSTALLED) test-data
-	$(LOWEST_VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=10 $(PYTEST_ARGS) $(LOWEST_TESTS)
+	$(LOWEST_VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=10 -m training $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST_VENV) $(MONAILABEL_VENV) demo_output .pytest_cache .cache

@@ -130,6 +130,22 @@ def test_every_trainer_takes_amp_and_accumulate(bundle):
         assert trainer["amp"] == "$medfm.workflows.mixed_precision(@amp, @device)", config.name
         assert trainer["amp_kwargs"] == "$medfm.workflows.autocast_kwargs(@device)", config.name
         assert trainer["accumulation_steps"] == "@accumulate", config.name
+        # medfm's trainer: one all-reduce per accumulated step under DDP, and no trainable parameter left untrained
+        assert trainer["_target_"] == "medfm.engines.SupervisedTrainer", config.name
+        assert content["initialize"][0] == "$medfm.engines.seed_process(@seed)", config.name
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_inference_seeds_without_cudnn_determinism_and_every_loader_pins_memory_on_cuda(bundle):
+    for config in sorted((bundle / "configs").glob("*.json")):
+        text = config.read_text()
+        assert "set_determinism" not in text, f"{config.name}: seed with medfm.engines.seed_process (one stream per rank)"
+        content = json.loads(text)
+        if config.name.startswith(("inference", "evaluate")):
+            seeds = [line for line in content.get("initialize", []) if "seed_process" in line]
+            assert seeds and all(line.endswith(", deterministic=False)") for line in seeds), config.name
+        loaders = re.findall(r'"_target_": "DataLoader",\n\s*"pin_memory": "\$@device.type == \'cuda\'"', text)
+        assert len(loaders) == text.count('"_target_": "DataLoader"'), config.name
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)

@@ -56,6 +56,7 @@ def labelled_table(brain_t1s, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.training
 def test_pretraining_stage_1_trains_the_encoder_and_stage_2_only_the_transformer(mt_bundle, brain_t1s, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(brain_t1s))
@@ -75,6 +76,7 @@ def test_pretraining_stage_1_trains_the_encoder_and_stage_2_only_the_transformer
     MedicalTransformer().load_state_dict(stage2)
 
 
+@pytest.mark.training
 def test_both_pretraining_stages_on_two_processes_share_out_the_scans_and_resume(mt_bundle, brain_t1s, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(brain_t1s))
@@ -99,6 +101,7 @@ def _fine_tune(bundle, table, output_dir, *overrides):
                       *overrides)
 
 
+@pytest.mark.training
 def test_classification_fine_tuning_evaluation_and_scratch(mt_bundle, labelled_table, tmp_path):
     result = _fine_tune(mt_bundle, labelled_table, tmp_path / "ft")
     log = result.stdout + result.stderr
@@ -115,6 +118,7 @@ def test_classification_fine_tuning_evaluation_and_scratch(mt_bundle, labelled_t
     assert "pretrained weights" not in scratch.stdout + scratch.stderr
 
 
+@pytest.mark.training
 def test_regression_fine_tuning_and_evaluation(mt_bundle, labelled_table, tmp_path):
     common = ("--task", "regression", "--target_column", "age")
     result = _fine_tune(mt_bundle, labelled_table, tmp_path / "age", *common)

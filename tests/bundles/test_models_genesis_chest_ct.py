@@ -96,6 +96,7 @@ def _fine_tune(bundle, dataset, output_dir, *extra):
                       "--val_interval", "1", "--num_workers", "0", "--val_fraction", "0.25", *extra)
 
 
+@pytest.mark.training
 def test_fine_tuning_from_pretrained_then_evaluation(tiny_segmentation_dataset, tmp_path):
     result = _fine_tune(GENESIS, tiny_segmentation_dataset, tmp_path / "ft")
     log = result.stdout + result.stderr
@@ -155,6 +156,7 @@ def test_scratch_baseline_switch_skips_the_pretrained_weights(tiny_segmentation_
     assert (tmp_path / "scratch" / "models" / "model.pt").is_file()
 
 
+@pytest.mark.training
 def test_pretraining_runs_and_its_checkpoint_imports(genesis_bundle, tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()
@@ -169,6 +171,7 @@ def test_pretraining_runs_and_its_checkpoint_imports(genesis_bundle, tmp_path):
     assert report.missing_keys == [] and load_checkpoint(genesis_bundle / "models" / "model.pt")["out_tr.final_conv.weight"].dtype == torch.float16
 
 
+@pytest.mark.training
 def test_pretraining_resumes_with_its_learning_rate_schedule(genesis_bundle, tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()
@@ -184,6 +187,7 @@ def test_pretraining_resumes_with_its_learning_rate_schedule(genesis_bundle, tmp
     assert state["lr_scheduler"]["last_epoch"] == 2, "the schedule went on from epoch 1 (a fresh one would be at 1)"
 
 
+@pytest.mark.training
 def test_pretraining_on_two_processes_shares_out_the_scans_and_resumes(genesis_bundle, tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()
@@ -200,6 +204,7 @@ def test_pretraining_on_two_processes_shares_out_the_scans_and_resumes(genesis_b
     assert_written_by_rank_zero(output, epochs=2, log=log, runs=2)
 
 
+@pytest.mark.training
 def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_dataset, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     output = tmp_path / "ddp"
@@ -226,6 +231,7 @@ def test_multi_gpu_config_runs_ddp_with_torchrun_on_cpu(tiny_segmentation_datase
     assert log.count("Epoch: 1/1, Iter: 1/1") == 1, "only rank 0 logs iterations"
 
 
+@pytest.mark.training
 def test_training_resumes_after_being_killed_in_epoch_two(tiny_segmentation_dataset, tmp_path):
     output = tmp_path / "resume"
     arguments = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",

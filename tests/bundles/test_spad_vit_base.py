@@ -151,6 +151,7 @@ def _fine_tune(bundle, table, output_dir, *overrides):
                       "--batch_size", "2", *overrides)
 
 
+@pytest.mark.training
 def test_2d_classification_fine_tuning_evaluation_and_scratch(spad_bundle, slice_table, tmp_path):
     install_tiny_weights(spad_bundle)
     result = _fine_tune(spad_bundle, slice_table, tmp_path / "ft")
@@ -167,6 +168,7 @@ def test_2d_classification_fine_tuning_evaluation_and_scratch(spad_bundle, slice
     assert "pretrained weights" not in scratch.stdout + scratch.stderr
 
 
+@pytest.mark.training
 def test_3d_segmentation_fine_tuning_on_anisotropic_voxels(spad_bundle, real_file, tmp_path):
     """The ITK head T1 and its real 7-class k-means segmentation, resampled to 1.5 x 1.5 x 3 mm
     (aniso_d 1: tokens of 8 slices)."""
@@ -196,6 +198,7 @@ def test_3d_segmentation_fine_tuning_on_anisotropic_voxels(spad_bundle, real_fil
     assert segmentation.shape == nib.load(medfm.samples.path("mr_head_t1")).shape
 
 
+@pytest.mark.training
 def test_tokenizer_then_mim_pretraining_on_mixed_2d_and_3d_images(spad_bundle, mixed_datalist, tmp_path):
     common = ["--datalist", str(mixed_datalist), "--output_dir", str(tmp_path / "pt"), "--patch_size", "[32,32,32]",
               "--max_in_plane", "64", "--batch_size", "2", "--max_epochs", "2", *TINY_TOKENIZER]
@@ -216,6 +219,7 @@ def test_tokenizer_then_mim_pretraining_on_mixed_2d_and_3d_images(spad_bundle, m
     embedding.load_state_dict(checkpoint_filter_fn(state, embedding))  # MIM weights seed the bundle network
 
 
+@pytest.mark.training
 def test_tokenizer_and_mim_pretraining_on_two_processes_share_out_whole_batches_and_resume(spad_bundle, mixed_datalist, tmp_path):
     sources = {item["image"] for item in json.loads(mixed_datalist.read_text())}
     output = tmp_path / "pt"

@@ -32,6 +32,7 @@ def sar_bundle(tmp_path):
     return target
 
 
+@pytest.mark.training
 def test_pretraining_logs_all_three_tasks_and_keeps_the_heads_apart(tmp_path):
     bundle = tmp_path / "universal_model_sar"
     shutil.copytree(SAR, bundle)
@@ -47,6 +48,7 @@ def test_pretraining_logs_all_three_tasks_and_keeps_the_heads_apart(tmp_path):
     assert import_weights(bundle, tmp_path / "pt" / "models" / "model.pt").missing_keys == []
 
 
+@pytest.mark.training
 def test_pretraining_on_two_processes_shares_out_ct_and_mr_scans_and_resumes(tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()
@@ -121,6 +123,7 @@ def _fine_tune(bundle, dataset, output_dir, *extra, val_fraction=0.25):
                       "--modality", "CT", *extra)
 
 
+@pytest.mark.training
 def test_fine_tuning_from_pretrained_then_evaluation_and_the_scratch_baseline(sar_bundle, tiny_segmentation_dataset, tmp_path):
     result = _fine_tune(sar_bundle, tiny_segmentation_dataset, tmp_path / "ft")
     assert "loaded 104 of 106 tensors" in result.stdout + result.stderr

@@ -66,6 +66,7 @@ def crop_classification_dataset(tmp_path_factory):
     return folder
 
 
+@pytest.mark.training
 def test_pretraining_on_an_image_folder_gives_weights_for_both_geometries(vdt_bundle, image_folder, tmp_path):
     result = bundle_run(vdt_bundle, ["configs/pretrain.json"], "--data_dir", str(image_folder), "--output_dir",
                         str(tmp_path / "pt"), "--patch_size", "[32,32]", "--batch_size", "4", "--max_epochs", "2",
@@ -78,6 +79,7 @@ def test_pretraining_on_an_image_folder_gives_weights_for_both_geometries(vdt_bu
     vdt_resnet18(num_classes=2).load_state_dict(state)  # the fine-tuning geometry shares every tensor
 
 
+@pytest.mark.training
 def test_pretraining_on_two_processes_shares_out_the_images_and_resumes(vdt_bundle, image_folder, tmp_path):
     output = tmp_path / "pt"
     # 12 images, 1/6 held out: 10 for training, 5 per rank in batches of 2 (the last one dropped)
@@ -99,6 +101,7 @@ def _fine_tune(bundle, dataset, output_dir, *overrides, config="configs/train.js
                       *overrides)
 
 
+@pytest.mark.training
 def test_classification_fine_tuning_evaluation_inference_and_scratch(vdt_bundle, crop_classification_dataset, tmp_path):
     (vdt_bundle / "models").mkdir(exist_ok=True)
     torch.save(vdt_resnet18(num_classes=1000).state_dict(), vdt_bundle / "models" / "model.pt")  # an ImageNet head
@@ -129,6 +132,7 @@ def test_classification_fine_tuning_evaluation_inference_and_scratch(vdt_bundle,
     assert "pretrained weights" not in scratch.stdout + scratch.stderr and "train_loss" in scratch.stdout + scratch.stderr
 
 
+@pytest.mark.training
 def test_segmentation_fine_tuning_loads_the_encoder_and_trains_the_decoder(vdt_bundle, tiny_segmentation_dataset, tmp_path):
     (vdt_bundle / "models").mkdir(exist_ok=True)
     torch.save(vdt_resnet18(feed_forward=False).state_dict(), vdt_bundle / "models" / "model.pt")

@@ -13,6 +13,8 @@ from medfm.engines import SupervisedTrainer
 from medfm.errors import MedfmError
 from tests.conftest import REPO, TORCHRUN, run_command
 
+pytestmark = pytest.mark.training
+
 
 def _xy(batch, device, non_blocking, **kwargs):
     return batch[0].to(device), batch[1].to(device)
