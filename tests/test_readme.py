@@ -191,8 +191,7 @@ def test_the_version_statement_is_what_setup_cfg_declares_and_ci_installs():
     from tests.lowest_requirements import lowest_requirements
 
     statement = " ".join(README.read_text(encoding="utf-8").split("**Versions.**")[1].split("\n\n")[0].split())
-    floors = dict(requirement.split("[")[0].split("==") if "[" in requirement else requirement.split("==")
-                  for requirement in lowest_requirements())
+    floors = {re.match(r"[\w-]+", requirement).group(0): requirement.split("==")[1] for requirement in lowest_requirements()}
     assert f"torch >= {floors['torch']}" in statement and f"MONAI {floors['monai']} to 1.6.x" in statement
     assert f"torch {floors['torch']} and MONAI {floors['monai']}" in statement
     makefile = (REPO / "Makefile").read_text()

@@ -144,7 +144,8 @@ def test_inference_seeds_without_cudnn_determinism_and_every_loader_pins_memory_
         if config.name.startswith(("inference", "evaluate")):
             seeds = [line for line in content.get("initialize", []) if "seed_process" in line]
             assert seeds and all(line.endswith(", deterministic=False)") for line in seeds), config.name
-        loaders = re.findall(r'"_target_": "DataLoader",\n\s*"pin_memory": "\$@device.type == \'cuda\'"', text)
+        # torch.device(): MONAI Label overrides the device with a string
+        loaders = re.findall(r'"_target_": "DataLoader",\n\s*"pin_memory": "\$torch.device\(@device\).type == \'cuda\'"', text)
         assert len(loaders) == text.count('"_target_": "DataLoader"'), config.name
 
 

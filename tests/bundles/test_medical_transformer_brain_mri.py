@@ -76,7 +76,6 @@ def test_pretraining_stage_1_trains_the_encoder_and_stage_2_only_the_transformer
     MedicalTransformer().load_state_dict(stage2)
 
 
-@pytest.mark.training
 def test_both_pretraining_stages_on_two_processes_share_out_the_scans_and_resume(mt_bundle, brain_t1s, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(brain_t1s))

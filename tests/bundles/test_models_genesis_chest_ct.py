@@ -187,7 +187,6 @@ def test_pretraining_resumes_with_its_learning_rate_schedule(genesis_bundle, tmp
     assert state["lr_scheduler"]["last_epoch"] == 2, "the schedule went on from epoch 1 (a fresh one would be at 1)"
 
 
-@pytest.mark.training
 def test_pretraining_on_two_processes_shares_out_the_scans_and_resumes(genesis_bundle, tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()

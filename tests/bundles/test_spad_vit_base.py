@@ -219,7 +219,6 @@ def test_tokenizer_then_mim_pretraining_on_mixed_2d_and_3d_images(spad_bundle, m
     embedding.load_state_dict(checkpoint_filter_fn(state, embedding))  # MIM weights seed the bundle network
 
 
-@pytest.mark.training
 def test_tokenizer_and_mim_pretraining_on_two_processes_share_out_whole_batches_and_resume(spad_bundle, mixed_datalist, tmp_path):
     sources = {item["image"] for item in json.loads(mixed_datalist.read_text())}
     output = tmp_path / "pt"

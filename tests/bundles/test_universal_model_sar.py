@@ -48,7 +48,6 @@ def test_pretraining_logs_all_three_tasks_and_keeps_the_heads_apart(tmp_path):
     assert import_weights(bundle, tmp_path / "pt" / "models" / "model.pt").missing_keys == []
 
 
-@pytest.mark.training
 def test_pretraining_on_two_processes_shares_out_ct_and_mr_scans_and_resumes(tmp_path):
     data = tmp_path / "unlabeled"
     data.mkdir()

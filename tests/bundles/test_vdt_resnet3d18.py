@@ -79,7 +79,6 @@ def test_pretraining_on_an_image_folder_gives_weights_for_both_geometries(vdt_bu
     vdt_resnet18(num_classes=2).load_state_dict(state)  # the fine-tuning geometry shares every tensor
 
 
-@pytest.mark.training
 def test_pretraining_on_two_processes_shares_out_the_images_and_resumes(vdt_bundle, image_folder, tmp_path):
     output = tmp_path / "pt"
     # 12 images, 1/6 held out: 10 for training, 5 per rank in batches of 2 (the last one dropped)
