@@ -4,6 +4,7 @@ trainable parameter is trained."""
 from __future__ import annotations
 
 import contextlib
+
 import monai.engines
 import torch
 from monai.engines.utils import IterationEvents
@@ -42,22 +43,22 @@ class SupervisedTrainer(monai.engines.SupervisedTrainer):
     """
 
     def __init__(self, *args, accumulation_steps: int = 1, **kwargs) -> None:
-        if isinstance(accumulation_steps, bool) or int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
+        if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
             raise MedfmError(f"accumulation_steps (--accumulate) must be a whole number >= 1, got {accumulation_steps!r}")
         if kwargs.get("compile"):
             raise MedfmError("medfm's SupervisedTrainer does not support compile=True")
         super().__init__(*args, **kwargs)
-        self.accumulation_steps = int(accumulation_steps)
+        self.accumulation_steps = accumulation_steps
         self.gradients_checked = False
 
-    def _group_position(self, engine: SupervisedTrainer) -> tuple[bool, bool]:
+    def _group_position(self) -> tuple[bool, bool]:
         """Whether this iteration starts an accumulation group (zero the gradients) and ends one (step)."""
-        epoch_length = engine.state.epoch_length
-        index = engine.state.iteration - 1
+        epoch_length = self.state.epoch_length
+        index = self.state.iteration - 1
         if epoch_length is not None:
             index %= epoch_length
-        starts = index % engine.accumulation_steps == 0
-        ends = (index + 1) % engine.accumulation_steps == 0 or (epoch_length is not None and index + 1 == epoch_length)
+        starts = index % self.accumulation_steps == 0
+        ends = (index + 1) % self.accumulation_steps == 0 or (epoch_length is not None and index + 1 == epoch_length)
         return starts, ends
 
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
@@ -66,7 +67,7 @@ class SupervisedTrainer(monai.engines.SupervisedTrainer):
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets, args, kwargs = batch if len(batch) == 4 else (*batch, (), {})
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-        starts, ends = engine._group_position(engine)
+        starts, ends = engine._group_position()
         engine.network.train()
         if starts:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
