@@ -117,7 +117,7 @@ def _inference_config(train: dict) -> dict:
                               "dicom_seg": "@dicom_seg", "algorithm": "$medfm.bundles.bundle_name(@bundle_root)"},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                       "num_workers": 0, "pin_memory": "$torch.device(@device).type == 'cuda'"},
+                       "num_workers": 0, "pin_memory": "@pin_memory"},
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},
