@@ -84,7 +84,7 @@ def bare_network(bundle: Path, ct: Path) -> dict:
     from monai.bundle import ConfigParser
 
     from medfm.weights import load_checkpoint
-    from medfm.workflows.embedding import sliding_window_of, window_count
+    from medfm.workflows.cohort import sliding_window_of, window_count
 
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "embed.json")])

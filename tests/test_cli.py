@@ -359,4 +359,4 @@ def test_a_damaged_cached_bundle_is_a_warning_in_list_and_a_damaged_import_recor
     info = run_command(MEDFM + ["info", str(bundle)])
     assert info.returncode == 0 and "models/weights.json: unreadable (JSONDecodeError" in info.stdout
     summary = medfm.embed(bundle, [small_ct], out=tmp_path / "out", progress=False, num_workers=0)
-    assert summary.embedded == 1 and summary.rows[0]["weights"] == "medfm_genesis_demo"  # known by its sha256
+    assert summary.processed == 1 and summary.rows[0]["weights"] == "medfm_genesis_demo"  # known by its sha256

@@ -57,7 +57,7 @@ def test_nifti_and_dicom_in_one_run_through_the_python_api(small_ct, tmp_path):
     dicom_dir = tmp_path / "dicom" / "ct_small"
     medfm.samples.write_dicom_series(str(small_ct), dicom_dir, modality="CT")
     summary = medfm.embed(GENESIS, [small_ct, dicom_dir], out=tmp_path / "out", progress=False, num_workers=1)
-    assert (summary.embedded, summary.already_done, summary.failed) == (2, 0, {})
+    assert (summary.processed, summary.already_done, summary.failed) == (2, 0, {})
     nifti_row, dicom_row = summary.rows
     assert (nifti_row["input"], dicom_row["input"]) == (str(small_ct), str(dicom_dir))
     assert dicom_row["series_uid"] == pydicom.dcmread(next(dicom_dir.iterdir())).SeriesInstanceUID
@@ -65,16 +65,16 @@ def test_nifti_and_dicom_in_one_run_through_the_python_api(small_ct, tmp_path):
     assert vectors[0].shape == (512,) and vectors[0].dtype == np.float32
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-6)
     again = medfm.embed(GENESIS, [small_ct, dicom_dir], out=tmp_path / "out", progress=False)
-    assert (again.embedded, again.already_done) == (0, 2) and len(again.rows) == 2
+    assert (again.processed, again.already_done) == (0, 2) and len(again.rows) == 2
 
 
 def test_an_index_of_other_weights_is_refused_not_mixed_into(small_ct, tmp_path):
     medfm.embed(GENESIS, [small_ct], out=tmp_path / "out", progress=False, num_workers=0)
     index_before = (tmp_path / "out" / "embeddings.csv").read_text()
     other = crop_nifti(str(small_ct), tmp_path / "other.nii.gz", (48, 48, 24))
-    with pytest.raises(MedfmError, match="holds embeddings of models_genesis_chest_ct with weights medfm_genesis_demo, "
-                                         "this run is models_genesis_chest_ct with weights none; one index holds one "
-                                         "model's embeddings: choose another --out"):
+    with pytest.raises(MedfmError, match="holds outputs of models_genesis_chest_ct with weights medfm_genesis_demo, "
+                                         "this run is models_genesis_chest_ct with weights none; one folder holds one "
+                                         "model's outputs: choose another --out"):
         medfm.embed(GENESIS, [small_ct, other], out=tmp_path / "out", progress=False, num_workers=0, ckpt_path=None)
     assert (tmp_path / "out" / "embeddings.csv").read_text() == index_before
     assert not list((tmp_path / "out").glob("other-*"))
@@ -86,7 +86,7 @@ def test_scans_of_eight_slices_or_fewer_embed_with_the_shipped_genesis_weights(s
     dicom_dir = tmp_path / "thin_dicom"
     medfm.samples.write_dicom_series(str(thin), dicom_dir, modality="CT")
     summary = medfm.embed(GENESIS, [thin, dicom_dir], out=tmp_path / "out", progress=False, num_workers=0)
-    assert (summary.embedded, summary.failed) == (2, {})
+    assert (summary.processed, summary.failed) == (2, {})
     vectors = [np.load(tmp_path / "out" / row["embedding"]) for row in summary.rows]
     assert all(np.isfinite(v).all() and v.std() > 0 for v in vectors)
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-6)
@@ -117,7 +117,7 @@ def test_a_users_own_index_file_is_refused_and_left_untouched(small_ct, tmp_path
     result = run_command(EMBED + ["models_genesis_chest_ct", str(small_ct), "--out", str(tmp_path / "out")])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "embeddings.csv: exists and is not a medfm embeddings index" in lines[0]
+    assert "embeddings.csv: exists and is not this run's embeddings.csv" in lines[0]
     assert mine.read_text() == "subject,score\nA,1\n" and [p.name for p in (tmp_path / "out").iterdir()] == ["embeddings.csv"]
 
 
@@ -284,7 +284,7 @@ def test_region_inputs_are_checked_before_any_work(small_ct, tmp_path):
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
     table.write_text(f"image,x,y,z\n{small_ct},1,2,3\n")
     result = run_command(EMBED + ["medical_transformer_brain_mri", "--points", str(table), "--out", str(tmp_path / "out")])
-    assert result.returncode == 1 and "has no region embeddings" in result.stderr
+    assert result.returncode == 1 and "has no region inputs" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -77,7 +77,7 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
     """
     from .inference import embed as run_embedding
     from .run_report import run_report
-    from .workflows.embedding import FAILED_FILE
+    from .workflows.cohort import FAILED_FILE
 
     with run_report(report if _is_rank_zero() else None, "embed", _arguments) as record:
         summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers,
@@ -87,7 +87,7 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
             for line in summary.lines():
                 print(line)
         if summary.failed:
-            total = summary.embedded + summary.already_done + len(summary.failed)
+            total = summary.processed + summary.already_done + len(summary.failed)
             raise MedfmError(f"{len(summary.failed)} of {total} inputs failed (listed above and in "
                              f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
 

@@ -30,7 +30,7 @@ from .io.input_list import expand_inputs
 from .io.regions import label_regions, read_points
 from .run_report import RunReport
 from .weights.records import MODEL_FILE, demo_weights_warning
-from .workflows.embedding import EmbeddingSummary
+from .workflows.cohort import CohortSummary
 
 __all__ = ["EMBED_CONFIG", "embed", "infer"]
 
@@ -259,7 +259,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
           out: str | os.PathLike = "medfm_embeddings", index: str = "embeddings.csv", progress: bool = True,
           num_workers: int | None = None, amp: bool = False, points: str | os.PathLike | None = None,
           mask: str | os.PathLike | None = None, report: RunReport | None = None, preview: bool = False,
-          **overrides) -> EmbeddingSummary:
+          **overrides) -> CohortSummary:
     """Embed many inputs in one run of the bundle's embedding workflow.
 
     Args:

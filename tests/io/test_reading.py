@@ -180,7 +180,7 @@ def test_a_reader_fallback_reaches_the_user_of_medfm_embed(monkeypatch, capsys, 
 
     monkeypatch.setattr(medfm.io.reading, "ITKReader", BrokenITKReader)
     summary = medfm.embed(GENESIS, [PYDICOM_CT_SERIES], out=tmp_path / "out", progress=False, num_workers=0)
-    assert summary.embedded == 1
+    assert summary.processed == 1
     fallback = [line for line in capsys.readouterr().err.splitlines() if "reading it with pydicom instead" in line]
     assert len(fallback) == 1 and fallback[0].startswith(f"medfm: warning: {PYDICOM_CT_SERIES}")
 

@@ -6,7 +6,7 @@ from monai.inferers import SlidingWindowInferer
 
 from medfm.errors import MedfmError
 from medfm.workflows import EmbeddingRunner, MethodInferer
-from medfm.workflows.embedding import window_count
+from medfm.workflows.cohort import window_count
 
 
 def _runner(tmp_path, **kwargs):

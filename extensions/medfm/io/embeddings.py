@@ -17,6 +17,7 @@ from monai.utils.type_conversion import convert_data_type
 from ..errors import MedfmError
 from .atomic import atomic_path
 from .dicomweb import absolute_input
+from .tables import read_table, table_columns, write_table
 
 __all__ = ["INDEX_COLUMNS", "SaveEmbedding", "SaveEmbeddingd", "append_index_rows", "check_index_file", "embedding_file_name", "index_row",
            "input_meta", "input_stem", "is_index_file", "OutputLayout", "output_stem", "read_index_rows", "save_vector", "write_index_rows"]
@@ -157,20 +158,6 @@ def check_index_file(index: str | os.PathLike) -> None:
                          f"{', '.join(INDEX_COLUMNS)}); choose another --out folder or --index name")
 
 
-def _is_parquet(index: Path) -> bool:
-    return index.suffix.lower() == ".parquet"
-
-
-def _parquet():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise MedfmError("a .parquet embeddings index needs pyarrow: pip install 'medfm[parquet]', "
-                         "or name the index .csv") from None
-    return pyarrow
-
-
 def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
     """Append rows to an embeddings index: CSV, or Parquet when the name ends in ``.parquet``.
 
@@ -178,8 +165,8 @@ def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
     """
     index = Path(index)
     index.parent.mkdir(parents=True, exist_ok=True)
-    if _is_parquet(index):
-        write_index_rows(index, (read_index_rows(index) if index.exists() else []) + rows)
+    if index.suffix.lower() == ".parquet":
+        write_index_rows(index, read_table(index) + rows)
         return
     new = not index.exists()
     with open(index, "a", newline="") as stream:
@@ -191,40 +178,15 @@ def append_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
 
 def write_index_rows(index: str | os.PathLike, rows: list[dict]) -> None:
     """Write a whole embeddings index (CSV or Parquet by its name) atomically from ``rows``."""
-    index = Path(index)
-    rows = [{column: row.get(column, "") for column in INDEX_COLUMNS} | {"dimension": int(row["dimension"])}
-            for row in rows]
-    with atomic_path(index) as temporary:
-        if _is_parquet(index):
-            pyarrow = _parquet()
-            schema = pyarrow.schema([(column, pyarrow.int64() if column == "dimension" else pyarrow.string())
-                                     for column in INDEX_COLUMNS])
-            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows, schema=schema), temporary)
-            return
-        with open(temporary, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=INDEX_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    write_table(index, INDEX_COLUMNS, rows, integer_columns=("dimension",))
 
 
 def is_index_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an embeddings index written by :func:`append_index_rows` (CSV or Parquet)."""
     path = Path(path)
-    if _is_parquet(path):
-        return list(_parquet().parquet.read_schema(path).names) == list(INDEX_COLUMNS)
-    if path.suffix.lower() != ".csv":
-        return False
-    try:
-        with open(path, newline="", encoding="utf-8") as stream:
-            return stream.readline().strip().split(",") == list(INDEX_COLUMNS)
-    except (OSError, UnicodeDecodeError):
-        return False
+    return path.suffix.lower() in (".csv", ".parquet") and table_columns(path) == list(INDEX_COLUMNS)
 
 
 def read_index_rows(index: str | os.PathLike) -> list[dict]:
     """Rows of an embeddings index (CSV values as strings, Parquet values typed) as dictionaries."""
-    index = Path(index)
-    if _is_parquet(index):
-        return _parquet().parquet.read_table(index).to_pylist()
-    with open(index, newline="") as stream:
-        return list(csv.DictReader(stream))
+    return read_table(index)
