@@ -45,7 +45,7 @@ def test_genesis_label_bundle_holds_the_pretrained_backbone_and_segments_in_the_
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert metadata["name"] == "genesis_seg" and pred["num_channels"] == 3
     assert pred["channel_def"] == {"0": "background", "1": "liver", "2": "spleen"}
-    assert metadata["label_bundle"]["source_weights"] == "medfm_genesis_demo"
+    assert metadata["task_bundle"]["source_weights"] == "medfm_genesis_demo"
     # MONAI's checks, in-process (each raises on a disagreement)
     verify_metadata(meta_file=str(out / "configs" / "metadata.json"), filepath=str(metadata_schema(out)))
     with monkeypatch.context() as inside:
@@ -87,7 +87,7 @@ def test_spad_label_bundle_resamples_and_gives_the_network_its_spacing(small_ct,
     # a small ViT keeps the CPU run short; the code path is the bundle's own
     small = ["--network_def#embed_dim", "96", "--network_def#depth", "2", "--network_def#num_heads", "2",
              "--network_def#decoder_channels", "[8,8,16,16,32,32]", "--patch_size", "[64,64,16]",
-             "--target_spacing", "[2.0,2.0,4.0]", "--handlers#0#_disabled_", "True"]
+             "--target_spacing", "[2.0,2.0,4.0]", "--ckpt_path", "''"]
     values = _segment(out, small_ct, tmp_path / "seg", *small)
     assert set(np.unique(values)) <= {0, 1}
 

@@ -115,7 +115,7 @@ def _strip_launcher(argv: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def label_bundles(tmp_path_factory):
     """The label bundle docs/monailabel.md makes (``medfm label-bundle ... --out apps/monaibundle/model/genesis_seg``)."""
-    from medfm.label_bundle import make_label_bundle
+    from medfm.task_bundle import make_label_bundle
 
     made = make_label_bundle("models_genesis_chest_ct", "liver,spleen", tmp_path_factory.mktemp("apps") / "genesis_seg")
     return {REPO / "apps" / "monaibundle" / "model" / "genesis_seg": made}

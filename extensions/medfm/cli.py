@@ -210,13 +210,13 @@ def label_bundle(bundle: str, labels: str, out: str, pretrained: bool = True, fo
         pretrained: start from BUNDLE's installed weights (``False``: from scratch).
         force: replace an existing OUT.
     """
-    from .label_bundle import make_label_bundle
+    from .task_bundle import make_label_bundle
 
     target = make_label_bundle(bundle, labels, out, pretrained=pretrained, force=force)
     metadata = json.loads((target / "configs" / "metadata.json").read_text())
     channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     print(f"{target}: {metadata['name']} ({', '.join(f'{k}: {v}' for k, v in channels.items())}), "
-          f"weights: {metadata['label_bundle']['source_weights']}")
+          f"weights: {metadata['task_bundle']['source_weights']}")
 
 
 def _weights_commands() -> dict:

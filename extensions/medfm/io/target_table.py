@@ -49,25 +49,30 @@ def target_table_labels(table: str | os.PathLike, task: str, image_column: str =
 
 
 def target_table_datalist(table: str | os.PathLike, task: str, image_column: str = "image",
-                          target_column: str = "label", extra_columns: Sequence[str] = ()) -> list[dict]:
+                          target_column: str = "label", extra_columns: Sequence[str] = (),
+                          classes: Sequence[str] | None = None) -> list[dict]:
     """``[{"image": path, "label": target}]`` from a CSV with an image column and a target column,
     plus the row's value of each of ``extra_columns`` (e.g. ``modality``) that the table has ("" where a cell is empty).
 
     Relative image paths are taken from the CSV's folder. Classification targets become indices
     into :func:`target_table_labels`; regression targets become float32 arrays of shape ``(1,)``. A
-    non-numeric regression target or a missing image file is an error naming the line.
+    non-numeric regression target or a missing image file is an error naming the line. ``classes``: the class
+    names of a model being trained further (a task bundle's), whose order the indices follow; a target that
+    is not one of them is an error naming the line.
     """
     table = Path(table)
     clashing = sorted({"image", "label"} & set(extra_columns))
     if clashing:
         raise ValueError(f"extra_columns cannot be {clashing}: those keys hold the image and the target")
-    labels = target_table_labels(table, task, image_column, target_column)
+    labels = list(classes) if classes and task == "classification" else target_table_labels(table, task, image_column, target_column)
     items = []
     for line, (image, target, extra) in enumerate(_rows(table, image_column, target_column, extra_columns), start=2):
         path = Path(image) if Path(image).is_absolute() else table.parent / image
         if not path.exists():
             raise MedfmError(f"{table}: line {line}: image {image} not found")
         if task == "classification":
+            if target not in labels:
+                raise MedfmError(f"{table}: line {line}: class {target!r} is not one of the model's classes {labels}")
             label = labels.index(target)
         else:
             try:

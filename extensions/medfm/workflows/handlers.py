@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
@@ -20,7 +21,7 @@ from ..io.atomic import atomic_path
 from ..io.segmentation import labels_by_value
 from ..weights.checkpoint import load_checkpoint
 
-__all__ = ["CheckTrainingSchedule", "LabelledMetricsSaver", "LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs"]
+__all__ = ["CheckTrainingSchedule", "FINE_TUNING_RECORD", "FineTuningRecord", "datalist_fingerprint", "LabelledMetricsSaver", "LossComponentsLogger", "PretrainedWeightsLoader", "TrainingState", "latest_training_state", "require_checkpoint", "stacked_outputs"]
 
 #: File name of the state saved after epoch N: ``training_state_epoch=N.pt``.
 TRAINING_STATE_PATTERN = re.compile(r"training_state_epoch=(\d+)\.pt")
@@ -301,3 +302,81 @@ def require_checkpoint(path: str | os.PathLike) -> str:
         raise MedfmError(f"{path}: no fine-tuned checkpoint to evaluate; run configs/train.json with the same "
                          "--output_dir first (it saves the best validation epoch there)")
     return str(path)
+
+
+#: What a fine-tuning run records beside its checkpoint (``<output_dir>/fine_tuning.json``).
+FINE_TUNING_RECORD = "fine_tuning.json"
+
+
+def datalist_fingerprint(datalist: Sequence[Mapping]) -> str:
+    """sha256 of the sorted datalist (its entries as canonical JSON): which cases, with which targets, trained a model."""
+    import hashlib
+    import json
+
+    def plain(value):
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            return np.asarray(value).tolist()
+        return value if isinstance(value, (int, float, bool, type(None))) else str(value)
+
+    entries = sorted(json.dumps({str(k): plain(v) for k, v in item.items()}, sort_keys=True) for item in datalist)
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+class FineTuningRecord:
+    """Write ``<output_dir>/fine_tuning.json`` each time validation finds a new best key metric, that is each time
+    ``CheckpointSaver`` (``save_key_metric``) replaces ``model.pt``: what ``medfm finetune --from`` needs to package
+    the run as a task bundle.
+
+    Attach it to the validation evaluator. The record holds the task, the label or class names, the
+    ``settings`` the network and preprocessing were built with (the config's top-level values), the training
+    data's fingerprint (:func:`datalist_fingerprint`) and size, the validation metrics and epoch of the saved
+    checkpoint, and the pretrained weights fine-tuned from (path, sha256 and id) or none.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, task: str, labels: Mapping | Sequence, datalist: Sequence[Mapping],
+                 settings: Mapping, bundle_root: str | os.PathLike, pretrained_path: str | os.PathLike | None = None,
+                 pretrained: bool = True) -> None:
+        self.path = Path(output_dir) / FINE_TUNING_RECORD
+        self.task = task
+        self.labels = labels
+        self.datalist = datalist
+        self.settings = dict(settings)
+        self.bundle_root = Path(bundle_root)
+        self.pretrained_path = Path(pretrained_path) if pretrained and pretrained_path else None
+        self.source: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _source_weights(self) -> dict | None:
+        from ..bundles import bundle_name
+        from ..weights.records import checkpoint_weights_id
+
+        if self.pretrained_path is None:
+            return None
+        weights_id, digest = checkpoint_weights_id(self.bundle_root, self.pretrained_path)
+        return {"path": str(self.pretrained_path.resolve()), "sha256": digest, "id": weights_id,
+                "bundle": bundle_name(self.bundle_root)}
+
+    def __call__(self, engine: Engine) -> None:
+        import json
+
+        if engine.state.best_metric_epoch != engine.state.epoch:  # not a new best: model.pt was not replaced
+            return
+        if self.source is None:
+            self.source = self._source_weights() or {}
+        labels = dict(self.labels) if isinstance(self.labels, Mapping) else [str(name) for name in self.labels]
+        record = {
+            "task": self.task, "labels": labels, "settings": self.settings,
+            "training_data": {"cases": len(self.datalist), "sha256": datalist_fingerprint(self.datalist)},
+            "key_metric": engine.state.key_metric_name,
+            "metrics": {name: float(value) for name, value in engine.state.metrics.items() if np.ndim(value) == 0},
+            "epoch": int(engine.state.epoch), "source_weights": self.source or None,
+        }
+        with atomic_path(self.path) as temporary:
+            temporary.write_text(json.dumps(record, indent=2, default=_json_value))
+
+
+def _json_value(value):
+    """Settings may hold tuples, numpy numbers or arrays: JSON gets plain lists and numbers."""
+    return np.asarray(value).tolist()
