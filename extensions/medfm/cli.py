@@ -15,37 +15,55 @@ import fire
 
 from .errors import MedfmError, describe_error
 
-__all__ = ["main", "infer", "embed", "demo", "download", "info", "label_bundle", "list_bundles", "release"]
+__all__ = ["main", "infer", "embed", "demo", "download", "finetune", "info", "label_bundle", "list_bundles", "release"]
 
 
-def infer(bundle: str, input: str, out: str = "medfm_output", verbose: bool = False, report: str | None = None,
-          store: str | None = None, preview: bool = False, **overrides) -> None:
-    """Run a bundle's full inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip,
-    or a DICOMweb series URL ``http(s)://HOST/PREFIX/studies/<UID>/series/<UID>``).
+def infer(bundle: str, *inputs: str, out: str = "medfm_output", verbose: bool = False, report: str | None = None,
+          store: str | None = None, preview: bool = False, statistics: bool = False, progress: bool = True,
+          num_workers: int | None = None, **overrides) -> None:
+    """Run a bundle's inference: a task bundle on any number of scans, a foundation bundle on one.
 
-    Credentials for a DICOMweb server come from the environment: MEDFM_DICOMWEB_TOKEN (bearer), or
-    MEDFM_DICOMWEB_USER and MEDFM_DICOMWEB_PASSWORD (basic).
+    Inputs: NIfTI/NRRD/MHA files, DICOM series folders or .zip, DICOMweb series or study URLs
+    (``http(s)://HOST/PREFIX/studies/<UID>[/series/<UID>]``), and ``.csv`` lists of them. Credentials for a
+    DICOMweb server come from the environment: MEDFM_DICOMWEB_TOKEN (bearer), or MEDFM_DICOMWEB_USER and
+    MEDFM_DICOMWEB_PASSWORD (basic).
+
+    A task bundle (``medfm finetune``, ``medfm label-bundle``) runs all inputs with the network loaded once:
+    segmentations (NIfTI on each input's grid, DICOM-SEG for DICOM inputs) indexed in ``segmentations.csv``, or
+    ``predictions.csv``; a failing input is reported, listed in ``failed.csv`` and skipped (exit 1 at the end);
+    the same command again skips what is done; ``torchrun --nproc_per_node N -m medfm infer ...`` shares the
+    inputs out. A foundation bundle restores and embeds one scan.
 
     Args:
         bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
-        input: the scan to process.
-        out: output folder; results appear there only when the whole run succeeded.
-        verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
+        inputs: the scans.
+        out: output folder.
+        verbose: show the workflow's log (MONAI / ignite progress) instead of only the results (one scan).
         report: write a JSON run report there, for a failed run too (versions, bundle, weights and their sha256,
             device, inputs with series UIDs, warnings, seconds per stage, outputs, the error).
-        store: send the DICOM outputs (a DICOM-SEG) to this DICOMweb server with STOW-RS (its root URL).
-        preview: also write INPUT_preview.png: the input's three middle planes, a segmentation overlaid or a
-            restoration beneath, to check the run at a glance.
+        store: send the DICOM outputs (DICOM-SEG) to this DICOMweb server with STOW-RS (its root URL).
+        preview: one scan: also write INPUT_preview.png (its three middle planes, a segmentation overlaid or a
+            restoration beneath); a task bundle: OUT/preview.png, every scan as the network saw it.
+        statistics: segmentation task bundles: also write OUT/statistics.csv: per input and label the voxel count,
+            volume (ml), mean, std, min and max of the input's intensity inside the label (HU for CT) and the
+            label's world bounding box (mm, LPS).
+        progress: task bundles: show a progress bar.
+        num_workers: task bundles: DataLoader processes reading and preprocessing the next scans.
         overrides: further ``--key value`` pairs passed to the bundle config (e.g. ``--sw_batch_size 2``).
     """
     from .inference import infer as run_inference
     from .run_report import run_report
 
-    with run_report(report, "infer", _arguments) as record:
-        paths = run_inference(bundle, input, out=out, verbose=verbose, report=record, store=store, preview=preview,
-                              **overrides)
-    for path in paths:
-        print(path)
+    if not inputs:
+        raise MedfmError("no inputs given: medfm infer BUNDLE SCAN [SCAN ...]")
+    with run_report(report if _is_rank_zero() else None, "infer", _arguments) as record:
+        result = run_inference(bundle, inputs, out=out, verbose=verbose, report=record, store=store, preview=preview,
+                               statistics=statistics, progress=progress, num_workers=num_workers, **overrides)
+        if isinstance(result, list):
+            for path in result:
+                print(path)
+        else:
+            _end_cohort_run(result, tables=True)
 
 
 def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str = "embeddings.csv",
@@ -77,19 +95,12 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
     """
     from .inference import embed as run_embedding
     from .run_report import run_report
-    from .workflows.cohort import FAILED_FILE
 
     with run_report(report if _is_rank_zero() else None, "embed", _arguments) as record:
         summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers,
                                 amp=amp, points=points, mask=mask, report=record,
                                 preview=preview, **overrides)
-        if _is_rank_zero():
-            for line in summary.lines():
-                print(line)
-        if summary.failed:
-            total = summary.processed + summary.already_done + len(summary.failed)
-            raise MedfmError(f"{len(summary.failed)} of {total} inputs failed (listed above and in "
-                             f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
+        _end_cohort_run(summary)
 
 
 def probe(bundles: str, table: str, out: str = "medfm_probe", task: str = "classification",
@@ -126,6 +137,21 @@ def probe(bundles: str, table: str, out: str = "medfm_probe", task: str = "class
     print(Path(out) / "probe_summary.csv")
     print(Path(out) / "probe.md")
     print(Path(out) / "probe.png")
+
+
+def _end_cohort_run(summary, tables: bool = False) -> None:
+    """Rank 0 says what the run did (and the tables it wrote); a run with failed inputs ends with exit status 1."""
+    from .workflows.cohort import FAILED_FILE
+
+    if _is_rank_zero():
+        for line in summary.lines():
+            print(line)
+        for table in summary.tables if tables else ():
+            print(table)
+    if summary.failed:
+        total = summary.processed + summary.already_done + len(summary.failed)
+        raise MedfmError(f"{len(summary.failed)} of {total} inputs failed (listed above and in "
+                         f"{summary.index.parent / FAILED_FILE}); the others are in {summary.index}")
 
 
 def _is_rank_zero() -> bool:
@@ -219,6 +245,38 @@ def label_bundle(bundle: str, labels: str, out: str, pretrained: bool = True, fo
           f"weights: {metadata['task_bundle']['source_weights']}")
 
 
+def finetune(bundle: str, out: str, dataset_dir: str | None = None, task: str | None = None, pretrained: bool = True,
+             run_dir: str | None = None, force: bool = False, **overrides) -> None:
+    """Fine-tune BUNDLE on labelled scans and package the best checkpoint as a task bundle OUT.
+
+    The training is BUNDLE's own fine-tuning config for the task, the workflow ``python -m monai.bundle run``
+    runs (so ``torchrun --nproc_per_node N -m medfm finetune ...``, ``--resume True``, ``--amp True`` and
+    ``--accumulate N`` work as there). OUT segments, classifies or regresses: ``medfm infer OUT scans...``.
+
+    Args:
+        bundle: the foundation bundle (name or folder).
+        out: the task bundle's folder; its name is the bundle's name.
+        dataset_dir: the labelled data: a Decathlon folder (dataset.json) for segmentation, a folder with
+            dataset.csv (image, label) for classification and regression.
+        task: segmentation, classification or regression (default: the bundle's first fine-tuning task).
+        pretrained: start from BUNDLE's installed weights (``False``: from scratch, the baseline).
+        run_dir: the training's output folder (default OUT_training): logs, checkpoints, training state.
+        force: replace an existing OUT.
+        overrides: ``--key value`` for the fine-tuning config (``--max_epochs 50``, ``--patch_size [96,96,64]``);
+            ``--from RUN_DIR`` packages a run made with ``python -m monai.bundle run`` instead of training.
+    """
+    from .task_bundle import finetune as run_finetuning
+
+    target = run_finetuning(bundle, out, dataset_dir=dataset_dir, task=task, pretrained=pretrained, run_dir=run_dir,
+                            from_run=overrides.pop("from", None), force=force, **overrides)
+    if target is not None:
+        metadata = json.loads((target / "configs" / "metadata.json").read_text())
+        made = metadata["task_bundle"]
+        metrics = ", ".join(f"{name} {value:.4g}" for name, value in made["validation_metrics"].items())
+        print(f"{target}: {metadata['name']}, {made['task']} of {', '.join(made['labels'])} "
+              f"(epoch {made['epoch']}: {metrics or 'no metrics'}), from {made['source_bundle']} {made['source_weights']}")
+
+
 def _weights_commands() -> dict:
     def fetch(bundle: str, weights: str | None = None, url: str | None = None, progress: bool = True) -> None:
         """Download a bundle's registered weights (sha256 checked), then import them into models/model.pt."""
@@ -260,7 +318,7 @@ def _weights_commands() -> dict:
 def commands() -> dict:
     """The ``medfm`` commands by name (``weights`` holds its own)."""
     return {"list": list_bundles, "info": info, "schema": schema, "infer": infer, "embed": embed, "probe": probe, "demo": demo,
-            "download": download, "release": release, "label-bundle": label_bundle, "weights": _weights_commands()}
+            "download": download, "release": release, "finetune": finetune, "label-bundle": label_bundle, "weights": _weights_commands()}
 
 
 def main(argv: list[str] | None = None) -> int:

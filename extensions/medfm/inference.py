@@ -131,28 +131,65 @@ def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> No
         raise MedfmError(f"{bundle_dir.name}: {', '.join(configs)} has no key {key!r}; {hint}its keys are {', '.join(known)}")
 
 
-def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike = "medfm_output",
-          verbose: bool = False, report: RunReport | None = None, store: str | None = None, preview: bool = False,
-          **overrides) -> list[str]:
-    """Run a bundle's inference workflow on one scan (NIfTI/NRRD/MHA file, DICOM series folder or .zip,
-    or a DICOMweb series URL, :mod:`medfm.io.dicomweb`).
+def runs_cohorts(bundle_dir: Path) -> bool:
+    """Whether the bundle's inference is a cohort run (a task bundle's ``runner``), not one scan's workflow."""
+    import json
+
+    try:
+        return "runner" in json.loads((bundle_dir / "configs" / "inference.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def infer(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+          out: str | os.PathLike = "medfm_output", verbose: bool = False, report: RunReport | None = None,
+          store: str | None = None, preview: bool = False, statistics: bool = False, progress: bool = True,
+          num_workers: int | None = None, **overrides) -> list[str] | CohortSummary:
+    """Run a bundle's inference on scans (NIfTI/NRRD/MHA files, DICOM series folders or .zip, DICOMweb series or
+    study URLs, :mod:`medfm.io.dicomweb`, and ``.csv`` lists of them).
+
+    A task bundle (``medfm finetune``, ``medfm label-bundle``) runs all inputs in one cohort run
+    (:class:`~medfm.workflows.CohortRunner`): the network built and the weights loaded once, resumable, a failing
+    input listed in ``out/failed.csv`` and skipped; it returns the run's :class:`~medfm.workflows.CohortSummary`.
+    A foundation bundle runs its full inference workflow (restoration, embedding) on one scan and returns the
+    paths written.
 
     Args:
         bundle: bundle name (repository ``bundles/`` or ``$MEDFM_HOME/bundles``) or folder path.
-        input: the scan to process.
-        out: output folder; results appear there only when the whole run succeeded.
+        inputs: the scans (one, or a sequence).
+        out: output folder; a foundation bundle's results appear there only when the whole run succeeded.
         verbose: show the workflow's log (MONAI / ignite progress) instead of only the results.
         report: filled in with the run's facts (:mod:`medfm.run_report`).
         store: a DICOMweb server (its root, or a study/series URL on it) to send the run's DICOM outputs
-            to with STOW-RS, once they are in ``out`` (e.g. a label bundle's DICOM-SEG).
-        preview: also write ``<input>_preview.png``: the input's three middle planes, with a segmentation
-            output overlaid and other outputs on the input's grid (a restoration) in rows beneath.
+            to with STOW-RS, once they are in ``out`` (e.g. a segmentation's DICOM-SEG).
+        preview: a foundation bundle: also write ``<input>_preview.png``: the input's three middle planes, with a
+            segmentation output overlaid and other outputs on the input's grid (a restoration) in rows beneath.
+            A task bundle: ``out/preview.png``, every scan's middle planes as the network saw them.
+        statistics: a segmentation task bundle: also write ``statistics.csv`` (per input and label: voxels,
+            volume, intensity in the input's units, world bounding box).
+        progress: a task bundle's progress bar.
+        num_workers: a task bundle's DataLoader processes reading the next scans.
         overrides: further config values (e.g. ``sw_batch_size=2``).
 
-    Returns the paths written. Contract deviations are printed as ``medfm: warning:`` lines.
+    Contract deviations are printed as ``medfm: warning:`` lines.
     """
-    report = report or RunReport.discarded()
     bundle_dir = find_bundle(bundle)
+    listed = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if runs_cohorts(bundle_dir):
+        return _infer_cohort(bundle_dir, listed, out, report, store, preview, statistics, progress, num_workers, overrides)
+    if statistics:
+        raise MedfmError(f"{bundle_dir.name}: --statistics applies to segmentation task bundles (medfm finetune, "
+                         "medfm label-bundle); this bundle's inference restores and embeds")
+    if len(listed) != 1 or str(listed[0]).lower().endswith(".csv"):
+        raise MedfmError(f"{bundle_dir.name}: its inference (restoration and embedding) takes one scan at a time, got "
+                         f"{len(listed)} inputs; for many scans use `medfm embed`, or a task bundle (`medfm finetune`)")
+    return _infer_one(bundle_dir, listed[0], out, verbose, report, store, preview, overrides)
+
+
+def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLike, verbose: bool,
+               report: RunReport | None, store: str | None, preview: bool, overrides: dict) -> list[str]:
+    """One scan through a foundation bundle's full inference workflow; its outputs move into ``out`` when it succeeded."""
+    report = report or RunReport.discarded()
     report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
     check_overrides(bundle_dir, ["inference.json"], overrides)
     source = absolute_input(input)
@@ -216,6 +253,53 @@ def infer(bundle: str | os.PathLike, input: str | os.PathLike, out: str | os.Pat
         return results
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _infer_cohort(bundle_dir: Path, inputs: list, out: str | os.PathLike, report: RunReport | None, store: str | None,
+                  preview: bool, statistics: bool, progress: bool, num_workers: int | None, overrides: dict) -> CohortSummary:
+    """All inputs through a task bundle's cohort runner (``configs/inference.json``: ``runner``)."""
+    report = report or RunReport.discarded()
+    report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
+    settings = {"output_dir": str(Path(out).expanduser()), "progress": bool(progress), "preview": bool(preview)}
+    if statistics:
+        settings["statistics"] = True
+    if num_workers is not None:
+        settings["num_workers"] = int(num_workers)
+    check_overrides(bundle_dir, ["inference.json"], {**settings, **overrides})
+    store_root = service_root(store) if store else None
+    _check_out_folder(Path(out).expanduser())
+    sources = [str(source) for source in expand_inputs(inputs)]
+    if not sources:
+        raise MedfmError("no inputs given")
+    report.inputs([{"input": absolute_input(source)} for source in sources])
+    summary = _run_cohort(bundle_dir, ["inference.json"], report, inputs=sources, **settings, **overrides)
+    asked = {entry["input"] for entry in report.data["inputs"]}
+    done = [row for row in summary.rows if row["input"] in asked]
+    report.inputs(done + [{"input": image, "error": error} for (image, _), error in summary.failed.items()])
+    outputs = [summary.index.parent / row[column] for row in done for column in ("segmentation", "dicom_seg") if row.get(column)]
+    report.outputs(summary.tables + outputs + summary.previews)
+    if store_root:
+        _store(store_root, [str(path) for path in outputs], report)
+    return summary
+
+
+def _run_cohort(bundle_dir: Path, configs: list[str], report: RunReport, **settings) -> CohortSummary:
+    """Configure and run a bundle workflow whose ``run`` is a cohort runner; medfm's warnings printed as they come."""
+    with _warnings_printed():
+        try:
+            with report.stage("configure"):
+                workflow = _workflow(bundle_dir, configs, False, **settings)
+                workflow.initialize()
+            with report.stage("run"):
+                summary = workflow.run()[0]
+            _warn_of_demo_weights(bundle_dir, settings)
+        except Exception as error:
+            cause = innermost(error)
+            if isinstance(cause, MedfmError):
+                raise MedfmError(str(cause)) from error
+            raise MedfmError(f"{bundle_dir.name} run failed: {describe_error(error)}") from error
+    workflow.finalize()
+    return summary
 
 
 def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str | None) -> Path:
@@ -314,20 +398,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
                 "embeddings_index": index, "progress": bool(progress), "amp": bool(amp), "preview": bool(preview)}
     if num_workers is not None:
         settings["num_workers"] = int(num_workers)
-    with _warnings_printed():
-        try:
-            with report.stage("configure"):
-                workflow = _workflow(bundle_dir, ["inference.json", EMBED_CONFIG], False, **settings, **overrides)
-                workflow.initialize()
-            with report.stage("run"):
-                summary = workflow.run()[0]
-            _warn_of_demo_weights(bundle_dir, overrides)
-        except Exception as error:
-            cause = innermost(error)
-            if isinstance(cause, MedfmError):
-                raise MedfmError(str(cause)) from error
-            raise MedfmError(f"{bundle_dir.name} embedding failed: {describe_error(error)}") from error
-    workflow.finalize()
+    summary = _run_cohort(bundle_dir, ["inference.json", EMBED_CONFIG], report, **settings, **overrides)
     asked = {(entry["input"], entry["region"]) for entry in report.data["inputs"]}
     done = [row for row in summary.rows if (row["input"], row["region"]) in asked]
     report.inputs(done + [{"input": image, "region": region, "error": error}

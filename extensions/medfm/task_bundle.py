@@ -36,7 +36,7 @@ from . import __version__
 from .bundles import find_bundle
 from .errors import MedfmError
 
-__all__ = ["TASKS", "FineTuning", "fine_tuning_config", "make_label_bundle", "make_task_bundle", "parse_labels",
+__all__ = ["TASKS", "FineTuning", "fine_tuning_config", "finetune", "make_label_bundle", "make_task_bundle", "parse_labels",
            "read_fine_tuning_record"]
 
 TASKS = ("segmentation", "classification", "regression")
@@ -247,11 +247,12 @@ def _inference_config(train: dict, task: str) -> dict:
         "inferer": copy.deepcopy(train["validate"]["inferer"]),
         "postprocessing": {"_target_": "Compose", "transforms": copy.deepcopy(_POSTPROCESSING[task])},
         "progress": True,
+        "preview": False,
         "writer": copy.deepcopy(_WRITERS[task]),
         "runner": {"_target_": "medfm.workflows.CohortRunner", "inputs": "@inputs", "preprocessing": "@preprocessing",
                    "network": "@network", "inferer": "@inferer", "writer": "@writer", "output_dir": "@output_dir",
                    "weights_file": "@ckpt_path", "bundle_root": "@bundle_root", "device": "@device",
-                   "num_workers": "@num_workers", "progress": "@progress", "amp": "@amp"},
+                   "num_workers": "@num_workers", "progress": "@progress", "amp": "@amp", "preview": "@preview"},
         "initialize": ["$medfm.engines.seed_process(0, deterministic=False)"],
         "run": ["$@runner.run()"],
         "finalize": [],
@@ -470,3 +471,68 @@ def make_label_bundle(bundle: str | os.PathLike, labels: str | Sequence[str], ou
         raise MedfmError(f"{source_dir.name}: its network has no segmentation head, so it cannot make a label bundle "
                          "(bundles that can: those with a segmentation fine-tuning config)")
     return make_task_bundle(source_dir, out, fresh, pretrained=pretrained, force=force)
+
+
+def finetune(bundle: str | os.PathLike, out: str | os.PathLike, dataset_dir: str | os.PathLike | None = None,
+             task: str | None = None, pretrained: bool = True, run_dir: str | os.PathLike | None = None,
+             from_run: str | os.PathLike | None = None, force: bool = False, **overrides) -> Path | None:
+    """Fine-tune ``bundle`` for ``task`` on ``dataset_dir`` and package the best checkpoint as the task bundle ``out``.
+
+    The training is the source bundle's own fine-tuning config, run as ``python -m monai.bundle run`` runs it
+    (``multi_gpu_train.json`` added under ``torchrun``), with its output in ``run_dir`` (default ``<out>_training``);
+    ``resume``, ``amp``, ``accumulate`` and any other key of the config are ``overrides``. With ``from_run`` nothing
+    is trained: the run in that folder (a fine-tuning run of a medfm bundle config) is packaged. Keys
+    ``network_def#...`` among ``overrides`` also shape the packaged network. Returns the task bundle's path
+    (None on the other ranks of a distributed run).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    from .inference import check_overrides
+
+    source_dir = find_bundle(bundle)
+    target = Path(out).expanduser().resolve()
+    if target.exists() and not force:
+        raise MedfmError(f"{target}: already exists (pass --force to replace it)")
+    network_overrides = {key: value for key, value in overrides.items() if key.startswith("network_def#")}
+    if from_run is not None:
+        others = sorted(set(overrides) - set(network_overrides)) + (["--dataset_dir"] if dataset_dir else [])
+        if others:
+            raise MedfmError(f"--from packages a finished run: nothing is trained, so {', '.join(others)} do not apply "
+                             "(only network_def#... settings the run was made with)")
+        fine_tuning = read_fine_tuning_record(from_run)
+        if task is not None and task != fine_tuning.task:
+            raise MedfmError(f"{from_run}: the run fine-tuned for {fine_tuning.task}, not {task}")
+        return make_task_bundle(source_dir, target, fine_tuning, force=force, network_overrides=network_overrides)
+    if dataset_dir is None:
+        raise MedfmError("--dataset_dir names the labelled data to fine-tune on (or --from a finished run to package)")
+    metadata = json.loads((source_dir / "configs" / "metadata.json").read_text())
+    task, config = fine_tuning_config(source_dir, metadata, task)
+    run_dir = Path(run_dir or f"{target}_training").expanduser().resolve()
+    from .workflows.handlers import FINE_TUNING_RECORD
+
+    if (run_dir / FINE_TUNING_RECORD).exists() and str(overrides.get("resume", False)) != "True":
+        raise MedfmError(f"{run_dir}: holds an earlier fine-tuning run; continue it with --resume True, or give "
+                         "another --run_dir")
+    settings = {"dataset_dir": str(Path(dataset_dir).expanduser().resolve()), "output_dir": str(run_dir),
+                "pretrained": bool(pretrained), **overrides}
+    configs = [config.split("/", 1)[1]]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        configs.append("multi_gpu_train.json")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(source_dir / config))
+    if "task" in parser.config:  # one config for several tasks (the Medical Transformer's classification and regression)
+        settings["task"] = task
+    check_overrides(source_dir, configs, settings)
+    workflow = ConfigWorkflow(config_file=[str(source_dir / "configs" / name) for name in configs],
+                              meta_file=str(source_dir / "configs" / "metadata.json"),
+                              logging_file=str(source_dir / "configs" / "logging.conf"), workflow_type="train",
+                              bundle_root=str(source_dir), **settings)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return make_task_bundle(source_dir, target, read_fine_tuning_record(run_dir), force=force,
+                            network_overrides=network_overrides)
