@@ -327,7 +327,7 @@ class FineTuningRecord:
     ``CheckpointSaver`` (``save_key_metric``) replaces ``model.pt``: what ``medfm finetune --from`` needs to package
     the run as a task bundle.
 
-    Attach it to the validation evaluator. The record holds the task, the label or class names, the
+    Attach it to the validation evaluator; under DDP, rank 0 writes (as ``CheckpointSaver`` does). The record holds the task, the label or class names, the
     ``settings`` the network and preprocessing were built with (the config's top-level values), the training
     data's fingerprint (:func:`datalist_fingerprint`) and size, the validation metrics and epoch of the saved
     checkpoint, and the pretrained weights fine-tuned from (path, sha256 and id) or none.
@@ -361,7 +361,7 @@ class FineTuningRecord:
     def __call__(self, engine: Engine) -> None:
         import json
 
-        if engine.state.best_metric_epoch != engine.state.epoch:  # not a new best: model.pt was not replaced
+        if engine.state.best_metric_epoch != engine.state.epoch or idist.get_rank() != 0:  # model.pt was not replaced
             return
         if self.source is None:
             self.source = self._source_weights() or {}
