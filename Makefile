@@ -6,7 +6,8 @@ INSTALLED := $(VENV)/.installed
 # torch first, pinned: a bare "torch" requirement would pull a CUDA build from the index
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# pytest-xdist processes: much of the suite waits on Python and torchrun start-up, so two share two cores well
+# pytest-xdist processes: much of the suite waits on Python and torchrun start-up, so two share two cores well;
+# tests marked xdist_group share one worker (and its module fixtures)
 TEST_WORKERS ?= 2
 
 # MONAI Label 0.8.5 in its own environment (its pins clash with medfm's): the integration test
@@ -24,8 +25,10 @@ LOWEST_INSTALLED := $(LOWEST_VENV)/.installed
 # Orthanc PACS with its DICOMweb plugin (Debian packages) for the DICOMweb tests: installed with
 # apt-get where missing when run as root (CI); elsewhere the tests skip and say how to install it
 ORTHANC_PACKAGES := orthanc orthanc-dicomweb
+# The DICOM standard's object validator (dciodvfy): every DICOM object medfm writes must pass it
+VALIDATOR_PACKAGES := dicom3tools
 
-.PHONY: demo test test-data test-lowest install clean lowest-env monailabel-env orthanc
+.PHONY: demo test test-data test-lowest install clean lowest-env monailabel-env orthanc dicom-validator
 
 install: $(INSTALLED)
 
@@ -60,14 +63,19 @@ demo: $(INSTALLED)
 test-data: $(INSTALLED)
 	-$(PY) tests/testdata.py
 
-orthanc:
-	@if [ -x /usr/sbin/Orthanc ] && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
+# Debian packages the tests use, installed in one apt-get run where missing (as root: CI); elsewhere the tests
+# that need them skip and say how to install them
+orthanc dicom-validator:
+	@missing=""; \
+	{ [ -x /usr/sbin/Orthanc ] && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; } || missing="$(ORTHANC_PACKAGES)"; \
+	command -v dciodvfy >/dev/null || missing="$$missing $(VALIDATOR_PACKAGES)"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(ORTHANC_PACKAGES); \
-	else echo "medfm: Orthanc is not installed: 'sudo apt-get install $(ORTHANC_PACKAGES)' (the DICOMweb tests skip without it)"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "medfm: not installed: $$missing ('sudo apt-get install $$missing'; the tests that need them skip)"; fi
 
 test: $(INSTALLED) test-data $(MONAILABEL_INSTALLED) orthanc
-	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 # the training workflows against the lowest declared torch and MONAI (CI runs this before make test)
 test-lowest: $(LOWEST_INSTALLED) test-data

@@ -277,6 +277,14 @@ def require(missing: str | None) -> None:
     pytest.skip(missing)
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The violations (``Error`` lines) the DICOM standard's validator ``dciodvfy`` (dicom3tools) finds in a file."""
+    validator = shutil.which("dciodvfy")
+    require(None if validator else "dciodvfy (Debian dicom3tools) is not installed: run `make dicom-validator`")
+    result = subprocess.run([validator, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     """A real Orthanc with DICOMweb on loopback (tests/orthanc.py), stopped by its PID after the module."""

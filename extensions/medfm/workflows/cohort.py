@@ -267,7 +267,7 @@ class CohortRunner:
 
     def _row_part(self, table: str, row: Mapping) -> Path:
         """Where one input's rows of a further table wait for the merge (rewritten whole when the input is redone)."""
-        return self._parts_dir / table / f"{output_stem(row['input'], row.get('region') or '')}.csv"
+        return self._parts_dir / f"{Path(table).stem}.rows" / f"{output_stem(row['input'], row.get('region') or '')}.csv"
 
     def _complete(self, row: Mapping) -> bool:
         return all((self.output_dir / str(row[column])).is_file() for column in self.writer.file_columns if row.get(column))
