@@ -21,6 +21,7 @@ from monai.data import load_decathlon_datalist
 
 import medfm
 from medfm.bundles import metadata_schema
+from medfm.errors import MedfmError
 from medfm.weights import load_checkpoint, sha256_of
 from medfm.workflows import datalist_fingerprint
 from tests.conftest import BUNDLES, GENESIS, TORCHRUN, bundle_run, crop_nifti, dciodvfy_errors, run_command
@@ -177,6 +178,29 @@ def test_a_killed_run_resumes_and_two_processes_write_the_same_tables(one_proces
     assert _tables(shared) == _tables(reference)
 
 
+@pytest.mark.xdist_group("segmentation_task")
+def test_the_python_api_on_arrays_equals_the_cli(one_process_run, cohort, segmentation_task, small_ct, tmp_path):
+    out, _ = one_process_run
+    _, good, _ = cohort
+    rows = {row["input"]: row for row in _rows(out / "segmentations.csv")}
+    model = medfm.load(segmentation_task)
+    for source, nifti in (good[2], good[1]):  # a NIfTI file's array, and a DICOM series by its path
+        scan = nib.load(nifti)
+        label = model.predict(np.asarray(scan.dataobj), scan.affine) if source == str(nifti) else model.predict(source)
+        written = nib.load(out / rows[source]["segmentation"])
+        np.testing.assert_allclose(label.affine.numpy(), written.affine, atol=1e-4)
+        np.testing.assert_array_equal(np.rint(label[0].numpy()).astype(np.uint8), np.asarray(written.dataobj))
+    with pytest.raises(MedfmError, match="is not a task bundle"):
+        medfm.load(GENESIS).predict(str(small_ct))
+    with pytest.raises(MedfmError, match="needs its affine"):
+        model.predict(np.zeros((8, 8, 8)))
+
+    summary = medfm.embed(GENESIS, [small_ct], out=tmp_path / "embedded", progress=False, num_workers=0)
+    scan = nib.load(small_ct)
+    vector = medfm.load(GENESIS).embed(torch.as_tensor(np.asarray(scan.dataobj)), scan.affine)
+    np.testing.assert_array_equal(vector, np.load(tmp_path / "embedded" / summary.rows[0]["embedding"]))
+
+
 def test_finetune_from_a_monai_bundle_run_makes_a_classification_bundle(tmp_path):
     """VDT classification fine-tuned by the user with ``python -m monai.bundle run``, packaged with ``--from``."""
     data = tmp_path / "crops"
@@ -213,6 +237,8 @@ def test_finetune_from_a_monai_bundle_run_makes_a_classification_bundle(tmp_path
         assert sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
         assert row["prediction"] == max(probabilities, key=probabilities.get) and row["model"] == "modality_cls"
 
+    probabilities = medfm.load(task).predict(np.asarray(nib.load(scans[0]).dataobj), nib.load(scans[0]).affine)
+    assert {name: f"{value:.6g}" for name, value in probabilities.items()} == {name: predictions[0][name] for name in ("CT", "MR")}
     # the task bundle is a MONAI bundle: its inference runs as python -m monai.bundle run, with the same result
     bundle_run(task, ["configs/inference.json"], "--input_image", str(scans[1]), "--output_dir", str(tmp_path / "bundle_run"))
     assert _rows(tmp_path / "bundle_run" / "predictions.csv") == [predictions[1]]

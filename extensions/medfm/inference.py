@@ -111,6 +111,21 @@ def _warn_of_demo_weights(bundle_dir: Path, overrides: dict) -> None:
         package_logger.warning(warning)
 
 
+def refuse_fine_tuned_checkpoint(bundle_dir: Path, overrides: dict) -> None:
+    """A ``ckpt_path`` saved by a fine-tuning run has another head than a foundation bundle's network: say what to do
+    with it (package the run as a task bundle) instead of failing on a truncated state-dict error."""
+    from .workflows.handlers import FINE_TUNING_RECORD
+
+    checkpoint = overrides.get("ckpt_path")
+    if not checkpoint or runs_cohorts(bundle_dir):
+        return
+    run_dir = Path(str(checkpoint)).expanduser().resolve().parent.parent
+    if (run_dir / FINE_TUNING_RECORD).is_file():
+        raise MedfmError(f"{checkpoint}: a fine-tuned checkpoint (its run: {run_dir}), which {bundle_dir.name}'s own network "
+                         f"does not take; package the run as a task bundle with `medfm finetune {bundle_dir.name} --from "
+                         f"{run_dir} --out TASK` and run that: `medfm infer TASK ...`")
+
+
 def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> None:
     """Refuse override keys the bundle's configs do not have (a misspelt ``--sw_batchsize 2`` would
     otherwise be added as a new key and silently do nothing). A new argument of a component
@@ -192,6 +207,7 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
     report = report or RunReport.discarded()
     report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
     check_overrides(bundle_dir, ["inference.json"], overrides)
+    refuse_fine_tuned_checkpoint(bundle_dir, overrides)
     source = absolute_input(input)
     report.inputs([{"input": source}])
     if not is_dicomweb_url(source) and not os.path.exists(source):
@@ -378,6 +394,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
         raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
+    refuse_fine_tuned_checkpoint(bundle_dir, overrides)
     _check_out_folder(Path(out).expanduser())
     sources = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     if points is not None and (sources or mask is not None):

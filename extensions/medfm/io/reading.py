@@ -21,7 +21,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import MapTransform, Transform
-from monai.utils import SpaceKeys
+from monai.utils import SpaceKeys, convert_to_numpy
 
 from ..errors import MedfmError, first_line, innermost
 from ..limits import positive_setting
@@ -30,7 +30,7 @@ from .dicomweb import downloaded, image_series, is_dicomweb_url
 from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
                     rescale_varies, series_geometry, stack_series)
 
-__all__ = [
+__all__ = ["IN_MEMORY", "in_memory_scan",
     "ScanError",
     "DicomSeries",
     "list_dicom_series",
@@ -81,7 +81,10 @@ class LoadScan(Transform):
         self.max_gib = max_gib
         self.allow_2d = allow_2d
 
-    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+    def __call__(self, path: str | os.PathLike | MetaTensor) -> MetaTensor:
+        if isinstance(path, MetaTensor):  # a volume in memory (medfm.load(...).predict): checked as a file's would be
+            scan = in_memory_scan(path)
+            return self._validated(scan, Path(scan.meta["filename_or_obj"]))
         if is_dicomweb_url(path):
             return self._load_remote(str(path))
         source = Path(path)
@@ -321,6 +324,30 @@ def _meta_tensor(volume: np.ndarray, affine: np.ndarray, source: Path) -> MetaTe
         "space": SpaceKeys.RAS,
     }
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(volume)), affine=affine, meta=meta)
+
+
+#: What an in-memory volume is called in messages and tables when it has no file name.
+IN_MEMORY = "<array>"
+
+
+def in_memory_scan(volume, affine=None, name: str | None = None) -> MetaTensor:
+    """A volume given in memory as a scan read from a file: a MetaTensor ``(X, Y, Z)`` with its voxel-to-world affine
+    (RAS, mm: nibabel's convention) and the metadata MONAI's readers attach.
+
+    ``volume``: a numpy array or tensor with ``affine`` (4 x 4), or a MetaTensor (its own affine, unless ``affine``
+    is given). A missing affine is an error, never a guess of 1 mm voxels: the models are spacing-aware.
+    """
+    if isinstance(volume, MetaTensor):
+        affine = volume.affine if affine is None else affine
+        name = name or volume.meta.get("filename_or_obj") or IN_MEMORY
+        volume = volume.as_tensor()
+    elif affine is None:
+        raise ScanError("an array needs its affine (4 x 4 voxel-to-world, RAS, mm), e.g. nibabel's image.affine")
+    affine = np.asarray(convert_to_numpy(affine), dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanError(f"{name or IN_MEMORY}: the affine must be a finite, invertible 4 x 4 matrix, got shape {affine.shape}")
+    array = np.asarray(convert_to_numpy(volume))
+    return _meta_tensor(array, affine, Path(str(name or IN_MEMORY)))
 
 
 def _with_dicom_meta(image: MetaTensor, header: pydicom.Dataset) -> MetaTensor:

@@ -73,12 +73,17 @@ class CohortWriter:
     def index(self) -> str:
         return next(iter(self.tables))
 
+    def result(self, image, output, name: str):
+        """The result for one input, in memory (what :meth:`__call__` writes): ``image`` is the preprocessed
+        (possibly cropped) input ``(C, *spatial)`` MetaTensor, ``output`` what the inferer returned for it (batch
+        of one), ``name`` the input's name for messages."""
+        raise NotImplementedError
+
     def __call__(self, item: dict, image, output, source, output_dir: Path, row: dict) -> dict[str, list[dict]]:
         """Write the outputs of one input and return its rows by table name.
 
-        ``image``: the preprocessed (possibly cropped) input ``(C, *spatial)`` MetaTensor; ``output``: what
-        the inferer returned for it (batch of one); ``source``: the input as read (``needs_source``) or None;
-        ``row``: the cells every row starts with (:data:`ROW_COLUMNS`, ``region`` and its centre).
+        ``source``: the input as read (``needs_source``) or None; ``row``: the cells every row starts with
+        (:data:`ROW_COLUMNS`, ``region`` and its centre); the rest as for :meth:`result`.
         """
         raise NotImplementedError
 
@@ -312,13 +317,13 @@ class CohortRunner:
 
     def _run(self) -> CohortSummary:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        weights_id = self.load_weights()  # weights that do not fit leave no output folder behind
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._check_tables()
             self._parts_dir.mkdir(exist_ok=True)
             self._repair_after_a_crash()
         self._barrier()
-        weights_id = self._load_weights()
         recorded = [row for rows in self._recorded_rows() for row in rows]
         self._refuse_other_weights(recorded, weights_id)
         done = {_key_of_row(row) for row in recorded}
@@ -352,7 +357,7 @@ class CohortRunner:
                              f"this run is {self.model} with weights {weights_id}; one folder holds one model's "
                              "outputs: choose another --out")
 
-    def _load_weights(self) -> str:
+    def load_weights(self) -> str:
         """Load ``weights_file`` strictly (once per run) and return the weights' identity for the tables."""
         if self.weights_file is None:
             return "none"
@@ -360,7 +365,9 @@ class CohortRunner:
         try:
             self.network.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise MedfmError(f"{self.weights_file}: does not load into the network: {str(error).splitlines()[0]}") from None
+            first = " ".join(line.strip() for line in str(error).splitlines()[:2])
+            raise MedfmError(f"{self.weights_file}: does not load into the network: {first[:300]} (a "
+                             "fine-tuned checkpoint goes into a task bundle: medfm finetune BUNDLE --from RUN_DIR)") from None
         digest = sha256_of(self.weights_file)
         return installed_weights_id(self.bundle_root, digest) if self.bundle_root else f"unregistered:{digest[:16]}"
 
@@ -403,15 +410,19 @@ class CohortRunner:
         if item["center_lps"] is not None:
             image = self.cropper(image, item["center_lps"])
             row["center_lps"] = image.meta["region_center_lps"]
-        batch = list_data_collate([{"image": image}])["image"].to(self.device)
-        self._window_progress(batch)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            output = self.inferer(batch, self.network)
-        rows = self.writer(item, image, output, source, self.output_dir, row)
+        rows = self.writer(item, image, self.infer(image), source, self.output_dir, row)
         for table, columns in list(self.writer.tables.items())[1:]:
             write_table(self._row_part(table, row), columns, rows.get(table, []))
         for index_row in rows[self.writer.index]:
             durable_append(self._part("index", rank), self.writer.tables[self.writer.index], index_row)
+
+    def infer(self, image) -> object:
+        """The inferer's output for one preprocessed image ``(C, *spatial)``: a batch of one, on ``device``."""
+        batch = list_data_collate([{"image": image}])["image"].to(self.device)
+        self._window_progress(batch)
+        self.network.eval()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            return self.inferer(batch, self.network)
 
     def _window_progress(self, image: torch.Tensor) -> None:
         """Show a per-window bar for scans with many sliding windows (rank 0, progress on)."""

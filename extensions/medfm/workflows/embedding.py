@@ -43,7 +43,8 @@ class EmbeddingWriter(CohortWriter):
         self.output_key = output_key
         self.pooling = pooling
 
-    def __call__(self, item: dict, image, output, source, output_dir: Path, row: dict) -> dict[str, list[dict]]:
+    def result(self, image, output, name: str) -> np.ndarray:
+        """The embedding vector (float32); non-finite values are an error."""
         if self.output_key is not None:
             output = output[self.output_key]
         output = output[0].float()
@@ -51,9 +52,12 @@ class EmbeddingWriter(CohortWriter):
             output = self.pooling(output)
         vector = torch.as_tensor(output).detach().cpu().numpy().astype(np.float32).reshape(-1)
         if not np.isfinite(vector).all():
-            where = f"{item['image']}" + (f" ({item['region']})" if item["region"] else "")
-            raise MedfmError(f"{where}: the embedding holds {int((~np.isfinite(vector)).sum())} non-finite "
+            raise MedfmError(f"{name}: the embedding holds {int((~np.isfinite(vector)).sum())} non-finite "
                              f"values of {vector.size} (NaN or Inf); not written")
+        return vector
+
+    def __call__(self, item: dict, image, output, source, output_dir: Path, row: dict) -> dict[str, list[dict]]:
+        vector = self.result(image, output, item["image"] + (f" ({item['region']})" if item["region"] else ""))
         name = embedding_file_name(item["image"], item["region"])
         save_vector(output_dir / name, vector)
         return {self.index: [index_row(row["input"], row["series_uid"], row["model"], row["weights"], name, int(vector.size),

@@ -97,8 +97,12 @@ class SegmentationWriter(CohortWriter):
         if self.statistics:
             self.tables["statistics.csv"] = (*ROW_COLUMNS, *STATISTICS_COLUMNS)
 
+    def result(self, image, output, name: str):
+        """The label volume ``(1, X, Y, Z)`` on the input's grid (a MetaTensor with the input's affine)."""
+        return _postprocessed(self.postprocessing, image, output)
+
     def __call__(self, item: dict, image, output, source, output_dir: Path, row: dict) -> dict[str, list[dict]]:
-        mask = _postprocessed(self.postprocessing, image, output)
+        mask = self.result(image, output, item["image"])
         statistics = []
         if self.statistics:
             values = convert_data_type(mask, np.ndarray)[0]
@@ -134,19 +138,26 @@ class PredictionWriter(CohortWriter):
             raise MedfmError(f"class names {clashing} clash with the columns of predictions.csv; rename those classes")
         self.tables = {"predictions.csv": (*ROW_COLUMNS, "prediction", *(self.classes or ()))}
 
-    def __call__(self, item: dict, image, output, source, output_dir: Path, row: dict) -> dict[str, list[dict]]:
+    def result(self, image, output, name: str) -> dict[str, float] | float:
+        """The class probabilities by class name, or the regression value."""
         values = convert_data_type(_postprocessed(self.postprocessing, image, output), np.ndarray)[0]
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if not np.isfinite(values).all():
-            raise MedfmError(f"{item['image']}: the prediction holds non-finite values (NaN or Inf); not written")
+            raise MedfmError(f"{name}: the prediction holds non-finite values (NaN or Inf); not written")
         if self.classes is None:
             if values.size != 1:
-                raise MedfmError(f"{item['image']}: a regression gives one value, the network gave {values.size}")
-            return {"predictions.csv": [{**_cells(row), "prediction": f"{values[0]:.6g}"}]}
+                raise MedfmError(f"{name}: a regression gives one value, the network gave {values.size}")
+            return float(values[0])
         if values.size != len(self.classes):
-            raise MedfmError(f"{item['image']}: the network gave {values.size} values for {len(self.classes)} classes")
-        cells = {name: f"{value:.6g}" for name, value in zip(self.classes, values)}
-        return {"predictions.csv": [{**_cells(row), "prediction": self.classes[int(values.argmax())], **cells}]}
+            raise MedfmError(f"{name}: the network gave {values.size} values for {len(self.classes)} classes")
+        return {class_name: float(value) for class_name, value in zip(self.classes, values)}
+
+    def __call__(self, item: dict, image, output, source, output_dir: Path, row: dict) -> dict[str, list[dict]]:
+        result = self.result(image, output, item["image"])
+        if not isinstance(result, dict):
+            return {"predictions.csv": [{**_cells(row), "prediction": f"{result:.6g}"}]}
+        cells = {name: f"{value:.6g}" for name, value in result.items()}
+        return {"predictions.csv": [{**_cells(row), "prediction": max(result, key=result.get), **cells}]}
 
 
 def _cells(row: Mapping) -> dict:
