@@ -315,3 +315,13 @@ def test_a_renamed_copy_of_a_bundle_keeps_its_identity_in_the_index(small_ct, tm
 
     assert bundle_summary(copy)["bundle"] == "models_genesis_chest_ct"
     assert bundle_info(copy)[:2] == [bundle_info(GENESIS)[0], f"folder: {copy.resolve()}"]
+
+
+def test_weights_given_by_ckpt_path_are_named_in_the_index(genesis_bundle, small_ct, tmp_path):
+    """The index names the weights that made the embeddings, also when they come from --ckpt_path and the bundle has
+    none installed (it once said "none" there while the run report named the file)."""
+    weights = tmp_path / "elsewhere.pt"
+    (genesis_bundle / "models" / "model.pt").replace(weights)
+    summary = medfm.embed(genesis_bundle, [small_ct], out=tmp_path / "out", progress=False, num_workers=0,
+                          ckpt_path=str(weights))
+    assert summary.rows[0]["weights"] == "medfm_genesis_demo"  # known by its sha256

@@ -36,7 +36,7 @@ from ..io.dicomweb import absolute_input
 from ..io.embeddings import output_stem
 from ..io.tables import drop_partial_line, durable_append, read_table, table_columns, write_table
 from ..transforms.region import CropAtWorldPoint, PointOutsideScanError
-from ..weights import installed_weights_id, load_checkpoint, sha256_of
+from ..weights import checkpoint_weights_id, load_checkpoint, sha256_of
 from .precision import mixed_precision
 
 __all__ = ["CohortRunner", "CohortSummary", "CohortWriter", "FAILED_COLUMNS", "FAILED_FILE", "ROW_COLUMNS",
@@ -368,8 +368,9 @@ class CohortRunner:
             first = " ".join(line.strip() for line in str(error).splitlines()[:2])
             raise MedfmError(f"{self.weights_file}: does not load into the network: {first[:300]} (a "
                              "fine-tuned checkpoint goes into a task bundle: medfm finetune BUNDLE --from RUN_DIR)") from None
-        digest = sha256_of(self.weights_file)
-        return installed_weights_id(self.bundle_root, digest) if self.bundle_root else f"unregistered:{digest[:16]}"
+        if self.bundle_root is None:
+            return f"unregistered:{sha256_of(self.weights_file)[:16]}"
+        return checkpoint_weights_id(self.bundle_root, self.weights_file)[0]  # the file's own id, wherever it lies
 
     def _run_share(self, scans: list[dict], rank: int, weights_id: str) -> int:
         """Run this process's scans (each read once for all its regions); returns how many inputs were
