@@ -102,8 +102,12 @@ def _check_medfm_command(argv: list[str], made: dict | None = None) -> None:
     assert takes_any or not unknown, f"medfm {argv[0]} has no option {sorted(unknown)}"
     if next(iter(parameters), None) in ("bundle", "bundles"):  # the first argument names bundles of this repository
         named = _positionals(arguments)[:1]  # none for ``medfm release``: every bundle
-        known = {p.name for p in BUNDLES.iterdir()} | {str(path.relative_to(REPO)) for path in (made or {})}
+        known = {p.name for p in BUNDLES.iterdir()} | {str(path.relative_to(REPO)) for path in (made or {})} | MADE_BY_FINETUNE
         assert {name.rstrip("/") for names in named for name in names.split(",")} <= known, named
+
+
+#: Task bundles the documents make with ``medfm finetune ... --out NAME`` and then run by that name.
+MADE_BY_FINETUNE = {_options(argv)["out"] for _, _, argv in SHELL_COMMANDS if argv[:2] == ["medfm", "finetune"]}
 
 
 def _strip_launcher(argv: list[str]) -> list[str]:
