@@ -1,11 +1,12 @@
 """Running a bundle over inputs: the one place behind ``medfm infer``, ``medfm embed``, ``medfm demo``
 and the Python API (``medfm.infer(...)``, ``medfm.embed(...)``).
 
-``infer`` runs a bundle's full inference workflow (``configs/inference.json``) on one scan and
-moves its outputs into place only when the whole run succeeded. ``embed`` runs the bundle's
-embedding workflow (``configs/inference.json`` + ``configs/embed.json``: only the layers the
-embedding needs) once over many inputs, resumably, one bad input never stopping the rest, on one
-process or under ``torchrun``.
+A task bundle's ``infer`` and every bundle's ``embed`` configure the bundle's cohort runner
+(:class:`~medfm.workflows.CohortRunner`: ``configs/inference.json``'s ``runner``, or
+``configs/embed.json``'s ``embedder``) and run it once over all inputs: resumable, one bad input
+never stopping the rest, on one process or under ``torchrun``. A foundation bundle's ``infer``
+runs its full inference workflow (restoration and embedding) on one scan and moves its outputs
+into place only when the whole run succeeded.
 """
 
 from __future__ import annotations
