@@ -137,6 +137,22 @@ def crop_nifti(source: str, target: Path, size: tuple[int, int, int], offset=(0,
     return target
 
 
+def write_modality_classification_table(folder: Path, size: int = 48) -> Path:
+    """Classification table (``dataset.csv``: image, label, modality) from the real volumes: ``size``^3 crops of
+    the head CT (label CT) and of the head T1 MRI (label MR), each row tagged with its modality; ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sample, modality in (("ct_head", "CT"), ("mr_head_t1", "MR")):
+        shape = nib.load(medfm.samples.path(sample)).shape
+        for index in range(4):
+            offset = tuple(int(s * (0.2 + 0.1 * index)) for s in shape)
+            crop = crop_nifti(medfm.samples.path(sample), folder / f"{modality}_{index}.nii.gz", (size,) * 3, offset)
+            rows.append(f"{crop.name},{modality},{modality}\n")
+    order = [0, 4, 1, 5, 2, 6, 3, 7]  # both classes in the last quarter (validation)
+    (folder / "dataset.csv").write_text("image,label,modality\n" + "".join(rows[i] for i in order))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def real_file():
     """``real_file(name)``: path of a real image from tests/testdata.py (skips or fails when absent)."""

@@ -6,7 +6,6 @@ The data are crops of the real head CT and MRI (medfm.samples); the segmentation
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from medfm.bundles import metadata_schema
 from medfm.errors import MedfmError
 from medfm.weights import load_checkpoint, sha256_of
 from medfm.workflows import datalist_fingerprint
-from tests.conftest import BUNDLES, GENESIS, TORCHRUN, bundle_run, crop_nifti, dciodvfy_errors, run_command
+from tests.conftest import (BUNDLES, GENESIS, TORCHRUN, bundle_run, dciodvfy_errors, run_command,
+                            write_modality_classification_table)
 
 pytestmark = pytest.mark.slow
 
@@ -203,16 +203,7 @@ def test_the_python_api_on_arrays_equals_the_cli(one_process_run, cohort, segmen
 
 def test_finetune_from_a_monai_bundle_run_makes_a_classification_bundle(tmp_path):
     """VDT classification fine-tuned by the user with ``python -m monai.bundle run``, packaged with ``--from``."""
-    data = tmp_path / "crops"
-    data.mkdir()
-    rows = []
-    for sample, modality in (("ct_head", "CT"), ("mr_head_t1", "MR")):
-        shape = nib.load(medfm.samples.path(sample)).shape
-        for index in range(4):
-            offset = tuple(int(s * (0.2 + 0.1 * index)) for s in shape)
-            crop = crop_nifti(medfm.samples.path(sample), data / f"{modality}_{index}.nii.gz", (40, 40, 40), offset)
-            rows.append(f"{crop.name},{modality},{modality}\n")
-    (data / "dataset.csv").write_text("image,label,modality\n" + "".join(rows[i] for i in [0, 4, 1, 5, 2, 6, 3, 7]))
+    data = write_modality_classification_table(tmp_path / "crops", size=40)
     run = tmp_path / "run"
     bundle_run(BUNDLES / "vdt_resnet3d18", ["configs/train.json"], "--dataset_dir", str(data), "--output_dir", str(run),
                "--patch_size", "[32,32,32]", "--max_epochs", "2", "--num_workers", "0", "--val_fraction", "0.25",

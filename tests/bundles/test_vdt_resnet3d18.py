@@ -15,7 +15,8 @@ import medfm
 from medfm.networks import VDTResNetUNet, vdt_resnet18
 from medfm.weights import load_checkpoint
 from tests.conftest import (BUNDLES, assert_resumed_on_both_ranks, assert_written_by_rank_zero,
-                            bundle_run, crop_nifti, run_command, torchrun_pretraining)
+                            bundle_run, run_command, torchrun_pretraining,
+                            write_modality_classification_table)
 
 pytestmark = pytest.mark.slow
 
@@ -51,19 +52,8 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def crop_classification_dataset(tmp_path_factory):
-    """Classification table (``dataset.csv``: image, label, modality) from the real volumes: 48^3 crops of
-    the head CT (label CT) and of the head T1 MRI (label MR), each row tagged with its modality."""
-    folder = tmp_path_factory.mktemp("crops")
-    rows = []
-    for sample, modality in (("ct_head", "CT"), ("mr_head_t1", "MR")):
-        shape = nib.load(medfm.samples.path(sample)).shape
-        for index in range(4):
-            offset = tuple(int(s * (0.2 + 0.1 * index)) for s in shape)
-            crop = crop_nifti(medfm.samples.path(sample), folder / f"{modality}_{index}.nii.gz", (48, 48, 48), offset)
-            rows.append(f"{crop.name},{modality},{modality}\n")
-    order = [0, 4, 1, 5, 2, 6, 3, 7]  # both classes in the last quarter (validation)
-    (folder / "dataset.csv").write_text("image,label,modality\n" + "".join(rows[i] for i in order))
-    return folder
+    """48^3 crops of the real head CT and MRI labelled by modality (``dataset.csv``)."""
+    return write_modality_classification_table(tmp_path_factory.mktemp("crops"))
 
 
 @pytest.mark.training
