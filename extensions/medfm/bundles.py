@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +16,7 @@ if TYPE_CHECKING:  # torch and MONAI load only when a config is read (medfm list
     import torch
     from monai.bundle import ConfigParser
 
-__all__ = ["bundle_name", "bundle_config", "metadata_schema", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
+__all__ = ["Bundle", "read_metadata", "bundle_name", "bundle_config", "metadata_schema", "bundle_network", "cache_dir", "find_bundle", "list_bundle_dirs", "repository_bundles_dir"]
 
 #: Environment variable naming medfm's cache folder (downloaded bundles and weights).
 CACHE_ENV = "MEDFM_HOME"
@@ -60,16 +63,88 @@ def find_bundle(name_or_path: str | os.PathLike) -> Path:
     raise BundleNotFoundError(f"unknown bundle {str(name_or_path)!r}: known bundles: {known} (searched {searched})")
 
 
+def read_metadata(bundle_dir: str | os.PathLike) -> dict:
+    """A bundle's ``configs/metadata.json``; one line naming the file when it is not a JSON object."""
+    path = Path(bundle_dir) / "configs" / "metadata.json"
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise MedfmError(f"{path}: not readable as JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise MedfmError(f"{path}: not a JSON object")
+    return metadata
+
+
 def bundle_name(bundle_dir: str | os.PathLike) -> str:
     """The bundle's identity: the ``name`` in its ``configs/metadata.json`` (a renamed copy of the
     folder keeps it), else the folder's name."""
-    import json
-
     try:
-        name = json.loads((Path(bundle_dir) / "configs" / "metadata.json").read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError, AttributeError):
+        name = read_metadata(bundle_dir).get("name")
+    except MedfmError:
         name = None
     return name if isinstance(name, str) and name else Path(bundle_dir).name
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle as medfm sees it: its folder and its metadata, read once (:meth:`find`)."""
+
+    root: Path
+    metadata: dict
+
+    @classmethod
+    def find(cls, name_or_path: str | os.PathLike | Bundle) -> Bundle:
+        """A bundle by folder path or by name (:func:`find_bundle`)."""
+        if isinstance(name_or_path, Bundle):
+            return name_or_path
+        root = find_bundle(name_or_path)
+        return cls(root, read_metadata(root))
+
+    @property
+    def name(self) -> str:
+        """The ``name`` in the metadata (a renamed copy of the folder keeps it), else the folder's name."""
+        name = self.metadata.get("name")
+        return name if isinstance(name, str) and name else self.root.name
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", ""))
+
+    @property
+    def contract(self) -> dict:
+        """The ``input_contract`` (empty when the metadata has none)."""
+        contract = self.metadata.get("input_contract")
+        return contract if isinstance(contract, dict) else {}
+
+    @property
+    def weights_file(self) -> Path:
+        """Where the bundle's installed weights live (``models/model.pt``; it may not exist)."""
+        return self.root / "models" / "model.pt"
+
+    @cached_property
+    def weights_id(self) -> str:
+        """Which weights ``models/model.pt`` holds: a registry name, ``unregistered:<sha256 prefix>`` or ``none``."""
+        from .weights.records import installed_weights_id
+
+        return installed_weights_id(self.root)
+
+    def config(self, name: str) -> Path:
+        """The path of ``configs/<name>``."""
+        return self.root / "configs" / name
+
+    @property
+    def fine_tuning_configs(self) -> dict[str, str]:
+        """The fine-tuning config per task (``segmentation``: ``configs/train.json``...); empty for a task bundle."""
+        configs = self.metadata.get("fine_tuning_configs")
+        return dict(configs) if isinstance(configs, dict) else {}
+
+    @cached_property
+    def runs_cohorts(self) -> bool:
+        """Whether its inference is a cohort run (a task bundle's ``runner``), not one scan's workflow."""
+        try:
+            return "runner" in json.loads(self.config("inference.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
 
 
 def bundle_config(bundle_dir: str | os.PathLike, config: str | Sequence[str] = "inference.json") -> ConfigParser:

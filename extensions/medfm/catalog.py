@@ -22,7 +22,9 @@ CODE_LICENCE = "Apache-2.0"
 
 
 def _metadata(bundle_dir: Path) -> dict:
-    return json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    from .bundles import read_metadata
+
+    return read_metadata(bundle_dir)
 
 
 def _weights_licence(entry: registry.WeightsEntry) -> str:

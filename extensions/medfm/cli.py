@@ -5,7 +5,6 @@ Errors a user can fix are printed as one line on stderr with exit status 1, with
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -236,10 +235,11 @@ def label_bundle(bundle: str, labels: str, out: str, pretrained: bool = True, fo
         pretrained: start from BUNDLE's installed weights (``False``: from scratch).
         force: replace an existing OUT.
     """
+    from .bundles import Bundle
     from .task_bundle import make_label_bundle
 
     target = make_label_bundle(bundle, labels, out, pretrained=pretrained, force=force)
-    metadata = json.loads((target / "configs" / "metadata.json").read_text())
+    metadata = Bundle.find(target).metadata
     channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     print(f"{target}: {metadata['name']} ({', '.join(f'{k}: {v}' for k, v in channels.items())}), "
           f"weights: {metadata['task_bundle']['source_weights']}")
@@ -265,12 +265,13 @@ def finetune(bundle: str, out: str, dataset_dir: str | None = None, task: str | 
         overrides: ``--key value`` for the fine-tuning config (``--max_epochs 50``, ``--patch_size [96,96,64]``);
             ``--from RUN_DIR`` packages a run made with ``python -m monai.bundle run`` instead of training.
     """
+    from .bundles import Bundle
     from .task_bundle import finetune as run_finetuning
 
     target = run_finetuning(bundle, out, dataset_dir=dataset_dir, task=task, pretrained=pretrained, run_dir=run_dir,
                             from_run=overrides.pop("from", None), force=force, **overrides)
     if target is not None:
-        metadata = json.loads((target / "configs" / "metadata.json").read_text())
+        metadata = Bundle.find(target).metadata
         made = metadata["task_bundle"]
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in made["validation_metrics"].items())
         print(f"{target}: {metadata['name']}, {made['task']} of {', '.join(made['labels'])} "

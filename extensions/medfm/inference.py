@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .bundles import find_bundle
+from .bundles import Bundle, find_bundle
 from .errors import MedfmError, describe_error, innermost
 from .io.atomic import atomic_path
 from .io.dicomweb import absolute_input, is_dicomweb_url, service_root, store_instances
@@ -118,7 +118,7 @@ def refuse_fine_tuned_checkpoint(bundle_dir: Path, overrides: dict) -> None:
     from .workflows.handlers import FINE_TUNING_RECORD
 
     checkpoint = overrides.get("ckpt_path")
-    if not checkpoint or runs_cohorts(bundle_dir):
+    if not checkpoint or Bundle.find(bundle_dir).runs_cohorts:
         return
     run_dir = Path(str(checkpoint)).expanduser().resolve().parent.parent
     if (run_dir / FINE_TUNING_RECORD).is_file():
@@ -145,16 +145,6 @@ def check_overrides(bundle_dir: Path, configs: list[str], overrides: dict) -> No
         close = difflib.get_close_matches(key, known, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise MedfmError(f"{bundle_dir.name}: {', '.join(configs)} has no key {key!r}; {hint}its keys are {', '.join(known)}")
-
-
-def runs_cohorts(bundle_dir: Path) -> bool:
-    """Whether the bundle's inference is a cohort run (a task bundle's ``runner``), not one scan's workflow."""
-    import json
-
-    try:
-        return "runner" in json.loads((bundle_dir / "configs" / "inference.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
 
 
 def infer(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -189,9 +179,10 @@ def infer(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
 
     Contract deviations are printed as ``medfm: warning:`` lines.
     """
-    bundle_dir = find_bundle(bundle)
+    found = Bundle.find(bundle)
+    bundle_dir = found.root
     listed = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if runs_cohorts(bundle_dir):
+    if found.runs_cohorts:
         return _infer_cohort(bundle_dir, listed, out, report, store, preview, statistics, progress, num_workers, overrides)
     if statistics:
         raise MedfmError(f"{bundle_dir.name}: --statistics applies to segmentation task bundles (medfm finetune, "
@@ -328,8 +319,6 @@ def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str
     from .io.reading import LoadScan
     from .io.segmentation import corner_offset_mm
     from .preview import write_scan_preview
-    from .transforms.contract import read_contract
-
     scan = LoadScan(series_uid, allow_2d=True)(source)
     volume, affine = scan.numpy(), scan.affine.numpy()
     segmentations, images = [], []
@@ -337,7 +326,7 @@ def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str
         output = nib.load(path)
         if output.shape == volume.shape and corner_offset_mm(output.affine, affine, volume.shape) < 1e-3:
             (segmentations if path.name.endswith("_seg.nii.gz") else images).append((path.name, np.asarray(output.dataobj)))
-    expected = read_contract(bundle_dir).get("modality")  # a CT model's input gets the CT window
+    expected = Bundle.find(bundle_dir).contract.get("modality")  # a CT model's input gets the CT window
     modality = scan.meta.get("Modality") or (expected if expected == "CT" else "")
     return write_scan_preview(staging / f"{output_stem(source)}_preview.png", volume, affine, modality, segmentations,
                               images, title=input_stem(source))

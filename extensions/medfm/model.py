@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundles import bundle_config, bundle_name, find_bundle
+from .bundles import Bundle, bundle_config
 from .errors import MedfmError
 
 __all__ = ["Model", "load"]
@@ -33,14 +33,15 @@ class Model:
     """
 
     def __init__(self, bundle: str | os.PathLike, device: str | None = None, **overrides) -> None:
-        from .inference import EMBED_CONFIG, runs_cohorts
+        from .inference import EMBED_CONFIG
 
-        self.bundle_dir = find_bundle(bundle)
-        self.name = bundle_name(self.bundle_dir)
+        self.bundle = Bundle.find(bundle)
+        self.bundle_dir = self.bundle.root
+        self.name = self.bundle.name
         self.device = device
         self.overrides = overrides
-        self.can_predict = runs_cohorts(self.bundle_dir)
-        self.can_embed = (self.bundle_dir / "configs" / EMBED_CONFIG).is_file()
+        self.can_predict = self.bundle.runs_cohorts
+        self.can_embed = self.bundle.config(EMBED_CONFIG).is_file()
         self._runners: dict[str, object] = {}
         self.weights: dict[str, str] = {}
 

@@ -426,11 +426,10 @@ def _write_plot(path: Path, summary: list[dict], task: str) -> None:
 
 
 def _bundle_record(bundle: str) -> dict:
-    from .bundles import find_bundle
+    from .bundles import Bundle
 
-    bundle_dir = find_bundle(bundle)
-    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
-    return {"folder": str(bundle_dir), "version": metadata.get("version")}
+    found = Bundle.find(bundle)
+    return {"folder": str(found.root), "version": found.metadata.get("version")}
 
 
 def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.PathLike = "medfm_probe",

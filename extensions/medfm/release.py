@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bundles import cache_dir, find_bundle, list_bundle_dirs
+from .bundles import Bundle, cache_dir, find_bundle, list_bundle_dirs
 from .errors import MedfmError
 from .io.atomic import atomic_path
 from .io.archives import ArchiveError, safe_extract_zip
@@ -83,8 +83,8 @@ def _release_files(bundle_dir: Path) -> tuple[list[Path], str]:
 
 def build_release(bundle: str | os.PathLike, out_dir: str | os.PathLike, base_url: str = "") -> ReleasedBundle:
     """Write ``<out_dir>/<name>_v<version>.zip`` for one bundle; ``base_url`` prefixes its ``source``."""
-    bundle_dir = find_bundle(bundle)
-    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    found = Bundle.find(bundle)
+    bundle_dir, metadata = found.root, found.metadata
     name, version = bundle_dir.name, str(metadata.get("version", ""))
     if metadata.get("name") != name or not version:
         raise MedfmError(f"{bundle_dir}: metadata.json must name the bundle {name!r} and give its version")

@@ -70,9 +70,10 @@ class RunReport:
 
         if not self.enabled:
             return
-        metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
-        self.data["bundle"] = {"name": metadata.get("name", bundle_dir.name), "version": metadata.get("version"),
-                               "folder": str(bundle_dir)}
+        from .bundles import Bundle
+
+        bundle = Bundle.find(bundle_dir)
+        self.data["bundle"] = {"name": bundle.name, "version": bundle.metadata.get("version"), "folder": str(bundle.root)}
         weights_id, digest = checkpoint_weights_id(bundle_dir, checkpoint)
         self.data["weights"] = {"id": weights_id, "file": None if checkpoint is None else str(checkpoint), "sha256": digest}
         self.data["device"] = str(device) if device else _device()

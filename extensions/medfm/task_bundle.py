@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .bundles import find_bundle
+from .bundles import Bundle
 from .errors import MedfmError
 
 __all__ = ["TASKS", "FineTuning", "fine_tuning_config", "finetune", "make_label_bundle", "make_task_bundle", "parse_labels",
@@ -88,10 +88,9 @@ def parse_labels(labels: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def fine_tuning_config(source_dir: Path, metadata: Mapping, task: str | None) -> tuple[str, str]:
+def fine_tuning_config(source: Bundle, task: str | None) -> tuple[str, str]:
     """``(task, config path relative to the bundle)``: the source's fine-tuning config for ``task`` (default: its first)."""
-    configs = metadata.get("fine_tuning_configs") or {}
-    name = metadata.get("name", source_dir.name)
+    configs, name, source_dir = source.fine_tuning_configs, source.name, source.root
     if not configs:
         raise MedfmError(f"{name}: its metadata names no fine-tuning configs (fine_tuning_configs), so it cannot make a task bundle")
     if task is None:
@@ -383,13 +382,13 @@ def make_task_bundle(bundle: str | os.PathLike, out: str | os.PathLike, fine_tun
     from .weights.records import MODEL_FILE, PROVENANCE_FILE, ImportReport, sha256_of
     from .workflows.handlers import PretrainedWeightsLoader
 
-    source_dir = find_bundle(bundle)
+    source = Bundle.find(bundle)
+    source_dir, source_meta = source.root, source.metadata
     target = Path(out).expanduser().resolve()
     if target.exists() and not force:
         raise MedfmError(f"{target}: already exists (pass --force to replace it)")
-    source_meta = json.loads((source_dir / "configs" / "metadata.json").read_text())
-    task, config_name = fine_tuning_config(source_dir, source_meta, fine_tuning.task)
-    source_weights = source_dir / MODEL_FILE
+    task, config_name = fine_tuning_config(source, fine_tuning.task)
+    source_weights = source.weights_file
     trained = fine_tuning.checkpoint is not None
     if not trained and pretrained and not source_weights.is_file():
         raise MedfmError(f"{source_dir.name}: no weights installed ({source_weights} missing); run `medfm weights "
@@ -465,12 +464,11 @@ def make_label_bundle(bundle: str | os.PathLike, labels: str | Sequence[str], ou
     """A segmentation task bundle for ``labels`` with a fresh head, for MONAI Label to train (``medfm label-bundle``)."""
     names = parse_labels(labels)
     fresh = FineTuning(task="segmentation", labels={str(index): name for index, name in enumerate(["background", *names])})
-    source_dir = find_bundle(bundle)
-    configs = json.loads((source_dir / "configs" / "metadata.json").read_text()).get("fine_tuning_configs") or {}
-    if "segmentation" not in configs:
-        raise MedfmError(f"{source_dir.name}: its network has no segmentation head, so it cannot make a label bundle "
+    source = Bundle.find(bundle)
+    if "segmentation" not in source.fine_tuning_configs:
+        raise MedfmError(f"{source.name}: its network has no segmentation head, so it cannot make a label bundle "
                          "(bundles that can: those with a segmentation fine-tuning config)")
-    return make_task_bundle(source_dir, out, fresh, pretrained=pretrained, force=force)
+    return make_task_bundle(source, out, fresh, pretrained=pretrained, force=force)
 
 
 def finetune(bundle: str | os.PathLike, out: str | os.PathLike, dataset_dir: str | os.PathLike | None = None,
@@ -489,7 +487,8 @@ def finetune(bundle: str | os.PathLike, out: str | os.PathLike, dataset_dir: str
 
     from .inference import check_overrides
 
-    source_dir = find_bundle(bundle)
+    source = Bundle.find(bundle)
+    source_dir = source.root
     target = Path(out).expanduser().resolve()
     if target.exists() and not force:
         raise MedfmError(f"{target}: already exists (pass --force to replace it)")
@@ -502,11 +501,10 @@ def finetune(bundle: str | os.PathLike, out: str | os.PathLike, dataset_dir: str
         fine_tuning = read_fine_tuning_record(from_run)
         if task is not None and task != fine_tuning.task:
             raise MedfmError(f"{from_run}: the run fine-tuned for {fine_tuning.task}, not {task}")
-        return make_task_bundle(source_dir, target, fine_tuning, force=force, network_overrides=network_overrides)
+        return make_task_bundle(source, target, fine_tuning, force=force, network_overrides=network_overrides)
     if dataset_dir is None:
         raise MedfmError("--dataset_dir names the labelled data to fine-tune on (or --from a finished run to package)")
-    metadata = json.loads((source_dir / "configs" / "metadata.json").read_text())
-    task, config = fine_tuning_config(source_dir, metadata, task)
+    task, config = fine_tuning_config(source, task)
     run_dir = Path(run_dir or f"{target}_training").expanduser().resolve()
     from .workflows.handlers import FINE_TUNING_RECORD
 
@@ -534,5 +532,5 @@ def finetune(bundle: str | os.PathLike, out: str | os.PathLike, dataset_dir: str
     workflow.finalize()
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    return make_task_bundle(source_dir, target, read_fine_tuning_record(run_dir), force=force,
+    return make_task_bundle(source, target, read_fine_tuning_record(run_dir), force=force,
                             network_overrides=network_overrides)

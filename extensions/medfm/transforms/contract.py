@@ -16,7 +16,6 @@ range, a voxel grid other than the model's, a constant volume) are logged as one
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Hashable, Mapping
@@ -38,10 +37,11 @@ logger = logging.getLogger("medfm.contract")
 
 def read_contract(bundle_root: str | os.PathLike) -> dict:
     """The ``input_contract`` of a bundle's ``configs/metadata.json``."""
-    metadata = Path(bundle_root) / "configs" / "metadata.json"
-    contract = json.loads(metadata.read_text()).get("input_contract")
+    from ..bundles import read_metadata
+
+    contract = read_metadata(bundle_root).get("input_contract")
     if not isinstance(contract, dict):
-        raise ValueError(f"{metadata}: no input_contract")
+        raise ValueError(f"{Path(bundle_root) / 'configs' / 'metadata.json'}: no input_contract")
     return contract
 
 
