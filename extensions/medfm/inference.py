@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .bundles import Bundle, find_bundle
+from .bundles import Bundle
 from .errors import MedfmError, describe_error, innermost
 from .io.atomic import atomic_path
 from .io.dicomweb import absolute_input, is_dicomweb_url, service_root, store_instances
@@ -379,10 +379,13 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     every process calls this with the same arguments and gets the same summary.
     """
     report = report or RunReport.discarded()
-    bundle_dir = find_bundle(bundle)
+    found = Bundle.find(bundle)
+    bundle_dir = found.root
     report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
-    if not (bundle_dir / "configs" / EMBED_CONFIG).is_file():
-        raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow)")
+    if not found.config(EMBED_CONFIG).is_file():
+        source = (found.metadata.get("task_bundle") or {}).get("source_bundle")
+        hint = f"; a task bundle embeds with the bundle it was fine-tuned from: medfm embed {source} ..." if source else ""
+        raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow){hint}")
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
     refuse_fine_tuned_checkpoint(bundle_dir, overrides)
     _check_out_folder(Path(out).expanduser())

@@ -46,6 +46,13 @@ COPIED = ("configs/logging.conf", "configs/multi_gpu_train.json", "LICENSE")
 PER_KEY_ARGUMENTS = ("mode", "padding_mode", "align_corners", "dtype")
 #: Train-config sections that inference does not need.
 TRAINING_ONLY = ("train", "validate", "loss", "optimizer", "prepare_batch", "initialize", "run", "finalize")
+#: The model zoo's list of downloadable weights: a task bundle's own weights are nowhere to download yet.
+LARGE_FILES = """\
+# models/model.pt holds weights made for this bundle (docs/README.md names the source weights and their licence,
+# which applies to them). They cannot be downloaded from anywhere yet, so medfm release leaves them out: publish
+# them, then list them here (path, url, hash_val, hash_type: sha256) for python -m monai.bundle download_large_files.
+large_files: []
+"""
 
 
 @dataclass
@@ -451,6 +458,7 @@ def make_task_bundle(bundle: str | os.PathLike, out: str | os.PathLike, fine_tun
             loaded = "random initialisation (made with --pretrained False)."
         (staging / "docs").mkdir()
         (staging / "docs" / "README.md").write_text(_readme(metadata, source_dir, loaded))
+        (staging / "large_files.yml").write_text(LARGE_FILES)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
