@@ -12,7 +12,6 @@ into place only when the whole run succeeded.
 from __future__ import annotations
 
 import contextlib
-import csv
 import difflib
 import logging
 import os
@@ -24,11 +23,13 @@ from pathlib import Path
 
 from .bundles import Bundle
 from .errors import MedfmError, describe_error, innermost
-from .io.atomic import atomic_path
+from .io.atomic import remove_abandoned_staging
 from .io.dicomweb import absolute_input, is_dicomweb_url, service_root, store_instances
 from .io.embeddings import check_index_file, is_index_file, read_index_rows, write_index_rows
 from .io.input_list import expand_inputs
+from .io.tables import merge_rows_by_input
 from .io.regions import label_regions, read_points
+from .preview import write_input_preview
 from .run_report import RunReport
 from .weights.records import MODEL_FILE, demo_weights_warning
 from .workflows.cohort import CohortSummary
@@ -57,51 +58,10 @@ def _workflow(bundle_dir: Path, configs: list[str], logging_file: str | bool, **
         workflows_logger.setLevel(level)
 
 
-def _merged_table(staged: Path, target: Path) -> bool:
-    """Merge a per-input table (``input,...`` header, e.g. ``predictions.csv``) into the one already in
-    ``--out``: the other inputs' rows stay, this input's row is replaced. False when the two are not
-    such tables with the same columns (the new file then replaces the old)."""
-    if staged.suffix.lower() != ".csv":
-        return False
-    try:
-        with open(staged, newline="", encoding="utf-8") as stream:
-            new_header, *new_rows = list(csv.reader(stream))
-        with open(target, newline="", encoding="utf-8") as stream:
-            old_header, *old_rows = list(csv.reader(stream))
-    except (ValueError, UnicodeDecodeError, OSError):
-        return False
-    if new_header != old_header or not new_header or new_header[0] != "input":
-        return False
-    replaced = {row[0] for row in new_rows if row}
-    with atomic_path(target) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as stream:
-            csv.writer(stream, lineterminator="\n").writerows([new_header, *(r for r in old_rows if r and r[0] not in replaced), *new_rows])
-    return True
-
-
 def _check_out_folder(out_dir: Path) -> None:
     """Refuse an ``--out`` that exists as something other than a folder, before any work."""
     if out_dir.exists() and not out_dir.is_dir():
         raise MedfmError(f"{out_dir}: exists and is not a folder; give --out a folder")
-
-
-def _remove_abandoned_staging(out_dir: Path) -> None:
-    """Remove staging folders beside ``out_dir`` left by runs that were killed (their process is gone):
-    SIGKILL gives a run no chance to clean up, so the next run into the same ``--out`` does it."""
-    for folder in out_dir.parent.glob(f".{out_dir.name}.staging-*-*"):
-        pid = folder.name[len(f".{out_dir.name}.staging-"):].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _warn_of_demo_weights(bundle_dir: Path, overrides: dict) -> None:
@@ -209,7 +169,7 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
     _check_out_folder(out_dir)
     check_index_file(out_dir / str(overrides.get("embeddings_index", "embeddings.csv")))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(out_dir)
+    remove_abandoned_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
     try:
         warnings = _Collector()
@@ -225,7 +185,7 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
                     workflow.finalize()
                 if preview:
                     with report.stage("preview"):
-                        _write_preview(bundle_dir, source, staging, overrides.get("series_uid"))
+                        write_input_preview(bundle_dir, source, staging, overrides.get("series_uid"))
                 _warn_of_demo_weights(bundle_dir, overrides)
             except Exception as error:
                 cause = innermost(error)
@@ -252,7 +212,7 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
                 added = read_index_rows(path)
                 replaced = {row["embedding"] for row in added}
                 write_index_rows(target, [row for row in read_index_rows(target) if row["embedding"] not in replaced] + added)
-            elif not (target.exists() and _merged_table(path, target)):
+            elif not (target.exists() and merge_rows_by_input(path, target)):
                 path.replace(target)
             results.append(str(target))
         report.outputs(results)
@@ -308,28 +268,6 @@ def _run_cohort(bundle_dir: Path, configs: list[str], report: RunReport, **setti
             raise MedfmError(f"{bundle_dir.name} run failed: {describe_error(error)}") from error
     workflow.finalize()
     return summary
-
-
-def _write_preview(bundle_dir: Path, source: str, staging: Path, series_uid: str | None) -> Path:
-    """The input's middle planes (read again, as the bundle read it) with the NIfTI outputs that lie on its grid."""
-    import nibabel as nib
-    import numpy as np
-
-    from .io.embeddings import input_stem, output_stem
-    from .io.reading import LoadScan
-    from .io.segmentation import corner_offset_mm
-    from .preview import write_scan_preview
-    scan = LoadScan(series_uid, allow_2d=True)(source)
-    volume, affine = scan.numpy(), scan.affine.numpy()
-    segmentations, images = [], []
-    for path in sorted(staging.glob("*.nii.gz")):
-        output = nib.load(path)
-        if output.shape == volume.shape and corner_offset_mm(output.affine, affine, volume.shape) < 1e-3:
-            (segmentations if path.name.endswith("_seg.nii.gz") else images).append((path.name, np.asarray(output.dataobj)))
-    expected = Bundle.find(bundle_dir).contract.get("modality")  # a CT model's input gets the CT window
-    modality = scan.meta.get("Modality") or (expected if expected == "CT" else "")
-    return write_scan_preview(staging / f"{output_stem(source)}_preview.png", volume, affine, modality, segmentations,
-                              images, title=input_stem(source))
 
 
 def _store(root: str, outputs: list[str], report: RunReport) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .io.atomic import atomic_path
 
-__all__ = ["PLANES", "contact_sheet_pages", "display_window", "middle_planes", "write_contact_sheet",
+__all__ = ["PLANES", "contact_sheet_pages", "write_input_preview", "display_window", "middle_planes", "write_contact_sheet",
            "write_plane_tile", "write_scan_preview"]
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -183,3 +183,24 @@ def write_contact_sheet(target: str | os.PathLike, tiles: Sequence[tuple[str, st
         name = target if page == 0 else target.with_name(f"{target.stem}_{page + 1}{target.suffix}")
         pages.append(_save_png(_captioned(opened), name))
     return pages
+
+
+def write_input_preview(bundle_dir: Path, source: str, folder: Path, series_uid: str | None) -> Path:
+    """``<input>_preview.png`` in ``folder``: the input's middle planes (read again, as the bundle read it) with the
+    NIfTI outputs in ``folder`` that lie on its grid (a segmentation overlaid, other images in rows beneath)."""
+    from .bundles import Bundle
+    from .io.embeddings import input_stem, output_stem
+    from .io.reading import LoadScan
+    from .io.segmentation import corner_offset_mm
+
+    scan = LoadScan(series_uid, allow_2d=True)(source)
+    volume, affine = scan.numpy(), scan.affine.numpy()
+    segmentations, images = [], []
+    for path in sorted(folder.glob("*.nii.gz")):
+        output = nib.load(path)
+        if output.shape == volume.shape and corner_offset_mm(output.affine, affine, volume.shape) < 1e-3:
+            (segmentations if path.name.endswith("_seg.nii.gz") else images).append((path.name, np.asarray(output.dataobj)))
+    expected = Bundle.find(bundle_dir).contract.get("modality")  # a CT model's input gets the CT window
+    modality = scan.meta.get("Modality") or (expected if expected == "CT" else "")
+    return write_scan_preview(folder / f"{output_stem(source)}_preview.png", volume, affine, modality, segmentations,
+                              images, title=input_stem(source))

@@ -1,14 +1,16 @@
-"""Writing files so that a failure never leaves a truncated file under the final name."""
+"""Writing files so that a failure never leaves a truncated file under the final name, and clearing what killed
+runs left behind."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "process_alive", "remove_abandoned_staging"]
 
 
 @contextlib.contextmanager
@@ -30,3 +32,23 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_abandoned_staging(out_dir: Path) -> None:
+    """Remove staging folders beside ``out_dir`` left by runs that were killed (their process is gone):
+    SIGKILL gives a run no chance to clean up, so the next run into the same ``--out`` does it."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.staging-*-*"):
+        pid = folder.name[len(f".{out_dir.name}.staging-"):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

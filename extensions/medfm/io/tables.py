@@ -14,7 +14,8 @@ from monai.data import CSVSaver
 from ..errors import MedfmError
 from .atomic import atomic_path
 
-__all__ = ["HeaderedCSVSaver", "durable_append", "drop_partial_line", "read_table", "table_columns", "write_table"]
+__all__ = ["HeaderedCSVSaver", "durable_append", "drop_partial_line", "merge_rows_by_input", "read_table", "table_columns",
+           "write_table"]
 
 
 class HeaderedCSVSaver(CSVSaver):
@@ -125,3 +126,25 @@ def drop_partial_line(path: str | os.PathLike) -> None:
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as stream:
             stream.truncate(data.rfind(b"\n") + 1)
+
+
+def merge_rows_by_input(staged: Path, target: Path) -> bool:
+    """Merge a per-input table (``input,...`` header, e.g. ``predictions.csv``) into the one already in
+    ``--out``: the other inputs' rows stay, this input's row is replaced. False when the two are not
+    such tables with the same columns (the new file then replaces the old)."""
+    if staged.suffix.lower() != ".csv":
+        return False
+    try:
+        with open(staged, newline="", encoding="utf-8") as stream:
+            new_header, *new_rows = list(csv.reader(stream))
+        with open(target, newline="", encoding="utf-8") as stream:
+            old_header, *old_rows = list(csv.reader(stream))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    if new_header != old_header or not new_header or new_header[0] != "input":
+        return False
+    replaced = {row[0] for row in new_rows if row}
+    with atomic_path(target) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            csv.writer(stream, lineterminator="\n").writerows([new_header, *(r for r in old_rows if r and r[0] not in replaced), *new_rows])
+    return True
