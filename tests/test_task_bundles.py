@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 MEDFM = [sys.executable, "-m", "medfm"]
 SMALL_GENESIS_RUN = ["--patch_size", "[32,32,16]", "--patches_per_volume", "2", "--max_epochs", "2", "--val_interval", "1",
-                     "--num_workers", "0", "--val_fraction", "0.25"]
+                     "--num_workers", "0", "--val_fraction", "0.5"]
 
 
 def _rows(path):
@@ -44,10 +44,11 @@ def _tables(folder):
 
 @pytest.fixture(scope="module")
 def segmentation_task(tiny_segmentation_dataset, tmp_path_factory):
-    """A Models Genesis segmentation task bundle made by ``medfm finetune`` (2 epochs on the tiny dataset)."""
+    """A Models Genesis segmentation task bundle made by ``torchrun -m medfm finetune`` on two processes (2 epochs on
+    the tiny dataset, one validation case per rank)."""
     folder = tmp_path_factory.mktemp("task")
-    result = run_command(MEDFM + ["finetune", "models_genesis_chest_ct", "--dataset_dir", str(tiny_segmentation_dataset),
-                                  "--out", str(folder / "tissue_seg"), *SMALL_GENESIS_RUN])
+    result = run_command(TORCHRUN + ["-m", "medfm", "finetune", "models_genesis_chest_ct", "--dataset_dir",
+                                     str(tiny_segmentation_dataset), "--out", str(folder / "tissue_seg"), *SMALL_GENESIS_RUN])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith(f"{folder / 'tissue_seg'}: tissue_seg, segmentation of tissue")
     return folder / "tissue_seg"

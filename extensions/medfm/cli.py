@@ -267,6 +267,7 @@ def finetune(bundle: str, out: str, dataset_dir: str | None = None, task: str | 
     """
     from .bundles import Bundle
     from .task_bundle import finetune as run_finetuning
+    from .workflows.distributed import end_torchrun_worker
 
     target = run_finetuning(bundle, out, dataset_dir=dataset_dir, task=task, pretrained=pretrained, run_dir=run_dir,
                             from_run=overrides.pop("from", None), force=force, **overrides)
@@ -276,6 +277,8 @@ def finetune(bundle: str, out: str, dataset_dir: str | None = None, task: str | 
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in made["validation_metrics"].items())
         print(f"{target}: {metadata['name']}, {made['task']} of {', '.join(made['labels'])} "
               f"(epoch {made['epoch']}: {metrics or 'no metrics'}), from {made['source_bundle']} {made['source_weights']}")
+    sys.stdout.flush()
+    end_torchrun_worker()  # a distributed run's DDP threads would race the interpreter's teardown
 
 
 def _weights_commands() -> dict:

@@ -524,6 +524,8 @@ def finetune(bundle: str | os.PathLike, out: str | os.PathLike, dataset_dir: str
     configs = [config.split("/", 1)[1]]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         configs.append("multi_gpu_train.json")
+        # the overlay's finalize ends a torchrun worker; this one still packages the model (then the CLI ends it)
+        settings["finalize"] = ["$medfm.workflows.end_distributed_run(@train#handlers + @validate#handlers, end_process=False)"]
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
