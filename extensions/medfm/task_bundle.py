@@ -232,7 +232,8 @@ _POSTPROCESSING = {
 _WRITERS = {
     "segmentation": {"_target_": "medfm.workflows.SegmentationWriter", "postprocessing": "@postprocessing",
                      "labels": "@label_names", "dicom_seg": "@dicom_seg", "statistics": "@statistics",
-                     "algorithm": "$medfm.bundles.bundle_name(@bundle_root)"},
+                     "algorithm": "$medfm.bundles.bundle_name(@bundle_root)", "preview": "@preview",
+                     "modality": "$medfm.bundles.Bundle.find(@bundle_root).contract.get('modality', '')"},
     "classification": {"_target_": "medfm.workflows.PredictionWriter", "postprocessing": "@postprocessing",
                        "classes": "@label_names"},
     "regression": {"_target_": "medfm.workflows.PredictionWriter", "postprocessing": "@postprocessing", "classes": None},

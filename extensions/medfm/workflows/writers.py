@@ -80,18 +80,24 @@ class SegmentationWriter(CohortWriter):
         dicom_seg: also write a DICOM-SEG for DICOM inputs.
         statistics: also write ``statistics.csv``.
         algorithm: the name the DICOM-SEG gives its algorithm (the task bundle's name).
+        preview: also write ``<input>_preview.png``: the input's middle planes with the segmentation overlaid.
+        modality: the model's modality (the input contract's), for the preview's display window when the input
+            does not say.
     """
 
     file_columns = ("segmentation", "dicom_seg")
     action = "segmented"
 
     def __init__(self, postprocessing: Callable | None, labels: Mapping[int | str, str] | Sequence[str],
-                 dicom_seg: bool = True, statistics: bool = False, algorithm: str = "medfm") -> None:
+                 dicom_seg: bool = True, statistics: bool = False, algorithm: str = "medfm", preview: bool = False,
+                 modality: str | Sequence[str] = "") -> None:
         self.postprocessing = postprocessing
         self.labels = labels_by_value(labels)
         self.dicom_seg = bool(dicom_seg)
         self.statistics = bool(statistics)
-        self.needs_source = self.statistics
+        self.preview = bool(preview)
+        self.modality = modality if isinstance(modality, str) else ""
+        self.needs_source = self.statistics or self.preview
         self.algorithm = algorithm
         self.tables = {"segmentations.csv": (*ROW_COLUMNS, "segmentation", "dicom_seg")}
         if self.statistics:
@@ -112,8 +118,23 @@ class SegmentationWriter(CohortWriter):
                 self.labels)]
         saver = SaveSegmentation(output_dir, self.labels, dicom_seg=self.dicom_seg, algorithm=self.algorithm)
         written = saver(mask, image.meta)
+        if self.preview:
+            self._write_preview(item["image"], source, written[0], output_dir)
         files = {"segmentation": written[0].name, "dicom_seg": written[1].name if len(written) > 1 else ""}
         return {"segmentations.csv": [{**_cells(row), **files}], "statistics.csv": statistics}
+
+
+    def _write_preview(self, name: str, source, segmentation: Path, output_dir: Path) -> None:
+        """The input as read, its middle planes with the written segmentation overlaid (a CT model's input in the CT window)."""
+        import nibabel as nib
+
+        from ..io.embeddings import input_stem, output_stem
+        from ..preview import write_scan_preview
+
+        modality = source.meta.get("Modality") or (self.modality if self.modality == "CT" else "")
+        write_scan_preview(output_dir / f"{output_stem(name)}_preview.png", convert_data_type(source, np.ndarray)[0],
+                           convert_data_type(source.affine, np.ndarray)[0], modality,
+                           [(segmentation.name, np.asarray(nib.load(segmentation).dataobj))], title=input_stem(name))
 
 
 class PredictionWriter(CohortWriter):
