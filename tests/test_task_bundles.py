@@ -207,7 +207,7 @@ def test_finetune_from_a_monai_bundle_run_makes_a_classification_bundle(tmp_path
     data = write_modality_classification_table(tmp_path / "crops", size=40)
     run = tmp_path / "run"
     bundle_run(BUNDLES / "vdt_resnet3d18", ["configs/train.json"], "--dataset_dir", str(data), "--output_dir", str(run),
-               "--patch_size", "[32,32,32]", "--max_epochs", "2", "--num_workers", "0", "--val_fraction", "0.25",
+               "--patch_size", "[32,32,32]", "--max_epochs", "1", "--num_workers", "0", "--val_fraction", "0.25",
                "--batch_size", "3", "--pretrained", "False")
     task = tmp_path / "modality_cls"
     made = run_command(MEDFM + ["finetune", "vdt_resnet3d18", "--from", str(run), "--out", str(task)])
