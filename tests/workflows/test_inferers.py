@@ -33,8 +33,8 @@ def test_single_window_equals_a_direct_call_and_ddp_wrapper_is_unwrapped():
 
 
 def test_unknown_method_is_reported():
-    with pytest.raises(AttributeError, match="GenesisUNet3D has no method 'embed'"):
-        MethodInferer(SimpleInferer(), "embed")(torch.rand(1, 1, 8, 8, 8), GenesisUNet3D())
+    with pytest.raises(AttributeError, match="GenesisUNet3D has no method .forward_tokens."):
+        MethodInferer(SimpleInferer(), "forward_tokens")(torch.rand(1, 1, 8, 8, 8), GenesisUNet3D())
 
 
 def test_feature_tap_inferer_returns_pooled_features_beside_the_output_and_removes_its_hooks():

@@ -6,7 +6,7 @@ from .medical_transformer import MedicalTransformer
 from .spad_tokenizer import SpadTokenizer
 from .spad_vit import SpadViT
 from .universal_model_sar import UniversalModelSAR
-from .vdt_resnet3d import vdt_resnet18
+from .vdt_resnet3d import VDTResNet3D, vdt_resnet18
 from .vdt_resnet3d_unet import VDTResNetUNet
 
-__all__ = ["GenesisUNet3D", "GradientReversal", "MedicalTransformer", "SpadTokenizer", "SpadViT", "UniversalModelSAR", "VDTResNetUNet", "vdt_resnet18"]
+__all__ = ["GenesisUNet3D", "GradientReversal", "MedicalTransformer", "SpadTokenizer", "SpadViT", "UniversalModelSAR", "VDTResNet3D", "VDTResNetUNet", "vdt_resnet18"]

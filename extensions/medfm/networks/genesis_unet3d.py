@@ -203,6 +203,10 @@ class GenesisUNet3D(nn.Module):
         """The 512-channel bottleneck ``(N, 512, H/8, W/8, D/8)`` from the encoder alone (embeddings: no decoder)."""
         return self.encode(x)[1]
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 512)``: the bottleneck averaged over space, the vector ``medfm embed`` writes for one window."""
+        return self.forward_features(x).mean(dim=(2, 3, 4))
+
     def forward_with_bottleneck(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"restored": output, "bottleneck": 512-channel 1/8-resolution features}`` in one pass."""
         skips, bottleneck = self.encode(x)

@@ -354,6 +354,14 @@ class MedicalTransformer(nn.Module):
         """``(B, 3 * dim)`` from the encoder alone (mean slice embedding per view): stage 1's triplet space."""
         return torch.cat([view.mean(dim=1) for view in self.slice_embeddings(x)], dim=1)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Contextual slice embeddings of the three views, ``(B, Z + X + Y, dim)`` in ``VIEWS`` order."""
+        return torch.cat(self.contextual_embeddings(self.slice_embeddings(x)), dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3 * dim)``: the volume embedding ``medfm embed`` writes, for a network of any task."""
+        return self.volume_embedding(self.contextual_embeddings(self.slice_embeddings(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decoder is not None:
             logits = torch.zeros(0)
@@ -364,7 +372,7 @@ class MedicalTransformer(nn.Module):
                 view_logits = self.view_stacks(self.decoder(maps, context, list(stack.shape[2:])))[view]
                 logits = view_logits if view == 0 else logits + view_logits
             return logits / 3.0  # the mean over the three views
-        embedding = self.volume_embedding(self.contextual_embeddings(self.slice_embeddings(x)))
+        embedding = self.embed(x)
         return embedding if self.head is None else self.head(embedding)
 
     def masked_prediction(self, x: torch.Tensor, slice_masks: torch.Tensor) -> dict[str, list[torch.Tensor]]:

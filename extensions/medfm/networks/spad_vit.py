@@ -408,9 +408,14 @@ class SpadViT(nn.Module):
         """Patch tokens ``(N, 1 + L, C)`` -> ``(N, C, h, w, d)``."""
         return tokens[:, 1:].transpose(1, 2).unflatten(2, grid).permute(0, 1, 3, 4, 2)
 
+    def forward_features(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float] | None = None,
+                         aniso_d: int | None = None) -> torch.Tensor:
+        """Normalised tokens ``(N, 1 + L, embed_dim)``, the cls token first."""
+        return self.tokens(x, spacing, aniso_d)[0]
+
     def embed(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float] | None = None, aniso_d: int | None = None) -> torch.Tensor:
         """``(N, 2 * embed_dim)``: the cls token, then the mean of the patch tokens (after the final norm)."""
-        tokens, _, _ = self.tokens(x, spacing, aniso_d)
+        tokens = self.forward_features(x, spacing, aniso_d)
         return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1)
 
     def mim_logits(self, x: torch.Tensor, mask: torch.Tensor, spacing: torch.Tensor | Sequence[float] | None = None,
@@ -433,7 +438,7 @@ class SpadViT(nn.Module):
             logits = self.decoder(image, levels, strides)
             return logits if x.ndim == 5 else logits.squeeze(-1)
         if self.task == "classification":
-            return self.head(self.tokens(x, spacing, aniso_d)[0][:, 0])
+            return self.head(self.forward_features(x, spacing, aniso_d)[:, 0])
         if self.task == "mim":
             raise ValueError("the MIM network is called through mim_logits(x, mask, ...)")
         return self.embed(x, spacing, aniso_d)

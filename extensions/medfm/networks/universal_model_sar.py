@@ -64,6 +64,14 @@ class UniversalModelSAR(nn.Module):
             "bottleneck": bottleneck,
         }
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The U-Net's bottleneck ``(B, 512, H/8, W/8, D/8)``."""
+        return self.unet.forward_features(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 512)``: the U-Net's embedding (what ``medfm embed`` writes for one window)."""
+        return self.unet.embed(x)
+
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights of the pre-training heads only (kept apart from the U-Net's bundle weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}

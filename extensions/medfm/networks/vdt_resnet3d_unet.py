@@ -13,23 +13,23 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.layers import Conv
-from monai.networks.nets import ResNet
 from monai.networks.nets.basic_unet import UpCat
 from monai.networks.nets.resnet import ResNetBlock, get_inplanes
 from torch import nn
 
-from .vdt_resnet3d import RESNET18_ARGS
+from .vdt_resnet3d import RESNET18_ARGS, VDTResNet3D
 
 __all__ = ["VDTResNetUNet"]
 
 
-class VDTResNetUNet(ResNet):
+class VDTResNetUNet(VDTResNet3D):
     """U-Net with the VDT 3D ResNet-18 as encoder.
 
     Encoder feature maps for a (B, C, D, H, W) input: stem (64, full size), stage 1 (64, 1/2),
     stage 2 (128, 1/4), stage 3 (256, 1/8), stage 4 (512, 1/16). Each decoder step upsamples by
     2, concatenates the encoder map of that size and applies two convolutions; a 1x1x1
-    convolution gives ``out_channels`` logits at the input size. Spatial sizes must be multiples
+    convolution gives ``out_channels`` logits at the input size; ``forward_features`` and ``embed``
+    give the stage-4 map and its average (no decoder). Spatial sizes must be multiples
     of 16 (pad with ``DivisiblePadd(k=16)``, or use patches of such sizes).
 
     Args:
