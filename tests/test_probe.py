@@ -217,3 +217,17 @@ def test_a_point_outside_its_scan_or_half_given_coordinates_are_one_line_errors(
     (point_table.parent / "half.csv").write_text("\n".join([rows[0], ",".join(blank), *rows[2:]]) + "\n")
     with pytest.raises(MedfmError, match="needs x, y and z"):
         read_label_table(point_table.parent / "half.csv")
+
+
+def test_a_training_part_smaller_than_the_default_k_still_fits_every_probe():
+    """Four training scans of two classes (one subject each): too few to choose k inside them, and fewer than
+    kNN's default 5 neighbours; the probe fits with k capped at what there is instead of failing."""
+    from medfm.probe import Split, score_probe
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 4)
+    features = rng.normal(size=(8, 6)) + labels[:, None] * 3.0
+    split = Split(repeat=0, fold=0, fraction=1.0, train=np.arange(4), test=np.arange(4, 8))
+    for kind in ("logistic", "knn"):
+        scores = score_probe(features, labels, np.arange(8), split, "classification", kind, num_classes=2)
+        assert scores["auc"] == 1.0, (kind, scores)

@@ -234,6 +234,20 @@ def test_finetune_from_a_monai_bundle_run_makes_a_classification_bundle(tmp_path
     # the task bundle is a MONAI bundle: its inference runs as python -m monai.bundle run, with the same result
     bundle_run(task, ["configs/inference.json"], "--input_image", str(scans[1]), "--output_dir", str(tmp_path / "bundle_run"))
     assert _rows(tmp_path / "bundle_run" / "predictions.csv") == [predictions[1]]
+    # its encoder embeds as the source bundle's embedding workflow does, from the fine-tuned weights
+    embedded = run_command(MEDFM + ["embed", str(task), *map(str, scans), "--out", str(tmp_path / "embedded")])
+    assert embedded.returncode == 0, embedded.stderr
+    rows = _rows(tmp_path / "embedded" / "embeddings.csv")
+    assert [(row["model"], row["dimension"]) for row in rows] == [("modality_cls", "512")] * 2
+    vectors = [np.load(tmp_path / "embedded" / row["embedding"]) for row in rows]
+    assert not np.allclose(*vectors)
+    np.testing.assert_array_equal(medfm.load(task).embed(str(scans[1])), vectors[1])
+    # and its train.json continues training its own weights (loaded strictly), with the class order kept
+    before = sha256_of(task / "models" / "model.pt")
+    bundle_run(task, ["configs/train.json"], "--dataset_dir", str(data), "--max_epochs", "1", "--num_workers", "0",
+               "--val_fraction", "0.25", "--batch_size", "3")
+    assert sha256_of(task / "models" / "model.pt") != before
+    assert json.loads((task / "train" / "fine_tuning.json").read_text())["labels"] == ["CT", "MR"]
     # a mistaken --from says what it needs in one line
     wrong = run_command(MEDFM + ["finetune", "vdt_resnet3d18", "--from", str(data), "--out", str(tmp_path / "x")])
     assert wrong.returncode == 1 and "no fine_tuning.json" in wrong.stderr and not (tmp_path / "x").exists()

@@ -34,7 +34,7 @@ from .run_report import RunReport
 from .weights.records import MODEL_FILE, demo_weights_warning
 from .workflows.cohort import CohortSummary
 
-__all__ = ["EMBED_CONFIG", "embed", "infer"]
+__all__ = ["EMBED_CONFIG", "embed", "infer", "require_embedding_workflow"]
 
 #: The embedding overlay every bundle has, applied on top of its ``inference.json``.
 EMBED_CONFIG = "embed.json"
@@ -283,6 +283,16 @@ def _store(root: str, outputs: list[str], report: RunReport) -> None:
     print(f"medfm: stored {len(dicom)} DICOM file(s) at {root}", file=sys.stderr)
 
 
+def require_embedding_workflow(bundle: Bundle) -> None:
+    """Refuse, in one line, a bundle without ``configs/embed.json``."""
+    if bundle.config(EMBED_CONFIG).is_file():
+        return
+    source = (bundle.metadata.get("task_bundle") or {}).get("source_bundle")
+    hint = (f"; this task bundle was packaged by a medfm older than task bundles' embedding workflow: package its run "
+            f"again (medfm finetune {source} --from RUN_DIR --out NEW)") if source else ""
+    raise MedfmError(f"{bundle.root}: has no configs/{EMBED_CONFIG} (no embedding workflow){hint}")
+
+
 def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike = (),
           out: str | os.PathLike = "medfm_embeddings", index: str = "embeddings.csv", progress: bool = True,
           num_workers: int | None = None, amp: bool = False, points: str | os.PathLike | None = None,
@@ -320,10 +330,7 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     found = Bundle.find(bundle)
     bundle_dir = found.root
     report.describe_bundle(bundle_dir, overrides.get("ckpt_path", bundle_dir / MODEL_FILE), overrides.get("device"))
-    if not found.config(EMBED_CONFIG).is_file():
-        source = (found.metadata.get("task_bundle") or {}).get("source_bundle")
-        hint = f"; a task bundle embeds with the bundle it was fine-tuned from: medfm embed {source} ..." if source else ""
-        raise MedfmError(f"{bundle_dir}: has no configs/{EMBED_CONFIG} (no embedding workflow){hint}")
+    require_embedding_workflow(found)
     check_overrides(bundle_dir, ["inference.json", EMBED_CONFIG], overrides)
     refuse_fine_tuned_checkpoint(bundle_dir, overrides)
     _check_out_folder(Path(out).expanduser())

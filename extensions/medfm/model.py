@@ -2,7 +2,7 @@
 
 >>> model = medfm.load("tissue_seg")                       # a task bundle (or a foundation bundle)
 >>> label = model.predict(volume, affine)                 # numpy (X, Y, Z) + 4x4 RAS affine, a MetaTensor, or a path
->>> vector = medfm.load("models_genesis_chest_ct").embed(volume, affine)
+>>> vector = medfm.load("models_genesis_chest_ct").embed(volume, affine)  # a task bundle's: its fine-tuned encoder
 
 Each call runs exactly what ``medfm infer`` / ``medfm embed`` run for one input (the same runner, network
 call and writer), without writing files: the results equal the CLI's.
@@ -22,7 +22,7 @@ __all__ = ["Model", "load"]
 
 
 class Model:
-    """A bundle ready to run: ``embed`` (bundles with ``configs/embed.json``) and ``predict`` (task bundles).
+    """A bundle ready to run: ``embed`` (every bundle's ``configs/embed.json``) and ``predict`` (task bundles).
 
     Args:
         bundle: bundle name or folder.
@@ -82,8 +82,9 @@ class Model:
         """The embedding (float32 vector) of one scan: a path, a numpy array or tensor ``(X, Y, Z)`` with its
         ``affine`` (4 x 4 voxel-to-world, RAS, mm: nibabel's ``image.affine``), or a MetaTensor."""
         if not self.can_embed:
-            raise MedfmError(f"{self.name}: has no embedding workflow (configs/embed.json); a task bundle embeds "
-                             "with the bundle it was fine-tuned from")
+            from .inference import require_embedding_workflow
+
+            require_embedding_workflow(self.bundle)
         return self._run("embed", image, affine)
 
     def predict(self, image, affine=None):

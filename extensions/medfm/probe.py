@@ -222,7 +222,9 @@ def _estimator(task: str, kind: str, labels: np.ndarray, groups: np.ndarray):
         inner = min(3, min(len(set(groups[labels == c])) for c in np.unique(labels)))
     else:
         inner = min(3, len(set(groups)))
-    if inner < 2:
+    if inner < 2:  # too few subjects to choose k or C inside the training part: the defaults, k capped
+        if kind == "knn":
+            pipeline.set_params(model__n_neighbors=min(pipeline.get_params()["model__n_neighbors"], len(labels)))
         return pipeline, None
     smallest_train = len(labels) - math.ceil(len(labels) / inner)
     if kind == "knn":
@@ -425,13 +427,6 @@ def _write_plot(path: Path, summary: list[dict], task: str) -> None:
     plt.close(figure)
 
 
-def _bundle_record(bundle: str) -> dict:
-    from .bundles import Bundle
-
-    found = Bundle.find(bundle)
-    return {"folder": str(found.root), "version": found.metadata.get("version")}
-
-
 def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.PathLike = "medfm_probe",
           task: str = "classification", fractions: Sequence[float] = DEFAULT_FRACTIONS, folds: int = 5,
           repeats: int = 3, label_column: str = "label", group_column: str | None = None, seed: int = 0,
@@ -452,13 +447,20 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
     from tqdm import tqdm
 
     from . import __version__
-    from .bundles import find_bundle
+    from .bundles import Bundle
     from .weights.importer import how_to_get_weights
     from .weights.records import MODEL_FILE
 
-    names = [b for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
-    if not names:
+    given = [b for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
+    if not given:
         raise MedfmError("name at least one bundle")
+    found = {}  # by bundle name, which the tables and the embedding folders use (a bundle may be given as a path)
+    for bundle in given:
+        located = Bundle.find(bundle)
+        if located.name in found:
+            raise MedfmError(f"{bundle}: a bundle named {located.name} is already in the probe; probe each once")
+        found[located.name] = located
+    names = list(found)
     labelled = read_label_table(table, task, label_column, group_column)
     splits = probe_splits(labelled, folds, repeats, fractions, seed)
     out_dir = Path(out).expanduser()
@@ -472,12 +474,12 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
               f"points (x, y, z mm, LPS): the bundles' region crops; intensity baseline a {POINT_REGION_MM:g} mm cube",
               "versions": {"medfm": __version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
                            "numpy": np.__version__, "python": sys.version.split()[0]},
-              "bundles": {name: _bundle_record(name) for name in names}}
+              "bundles": {name: {"folder": str(b.root), "version": b.metadata.get("version")} for name, b in found.items()}}
     matrices: dict[tuple[str, str], np.ndarray] = {}
     points_file = None if labelled.points is None else _points_file(labelled, out_dir / "embeddings")
     permuted_of = {}
     for name in names:
-        bundle_dir = find_bundle(name)
+        bundle_dir = found[name].root
         has_weights = (bundle_dir / MODEL_FILE).is_file()
         if not has_weights:
             print(f"medfm: warning: {name} has no weights installed ({bundle_dir / MODEL_FILE}), so it gets no "
@@ -487,7 +489,7 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
         feature_sets = [("pretrained", True), ("random_init", False)] if has_weights else [("random_init", False)]
         for features, pretrained in feature_sets:
             folder = out_dir / "embeddings" / name / (features if pretrained else f"{features}_seed{seed}")
-            matrix, weights = _embedding_matrix(name, labelled, folder, pretrained, seed, progress, points_file)
+            matrix, weights = _embedding_matrix(str(bundle_dir), labelled, folder, pretrained, seed, progress, points_file)
             matrices[(name, features)] = matrix
             record["bundles"][name][f"{features}_weights"] = weights
     histogram = "histogram.npz" if labelled.points is None else f"histogram_points_{POINT_REGION_MM:g}mm.npz"

@@ -9,6 +9,7 @@ bundle's fine-tuning config for the task (named in its metadata's ``fine_tuning_
   (``predictions.csv``) any number of inputs; ``network_def`` / ``preprocessing`` / ``inferer`` /
   ``postprocessing`` are what MONAI Label reads;
 - ``configs/train.json``: the fine-tuning config, made to continue training the bundle's own weights;
+- ``configs/embed.json``: the source's embedding workflow on the fine-tuned network (``medfm embed``, ``medfm probe``);
 - ``configs/metadata.json``: the task, the labels or classes, ``network_data_format``, the source's input
   contract, and provenance (source bundle and weights, training data fingerprint, validation metrics);
 - ``models/model.pt`` and its import record, and ``docs/README.md``, a model card written from the metadata.
@@ -269,6 +270,48 @@ def _inference_config(train: dict, task: str) -> dict:
     return config
 
 
+#: Sections of the source's inference.json that its embedding overlay does not use (its workflow, what feeds it).
+_SOURCE_INFERENCE_ONLY = ("datalist", "dataset", "dataloader", "postprocessing", "handlers", "evaluator", "input_image",
+                          "initialize", "run", "finalize")
+
+
+def _literal_network_def(train: dict) -> dict:
+    """``network_def`` of ``train`` with every argument evaluated: it stands alone, beside keys of other meanings."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(train)
+    literal = {"_target_": train["network_def"]["_target_"]}
+    for name in train["network_def"]:
+        if name.startswith("_"):
+            continue
+        value = parser.get_parsed_content(f"network_def#{name}")
+        literal[name] = list(value) if isinstance(value, tuple) else value
+        try:
+            json.dumps(literal[name])
+        except TypeError:
+            raise MedfmError(f"network_def#{name} is a {type(value).__name__}, which a bundle config cannot hold") from None
+    return literal
+
+
+def _embedding_config(source: Bundle, train: dict) -> dict:
+    """The source bundle's embedding workflow (its inference keys and ``embed.json``) on the fine-tuned network.
+
+    ``medfm embed TASK`` then writes the vectors ``medfm embed SOURCE`` writes (same preprocessing, windows
+    and pooling, every network's ``embed``), from the fine-tuned encoder: the two are comparable side by side.
+    It is an overlay on the task's ``inference.json``, as ``embed.json`` is on a foundation bundle's.
+    """
+    from monai.bundle import ConfigParser
+
+    inference, overlay = ConfigParser(), ConfigParser()
+    inference.read_config(str(source.config("inference.json")))
+    overlay.read_config(str(source.config("embed.json")))
+    config = {key: value for key, value in inference.config.items() if key not in _SOURCE_INFERENCE_ONLY}
+    config.update(overlay.config)
+    config.update({"network_def": _literal_network_def(train), "ckpt_path": "$@bundle_root + '/models/model.pt'",
+                   "embed_inputs": "@inputs"})
+    return config
+
+
 def _output_format(fine_tuning: FineTuning, spatial_shape) -> dict:
     """``network_data_format.outputs.pred`` of the task bundle."""
     if fine_tuning.task == "segmentation":
@@ -362,7 +405,13 @@ Good for: the task above on inputs like its training data, within the source bun
 medfm infer {metadata['name']} scan.nii.gz more_scans/ list.csv --out results{' --statistics' if info['task'] == 'segmentation' else ''}
 python -m monai.bundle run --config_file configs/inference.json --bundle_root . --input_image scan.nii.gz
 python -m monai.bundle run --config_file configs/train.json --bundle_root . --dataset_dir /data/Task
+medfm embed {metadata['name']} scans.csv --out embeddings   # the fine-tuned encoder, as `medfm embed {info['source_bundle']}` embeds
 ```
+
+`configs/embed.json` (an overlay on `configs/inference.json`) is `{info['source_bundle']}`'s embedding workflow run on
+this bundle's network: the same preprocessing, windows and pooling, so its vectors sit beside the source's in
+`medfm probe`; they differ by what fine-tuning changed in the encoder (and by its normalisation layers, where
+fine-tuning uses running statistics and the source its batch statistics).
 
 Serving and training it in MONAI Label: medfm's `docs/monailabel.md`.
 """
@@ -439,7 +488,7 @@ def make_task_bundle(bundle: str | os.PathLike, out: str | os.PathLike, fine_tun
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source_dir / relative, staging / relative)
         for relative, content in (("configs/train.json", train), ("configs/inference.json", _inference_config(train, task)),
-                                  ("configs/metadata.json", metadata)):
+                                  ("configs/embed.json", _embedding_config(source, train)), ("configs/metadata.json", metadata)):
             ConfigParser.export_config_file(content, str(staging / relative), indent=4)
         (staging / "models").mkdir()
         torch.save(network.state_dict(), staging / MODEL_FILE)
