@@ -94,8 +94,8 @@ def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[
             pyarrow = _parquet()
             schema = pyarrow.schema([(column, pyarrow.int64() if column in integer_columns else pyarrow.string())
                                      for column in columns])
-            pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{k: v if k in integer_columns else str(v) for k, v in row.items()}
-                                                                    for row in rows], schema=schema), temporary)
+            cells = [{k: v if k in integer_columns else "" if v is None else str(v) for k, v in row.items()} for row in rows]
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(cells, schema=schema), temporary)
             return
         with open(temporary, "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=list(columns), lineterminator="\n")
