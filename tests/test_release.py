@@ -49,6 +49,29 @@ def test_imported_or_self_trained_weights_never_enter_an_archive(tmp_path):
     assert not any("/models/" in n for n in zipfile.ZipFile(tmp_path / "out" / item.file).namelist())
 
 
+def test_a_task_bundle_ships_its_own_weights_when_asked_and_their_source_allows(tmp_path):
+    from medfm.task_bundle import make_label_bundle
+
+    task = make_label_bundle("models_genesis_chest_ct", "tissue", tmp_path / "tissue_seg")  # from the demo weights
+    (plain,) = release_bundles(tmp_path / "plain", [str(task)])
+    assert plain.weights == "none"
+    (item,) = release_bundles(tmp_path / "out", [str(task)], own_weights=True)
+    assert item.weights == "tissue_seg (fine-tuned from medfm_genesis_demo)"
+    copy = download_bundle("tissue_seg", str(tmp_path / "out" / MODEL_INFO), bundle_dir=tmp_path / "downloaded", progress=False)
+    assert sha256_of(copy / "models" / "model.pt") == sha256_of(task / "models" / "model.pt")
+    assert (copy / "configs" / "embed.json").is_file()
+
+    official = registry.get("genesis_chest_ct")  # non-commercial research only: nothing derived from it ships
+    metadata = json.loads((task / "configs" / "metadata.json").read_text())
+    metadata["task_bundle"].update(source_weights=official.name, source_sha256=official.sha256)
+    (task / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(MedfmError, match="fine-tuned from genesis_chest_ct, whose licence is ASU licence"):
+        release_bundles(tmp_path / "refused", [str(task)], own_weights=True)
+    assert not (tmp_path / "refused" / "tissue_seg_v0.1.0.zip").exists()
+    with pytest.raises(MedfmError, match="is not a task bundle"):
+        release_bundles(tmp_path / "refused", ["vdt_resnet3d18"], own_weights=True)
+
+
 def test_release_cli_reports_and_fails_in_one_line(tmp_path):
     cli = [sys.executable, "-m", "medfm.cli", "release"]
     result = run_command(cli + ["spad_vit_base", "--out", str(tmp_path)])

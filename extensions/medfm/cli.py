@@ -196,7 +196,7 @@ def schema(bundle: str) -> None:
     print(metadata_schema(bundle))
 
 
-def release(*bundles: str, out: str = "dist", base_url: str = "") -> None:
+def release(*bundles: str, out: str = "dist", base_url: str = "", own_weights: bool = False) -> None:
     """Build ``<name>_v<version>.zip`` archives for ``monai.bundle.download`` and their ``model_info.json``.
 
     Args:
@@ -204,10 +204,12 @@ def release(*bundles: str, out: str = "dist", base_url: str = "") -> None:
         out: output folder.
         base_url: where the archives will be served (recorded as each archive's ``source``); a
             GitHub release is ``https://github.com/OWNER/REPO/releases/download/TAG``.
+        own_weights: pack task bundles' fine-tuned weights (yours to share), refused where the weights they
+            were fine-tuned from may not be redistributed.
     """
     from .release import MODEL_INFO, release_bundles
 
-    for item in release_bundles(out, list(bundles), base_url):
+    for item in release_bundles(out, list(bundles), base_url, own_weights):
         print(f"{item.file}  {item.size:>11,} bytes  sha256 {item.sha256[:16]}...  weights: {item.weights}")
     print(f"index: {Path(out) / MODEL_INFO}")
 

@@ -2,7 +2,8 @@
 
 Each archive is ``<name>_v<version>.zip`` holding one top-level ``<name>/`` folder: the bundle's
 configs, docs, ``LICENSE`` and ``large_files.yml``, plus ``models/model.pt`` (and its provenance
-record) only when the registry says those weights may be redistributed. Archives are
+record) only when the registry says those weights may be redistributed, or, asked for, a task bundle's
+own fine-tuned weights when the weights they were fine-tuned from allow it. Archives are
 byte-reproducible (fixed timestamps and order), so their sha256 in ``model_info.json`` is stable.
 """
 
@@ -52,12 +53,33 @@ class ReleasedBundle:
         return f"{self.name}_v{self.version}"
 
 
-def _release_files(bundle_dir: Path) -> tuple[list[Path], str]:
+def _own_weights(bundle: Bundle) -> str:
+    """What a task bundle's own weights are called in the index, once their source allows sharing them.
+
+    They derive from the weights they were fine-tuned from, whose licence applies to them: weights from scratch
+    or from redistributable weights may ship; weights from any other source may not (one line says why).
+    """
+    made = bundle.metadata.get("task_bundle")
+    if not isinstance(made, dict):
+        raise MedfmError(f"{bundle.root}: is not a task bundle, so it has no weights of its own to release (its "
+                         "weights ship only where the registry says they may)")
+    source_sha256, source_id = made.get("source_sha256"), made.get("source_weights")
+    if source_sha256 is not None:
+        entry = registry.match_sha256(str(source_sha256))
+        if entry is None or not entry.redistributable:
+            licence = entry.license if entry else "not one medfm knows (imported weights)"
+            raise MedfmError(f"{bundle.root}: its weights were fine-tuned from {source_id}, whose licence is {licence}; "
+                             "they cannot be released with it")
+    return f"{bundle.name} (fine-tuned from {source_id or 'none'})"
+
+
+def _release_files(bundle: Bundle, own_weights: bool = False) -> tuple[list[Path], str]:
     """The files to archive and which weights they include (``none`` when not redistributable).
 
     A symbolic link anywhere in the released parts is refused: following it would pack whatever
     it points at, from anywhere on the machine, into a public archive.
     """
+    bundle_dir = bundle.root
     missing = [name for name in RELEASED if not (bundle_dir / name).exists() and not (bundle_dir / name).is_symlink()]
     if missing:
         raise MedfmError(f"{bundle_dir}: cannot be released, missing {', '.join(missing)}")
@@ -73,6 +95,11 @@ def _release_files(bundle_dir: Path) -> tuple[list[Path], str]:
         if weights_file.is_symlink():
             raise MedfmError(f"{weights_file}: is a symbolic link; a release holds only the bundle's own regular files")
     model = bundle_dir / WEIGHTS[0]
+    if own_weights:
+        weights = _own_weights(bundle)
+        if not model.is_file():
+            raise MedfmError(f"{model}: missing, so there are no weights to release")
+        return files + [p for p in (bundle_dir / w for w in WEIGHTS) if p.is_file()], weights
     if not model.is_file():
         return files, "none"
     entry = registry.match_sha256(sha256_of(model))
@@ -81,14 +108,16 @@ def _release_files(bundle_dir: Path) -> tuple[list[Path], str]:
     return files + [p for p in (bundle_dir / w for w in WEIGHTS) if p.is_file()], entry.name
 
 
-def build_release(bundle: str | os.PathLike, out_dir: str | os.PathLike, base_url: str = "") -> ReleasedBundle:
-    """Write ``<out_dir>/<name>_v<version>.zip`` for one bundle; ``base_url`` prefixes its ``source``."""
+def build_release(bundle: str | os.PathLike, out_dir: str | os.PathLike, base_url: str = "",
+                  own_weights: bool = False) -> ReleasedBundle:
+    """Write ``<out_dir>/<name>_v<version>.zip`` for one bundle; ``base_url`` prefixes its ``source``;
+    ``own_weights`` packs a task bundle's fine-tuned weights (:func:`_own_weights` says when they may ship)."""
     found = Bundle.find(bundle)
     bundle_dir, metadata = found.root, found.metadata
     name, version = bundle_dir.name, str(metadata.get("version", ""))
     if metadata.get("name") != name or not version:
         raise MedfmError(f"{bundle_dir}: metadata.json must name the bundle {name!r} and give its version")
-    files, weights = _release_files(bundle_dir)
+    files, weights = _release_files(found, own_weights)
     target = Path(out_dir) / f"{name}_v{version}.zip"
     with atomic_path(target) as temporary:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -102,12 +131,13 @@ def build_release(bundle: str | os.PathLike, out_dir: str | os.PathLike, base_ur
                           size=target.stat().st_size, source=source, weights=weights)
 
 
-def release_bundles(out_dir: str | os.PathLike, bundles: list[str] | None = None, base_url: str = "") -> list[ReleasedBundle]:
+def release_bundles(out_dir: str | os.PathLike, bundles: list[str] | None = None, base_url: str = "",
+                    own_weights: bool = False) -> list[ReleasedBundle]:
     """Archive ``bundles`` (default: every bundle found) and write ``model_info.json`` beside them."""
     chosen = [find_bundle(b) for b in bundles] if bundles else list_bundle_dirs()
     if not chosen:
         raise MedfmError("no bundles to release")
-    released = [build_release(b, out_dir, base_url) for b in chosen]
+    released = [build_release(b, out_dir, base_url, own_weights) for b in chosen]
     index = {r.key: {k: v for k, v in asdict(r).items()} for r in released}
     with atomic_path(Path(out_dir) / MODEL_INFO) as temporary:
         temporary.write_text(json.dumps(index, indent=2) + "\n")

@@ -50,8 +50,9 @@ TRAINING_ONLY = ("train", "validate", "loss", "optimizer", "prepare_batch", "ini
 #: The model zoo's list of downloadable weights: a task bundle's own weights are nowhere to download yet.
 LARGE_FILES = """\
 # models/model.pt holds weights made for this bundle (docs/README.md names the source weights and their licence,
-# which applies to them). They cannot be downloaded from anywhere yet, so medfm release leaves them out: publish
-# them, then list them here (path, url, hash_val, hash_type: sha256) for python -m monai.bundle download_large_files.
+# which applies to them). medfm release packs them only when asked (--own_weights True) and the source weights
+# allow it; to host them elsewhere, list them here (path, url, hash_val, hash_type: sha256) for
+# python -m monai.bundle download_large_files.
 large_files: []
 """
 
