@@ -74,3 +74,19 @@ def test_a_report_path_in_a_missing_folder_is_refused_before_any_work(small_ct, 
                              "--report", str(tmp_path / "no" / "run.json")], capfd)
     assert result.returncode == 1 and "--report must be a file in an existing, writable folder" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_never_replaces_an_input_an_output_or_a_file_medfm_did_not_write(small_ct, dicom_ct, tmp_path, capfd):
+    out = tmp_path / "out"
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    before = {path: sha256_of(path) for path in (small_ct, notes)}
+    cases = [(["embed", str(GENESIS), str(small_ct)], small_ct, "is the input"),
+             (["embed", str(GENESIS), str(dicom_ct)], dicom_ct / "report.json", "is the input"),
+             (["embed", str(GENESIS), str(small_ct)], out / "embeddings.csv", "is inside --out"),
+             (["infer", str(GENESIS), str(small_ct)], notes, "exists and is not a medfm run report")]
+    for argv, report, message in cases:
+        result = cli_in_process(argv + ["--out", str(out), "--report", str(report)], capfd)
+        assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert not out.exists() and not (dicom_ct / "report.json").exists()
+    assert {path: sha256_of(path) for path in before} == before

@@ -55,7 +55,7 @@ def infer(bundle: str, *inputs: str, out: str = "medfm_output", verbose: bool = 
 
     if not inputs:
         raise MedfmError("no inputs given: medfm infer BUNDLE SCAN [SCAN ...]")
-    with run_report(report if _is_rank_zero() else None, "infer", _arguments) as record:
+    with run_report(report if _is_rank_zero() else None, "infer", _arguments, inputs, out) as record:
         result = run_inference(bundle, inputs, out=out, verbose=verbose, report=record, store=store, preview=preview,
                                statistics=statistics, progress=progress, num_workers=num_workers, **overrides)
         if isinstance(result, list):
@@ -95,7 +95,7 @@ def embed(bundle: str, *inputs: str, out: str = "medfm_embeddings", index: str =
     from .inference import embed as run_embedding
     from .run_report import run_report
 
-    with run_report(report if _is_rank_zero() else None, "embed", _arguments) as record:
+    with run_report(report if _is_rank_zero() else None, "embed", _arguments, [*inputs, points, mask], out) as record:
         summary = run_embedding(bundle, inputs, out=out, index=index, progress=progress, num_workers=num_workers,
                                 amp=amp, points=points, mask=mask, report=record,
                                 preview=preview, **overrides)

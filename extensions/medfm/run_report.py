@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import MedfmError, describe_error
 from .io.atomic import atomic_path
 
-__all__ = ["RunReport", "run_report"]
+__all__ = ["RunReport", "check_report_target", "run_report"]
 
 
 class _Warnings(logging.Handler):
@@ -120,17 +120,54 @@ def _write(report: RunReport, target: Path) -> None:
         raise MedfmError(f"{target}: the run report could not be written ({error.strerror or error})") from None
 
 
+#: Keys every run report has: a file without them is not one, and --report does not replace it.
+_REPORT_KEYS = {"command", "arguments", "status", "software", "inputs", "outputs"}
+
+
+def _is_run_report(path: Path) -> bool:
+    try:
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and _REPORT_KEYS <= set(data)
+
+
+def check_report_target(target: Path, inputs: Sequence[str | os.PathLike | None] = (), out: str | os.PathLike | None = None) -> None:
+    """Refuse a ``--report`` path that is, or is inside, an input or the output folder, or that names a file
+    which is not a run report: a report never replaces a scan, a table or anything else medfm did not write."""
+    resolved = target.resolve()
+    if out is not None:
+        out_dir = Path(out).expanduser().resolve()
+        if resolved == out_dir or out_dir in resolved.parents:
+            raise MedfmError(f"{target}: --report is inside --out {out}, where medfm writes its outputs; put it elsewhere")
+    for given in inputs:
+        if given is None or "://" in str(given):
+            continue
+        source = Path(given).expanduser().resolve()
+        if resolved == source or source in resolved.parents:
+            raise MedfmError(f"{target}: --report is the input {given}{' (or inside it)' if source.is_dir() else ''}; "
+                             "put it elsewhere")
+    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise MedfmError(f"{target}: --report must be a file in an existing, writable folder")
+    if target.exists() and not _is_run_report(target):
+        raise MedfmError(f"{target}: exists and is not a medfm run report; --report replaces only an earlier report")
+
+
 @contextlib.contextmanager
-def run_report(path: str | os.PathLike | None, command: str, arguments: Sequence[str]) -> Iterator[RunReport | None]:
+def run_report(path: str | os.PathLike | None, command: str, arguments: Sequence[str],
+               inputs: Sequence[str | os.PathLike | None] = (), out: str | os.PathLike | None = None) -> Iterator[RunReport | None]:
     """A :class:`RunReport` written to ``path`` when the block ends, with ``status`` ``ok``, ``failed``
     (and the error's one line) or ``interrupted``; None and nothing written when ``path`` is None. A report
-    that cannot be written after a failed run is a warning: the run's own error is the one raised."""
+    that cannot be written after a failed run is a warning: the run's own error is the one raised.
+    ``inputs`` (files and folders the run reads) and ``out`` are what the report may not be or be inside
+    (:func:`check_report_target`, before any work)."""
     if path is None:
         yield None
         return
     target = Path(path).expanduser()
-    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
-        raise MedfmError(f"{target}: --report must be a file in an existing, writable folder")
+    check_report_target(target, inputs, out)
     report = RunReport(command, arguments)
     collector = _Warnings(report.data["warnings"])
     package_logger = logging.getLogger("medfm")
