@@ -18,6 +18,7 @@ from PIL import Image
 import medfm
 from medfm.io.dicomweb import (DICOMWEB_PASSWORD_ENV, DICOMWEB_TOKEN_ENV, DICOMWEB_USER_ENV, DicomWebError,
                                DicomWebLocation, _session, image_series)
+from medfm.io.tables import read_table
 from tests.conftest import cli_in_process, crop_nifti, require
 from tests.orthanc import Orthanc, free_port, missing
 
@@ -179,7 +180,7 @@ def test_what_a_pacs_can_answer_is_one_line_and_leaves_nothing(study, tmp_path, 
     assert _leftovers(scratch) == []
 
 
-def test_credentials_come_from_the_environment_and_a_refusal_says_so(study, tmp_path, monkeypatch):
+def test_credentials_come_from_the_environment_and_a_refusal_says_so(study, tmp_path, monkeypatch, capfd):
     require(missing())
     with Orthanc(tmp_path / "locked", users={"reader": "s3cret"}) as locked:
         locked.upload(study.series[study.first_uid])
@@ -196,6 +197,21 @@ def test_credentials_come_from_the_environment_and_a_refusal_says_so(study, tmp_
         assert series.instances == 40 and series.voxels == 64 * 48 * 40
         image = medfm.io.LoadScan()(url)
         assert tuple(image.shape) == (64, 48, 40) and image.meta["SeriesInstanceUID"] == study.first_uid
+
+        # credentials in the URL are used, and reach no output, report or message
+        for name in (DICOMWEB_USER_ENV, DICOMWEB_PASSWORD_ENV):
+            monkeypatch.delenv(name)
+        with_credentials = url.replace("http://", "http://reader:s3cret@")
+        out, report = tmp_path / "out", tmp_path / "report.json"
+        result = cli_in_process(["embed", BUNDLE, with_credentials, "--out", str(out), "--report", str(report)], capfd)
+        assert result.returncode == 0, result.stderr
+        assert read_table(out / "embeddings.csv")[0]["input"] == url
+        written = [path.read_bytes() for path in (*out.rglob("*"), report) if path.is_file()]
+        assert not any(b"s3cret" in data for data in written) and "s3cret" not in result.stdout + result.stderr
+        other = url.replace("http://", "http://reader:other@")
+        refused = cli_in_process(["embed", BUNDLE, with_credentials, other, "--out", str(tmp_path / "refused")], capfd)
+        assert refused.returncode == 1 and "a run sends one set of credentials" in refused.stderr
+        assert "s3cret" not in refused.stderr and "other@" not in refused.stderr
 
 
 def test_the_session_carries_the_environment_credentials_and_refuses_a_mix(monkeypatch):

@@ -358,7 +358,7 @@ def _run(argv: list[str] | None, received: list[int]) -> int:
     except MedfmError as error:
         if received:  # the interrupt landed inside a library (an import, say) that wrapped it in its own error
             return _end_interrupted(received)
-        print(f"medfm: error: {error}", file=sys.stderr)
+        print(f"medfm: error: {_redacted(str(error))}", file=sys.stderr)
         return 1
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
@@ -368,9 +368,16 @@ def _run(argv: list[str] | None, received: list[int]) -> int:
     except Exception as error:  # anything else still gets one line, with its type to help a bug report
         if received:
             return _end_interrupted(received)
-        print(f"medfm: error: {describe_error(error)}", file=sys.stderr)
+        print(f"medfm: error: {_redacted(describe_error(error))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _redacted(message: str) -> str:
+    """A message without URL credentials: the last guard, should a URL with them reach an error unadopted."""
+    from .io.dicomweb import redact_credentials
+
+    return redact_credentials(message)
 
 
 def _end_interrupted(received: list[int]) -> int:

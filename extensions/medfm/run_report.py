@@ -44,7 +44,9 @@ class RunReport:
 
     def __init__(self, command: str, arguments: Sequence[str], enabled: bool = True) -> None:
         self.enabled = enabled
-        self.data: dict = {"command": command, "arguments": list(arguments), "status": "running",
+        from .io.dicomweb import redact_credentials
+
+        self.data: dict = {"command": command, "arguments": [redact_credentials(a) for a in arguments], "status": "running",
                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "software": _software() if enabled else {}, "bundle": None, "weights": None, "device": None, "inputs": [],
                            "warnings": [], "seconds": {}, "outputs": [], "stored": None, "error": None}

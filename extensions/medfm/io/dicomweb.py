@@ -31,6 +31,7 @@ import pydicom
 from ..errors import MedfmError
 
 __all__ = ["DICOMWEB_PASSWORD_ENV", "DICOMWEB_TOKEN_ENV", "DICOMWEB_USER_ENV", "DicomWebError", "DicomWebLocation",
+           "adopt_url_credentials", "redact_credentials",
            "RemoteSeries", "absolute_input", "downloaded", "image_series", "is_dicomweb_url", "series_headers",
            "service_root", "store_instances"]
 
@@ -60,9 +61,41 @@ def is_dicomweb_url(value: object) -> bool:
 
 
 def absolute_input(source: str | os.PathLike) -> str:
-    """An input's one name: a URL as given, a path made absolute (``a/../b`` and ``b`` are one input)."""
+    """An input's one name: a URL without credentials (:func:`adopt_url_credentials`), a path made absolute
+    (``a/../b`` and ``b`` are one input)."""
     text = str(source)
-    return text if is_dicomweb_url(text) else os.path.abspath(os.path.expanduser(text))
+    return adopt_url_credentials(text) if is_dicomweb_url(text) else os.path.abspath(os.path.expanduser(text))
+
+
+_USERINFO = re.compile(r"(?i)\b(https?://)[^/\s@]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every http(s) URL in it removed (for reports and messages)."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def adopt_url_credentials(url: str) -> str:
+    """``url`` without its ``user:password@``; those credentials become the run's basic authentication (as if
+    set in MEDFM_DICOMWEB_USER and MEDFM_DICOMWEB_PASSWORD, which DataLoader workers inherit), so that no
+    output, log or message holds them. Credentials that differ from ones already set are refused."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    clean = urlunsplit(parts._replace(netloc=host))
+    user, _, password = (unquote(part) for part in userinfo.partition(":"))
+    if not user or not password:
+        raise DicomWebError(f"{clean}: the URL holds a user name or a password, not both; give user:password@, or set "
+                            f"{DICOMWEB_USER_ENV} and {DICOMWEB_PASSWORD_ENV}")
+    set_before = (os.environ.get(DICOMWEB_USER_ENV, ""), os.environ.get(DICOMWEB_PASSWORD_ENV, ""))
+    if os.environ.get(DICOMWEB_TOKEN_ENV) or (any(set_before) and set_before != (user, password)):
+        raise DicomWebError(f"{clean}: the URL's credentials differ from those already given (another URL, or "
+                            f"{DICOMWEB_TOKEN_ENV} / {DICOMWEB_USER_ENV}); a run sends one set of credentials")
+    os.environ[DICOMWEB_USER_ENV], os.environ[DICOMWEB_PASSWORD_ENV] = user, password
+    return clean
 
 
 @dataclass(frozen=True)
@@ -78,6 +111,8 @@ class DicomWebLocation:
         from urllib.parse import urlsplit
 
         parts = urlsplit(str(url))
+        if "@" in parts.netloc:
+            return cls.parse(adopt_url_credentials(str(url)))
         match = _PATH.match(parts.path)
         if parts.scheme not in ("http", "https") or not parts.netloc or match is None or parts.query or parts.fragment:
             raise DicomWebError(f"{url}: not a DICOMweb study or series URL; give "
@@ -311,6 +346,7 @@ def service_root(url: str) -> str:
     """The DICOMweb root of a study or series URL, or the URL itself when it names the root."""
     from urllib.parse import urlsplit
 
+    url = adopt_url_credentials(url)
     if "/studies/" in url:
         return DicomWebLocation.parse(url).base_url
     parts = urlsplit(url)

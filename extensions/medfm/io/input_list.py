@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import MedfmError
-from .dicomweb import DicomWebLocation, image_series, is_dicomweb_url
+from .dicomweb import DicomWebLocation, adopt_url_credentials, image_series, is_dicomweb_url
 
 __all__ = ["expand_inputs", "listed_input"]
 
@@ -16,7 +16,7 @@ __all__ = ["expand_inputs", "listed_input"]
 def listed_input(value: str, list_file: Path) -> str | Path:
     """An input named in a list file: a DICOMweb URL as it is, a relative path relative to the list's folder."""
     if is_dicomweb_url(value):
-        return value
+        return adopt_url_credentials(value)
     listed = Path(value).expanduser()
     return listed if listed.is_absolute() else (list_file.parent / listed).resolve()
 
@@ -39,7 +39,7 @@ def expand_inputs(items: Iterable[str | os.PathLike]) -> list[str | Path]:
     sources: list[str | Path] = []
     for item in items:
         if is_dicomweb_url(item):
-            sources.extend(_scans_at(str(item)))
+            sources.extend(_scans_at(adopt_url_credentials(str(item))))
             continue
         path = Path(str(item)).expanduser()
         if path.suffix.lower() != ".csv":

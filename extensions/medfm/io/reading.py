@@ -26,7 +26,7 @@ from monai.utils import SpaceKeys, convert_to_numpy
 from ..errors import MedfmError, first_line, innermost
 from ..limits import positive_setting
 from .archives import ArchiveError, safe_extract_zip
-from .dicomweb import downloaded, image_series, is_dicomweb_url
+from .dicomweb import adopt_url_credentials, downloaded, image_series, is_dicomweb_url
 from .dicom import (DicomGeometryError, DicomSeries, is_mosaic, list_dicom_series, read_mosaic, read_multiframe,
                     rescale_varies, series_geometry, stack_series)
 
@@ -86,7 +86,7 @@ class LoadScan(Transform):
             scan = in_memory_scan(path)
             return self._validated(scan, Path(scan.meta["filename_or_obj"]))
         if is_dicomweb_url(path):
-            return self._load_remote(str(path))
+            return self._load_remote(adopt_url_credentials(str(path)))
         source = Path(path)
         if not source.exists():
             raise ScanError(f"{source}: no such file or folder")
