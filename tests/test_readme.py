@@ -8,8 +8,10 @@ import runpy
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import medfm
 from medfm.cli import commands
 from medfm.inference import check_overrides
 from tests.conftest import BUNDLES, REPO
@@ -181,9 +183,12 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     (example,) = _code_blocks(README, "python")
     monkeypatch.chdir(REPO)  # it names the bundle's weights by their path in the repository
     script = tmp_path / "example.py"
-    script.write_text(example + "\nassert tuple(bottleneck.shape) == (1, 512, 8, 8, 4)\n"
+    script.write_text(example + "\nassert tuple(window.shape) == (1, 512)\n"
                       "assert pair['image'].shape == pair['label'].shape == (1, 64, 64, 32)\n")
-    runpy.run_path(str(script))
+    names = runpy.run_path(str(script))
+    # what it computes is what the bundle computes
+    summary = medfm.embed("models_genesis_chest_ct", [medfm.samples.path("ct_head")], out=tmp_path / "cli", progress=False)
+    np.testing.assert_array_equal(names["vector"], np.load(tmp_path / "cli" / summary.rows[0]["embedding"]))
 
 
 def test_the_version_statement_is_what_setup_cfg_declares_and_ci_installs():

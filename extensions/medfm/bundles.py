@@ -159,9 +159,9 @@ def bundle_config(bundle_dir: str | os.PathLike, config: str | Sequence[str] = "
     return parser
 
 
-def bundle_network(bundle_dir: str | os.PathLike, **network_overrides) -> torch.nn.Module:
-    """Instantiate ``network_def`` from the bundle's ``configs/inference.json`` (CPU, fresh weights)."""
-    parser = bundle_config(bundle_dir)
+def bundle_network(bundle: str | os.PathLike, **network_overrides) -> torch.nn.Module:
+    """Instantiate ``network_def`` from the bundle's (name or folder) ``configs/inference.json`` (CPU, fresh weights)."""
+    parser = bundle_config(find_bundle(bundle))
     for key, value in network_overrides.items():
         parser[f"network_def#{key}"] = value
     return parser.get_parsed_content("network_def")
