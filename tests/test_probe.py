@@ -110,6 +110,8 @@ def test_no_subject_sits_on_both_sides_and_fractions_stay_inside_the_training_pa
     ([("ct_0_0.nii.gz", "ct"), ("ct_0_1.nii.gz", "ct")], "every row has the label 'ct'; a classification probe needs two classes"),
     ([("ct_0_0.nii.gz", "ct"), ("ct_0_1.nii.gz", "ct"), ("mr_0_0.nii.gz", "mr"), ("mr_0_1.nii.gz", "ct")],
      "class 'mr' has 1 subjects, fewer than --folds 3"),
+    ([("ct_0_0.nii.gz", "ct"), ("mr_0_0.nii.gz", "NA"), ("mr_0_1.nii.gz", "mr"), ("ct_0_1.nii.gz", "")],
+     "column 'label' is empty or NA in 2 of 4 rows (lines 3, 5); fill them or leave those rows out"),
 ])
 def test_bad_tables_are_one_line_errors_and_write_nothing(modality_table, tmp_path, rows, message):
     table = modality_table.parent / f"bad_{len(rows)}_{rows[-1][1]}.csv"
@@ -120,6 +122,11 @@ def test_bad_tables_are_one_line_errors_and_write_nothing(modality_table, tmp_pa
     assert message in result.stderr and str(table) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_label_column_the_table_lacks_is_named_with_the_columns_it_has(modality_table):
+    with pytest.raises(MedfmError, match=r"has no column 'diagnosis' \(it has image, label, subject\); choose the label"):
+        read_label_table(modality_table, label_column="diagnosis")
 
 
 def test_a_decathlon_dataset_json_with_class_labels_is_a_table_and_label_images_are_refused(modality_table):

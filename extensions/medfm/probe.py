@@ -96,8 +96,17 @@ def read_label_table(path: str | os.PathLike, task: str = "classification", labe
     if not rows:
         raise MedfmError(f"{path}: no rows")
     for column in ("image", label_column, *([group_column] if group_column else [])):
-        if any(row.get(column) in (None, "") for row in rows):
-            raise MedfmError(f"{path}: column {column!r} is missing or empty in some rows")
+        if all(column not in row for row in rows):
+            present = sorted({key for row in rows for key in row})
+            raise MedfmError(f"{path}: has no column {column!r} (it has {', '.join(present)})"
+                             f"{'; choose the label with --label_column' if column == label_column else ''}")
+        empty = [number for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1)
+                 if _is_missing(row.get(column))]
+        if empty:
+            where = "lines" if path.suffix.lower() == ".csv" else "entries"
+            shown = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise MedfmError(f"{path}: column {column!r} is empty or NA in {len(empty)} of {len(rows)} rows ({where} "
+                             f"{shown}); fill them or leave those rows out: a missing value is not a class")
     if any(isinstance(row[label_column], (list, dict)) or str(row[label_column]).endswith((".nii", ".nii.gz"))
            for row in rows):
         raise MedfmError(f"{path}: {label_column!r} holds label images, not one class or value per scan")
@@ -127,6 +136,15 @@ def read_label_table(path: str | os.PathLike, task: str = "classification", labe
     # without a group column each scan is a group: its points are never on both sides of a split
     groups = np.array([str(row[group_column]) for row in rows]) if group_column else np.array(images)
     return LabelTable(path, images, labels, groups, classes, points)
+
+
+#: Cell values that spreadsheets and R write for a missing value (compared case-insensitively).
+MISSING_VALUES = {"", "na", "n/a", "nan", "none", "null"}
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in MISSING_VALUES) or \
+        (isinstance(value, float) and math.isnan(value))
 
 
 def _points_of(path: Path, rows: list[dict]) -> np.ndarray | None:
