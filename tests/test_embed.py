@@ -110,6 +110,27 @@ def test_a_missing_input_is_skipped_and_recorded_not_fatal(small_ct, tmp_path):
     assert [row["input"] for row in _rows(tmp_path / "out" / "failed.csv")] == [str(missing)]
 
 
+def test_a_second_run_into_a_folder_being_written_is_refused_and_the_folder_is_free_again_after(small_ct, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from medfm.io.atomic import folder_lock\nwith folder_lock(Path(sys.argv[1])):\n"
+                               "    print('held', flush=True)\n    time.sleep(120)\n", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_command(EMBED + ["models_genesis_chest_ct", str(small_ct), "--out", str(out), "--progress", "False"])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert f"another medfm run (process {holder.pid}) is writing to this folder" in lines[0]
+        assert [p.name for p in out.iterdir()] == [".medfm.lock"]  # nothing of the refused run
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_command(EMBED + ["models_genesis_chest_ct", str(small_ct), "--out", str(out), "--progress", "False"])
+    assert result.returncode == 0 and "1 embedded" in result.stdout, result.stderr
+    assert ".medfm.lock" not in {p.name for p in out.iterdir()}
+
+
 def test_a_users_own_index_file_is_refused_and_left_untouched(small_ct, tmp_path):
     (tmp_path / "out").mkdir()
     mine = tmp_path / "out" / "embeddings.csv"

@@ -10,7 +10,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "process_alive", "remove_abandoned_staging"]
+__all__ = ["LOCK_FILE", "atomic_path", "folder_lock", "process_alive", "remove_abandoned_staging"]
+
+#: Held by the run writing a folder (see :func:`folder_lock`).
+LOCK_FILE = ".medfm.lock"
 
 
 @contextlib.contextmanager
@@ -52,3 +55,35 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for one run: a second run asking for it meanwhile is refused at once, in one line.
+
+    An advisory ``flock`` on ``folder/.medfm.lock``, which the system drops when its holder ends, however it
+    ends (SIGKILL too), so a killed run never blocks the run that resumes it. The holder removes the file.
+    """
+    from ..errors import MedfmError
+
+    path = Path(folder) / LOCK_FILE
+    stream = open(path, "a+", encoding="utf-8")
+    try:
+        import fcntl
+
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        stream.seek(0)
+        holder = stream.read().strip() or "unknown"
+        stream.close()
+        raise MedfmError(f"{folder}: another medfm run (process {holder}) is writing to this folder; wait for it to "
+                         "end, or choose another --out") from None
+    try:
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"{os.getpid()}\n")
+        stream.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        stream.close()

@@ -12,6 +12,7 @@ merges the shares into one set of tables at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..bundles import bundle_name
 from ..errors import MedfmError, describe_error, innermost
+from ..io.atomic import folder_lock
 from ..io.dicomweb import absolute_input
 from ..io.embeddings import output_stem
 from ..io.tables import drop_partial_line, durable_append, read_table, table_columns, write_table
@@ -302,7 +304,8 @@ class CohortRunner:
     def run(self) -> CohortSummary:
         started_group = self._start_process_group()
         try:
-            return self._run()
+            with contextlib.ExitStack() as self._held:  # the output folder's lock, once rank 0 takes it
+                return self._run()
         finally:
             if started_group:
                 dist.destroy_process_group()
@@ -320,6 +323,7 @@ class CohortRunner:
         weights_id = self.load_weights()  # weights that do not fit leave no output folder behind
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._held.enter_context(folder_lock(self.output_dir))  # two runs into one folder would mix their parts
             self._check_tables()
             self._parts_dir.mkdir(exist_ok=True)
             self._repair_after_a_crash()
