@@ -268,6 +268,8 @@ def test_demo_restores_and_embeds_the_sample_as_nifti_and_dicom(tmp_path):
     rows = list(csv.DictReader((tmp_path / "demo" / "embeddings" / "embeddings.csv").open()))
     assert len(rows) == 2 and {row["dimension"] for row in rows} == {"512"}
     assert result.stdout.count("with the full inference's (its windows overlap)") == 2
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("medfm: warning:")]
+    assert warnings and len(warnings) == len(set(warnings)), "each warning once per run"
     # every tile of the montage legible (the corrupted non-linear-intensity tile was black in the clean cube's window)
     montage = np.asarray(Image.open(tmp_path / "demo" / "montage.png"))
     tile, label = 64 * 3, 14

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from . import samples
 from .bundles import bundle_config, find_bundle
-from .inference import embed, infer
+from .inference import embed, infer, warnings_once
 from .errors import MedfmError
 from .transforms.contract import logger as contract_logger
 from .transforms import RandInPaint, RandLocalPixelShuffle, RandNonlinearIntensity, RandOutPaint
@@ -35,7 +35,12 @@ CORRUPTIONS = {
 
 
 def run_demo(out: Path, bundle: str = "models_genesis_chest_ct") -> list[str]:
-    """Run the demo into ``out``; returns human-readable result lines."""
+    """Run the demo into ``out``; returns human-readable result lines. Each warning is printed once."""
+    with warnings_once():
+        return _run_demo(Path(out), bundle)
+
+
+def _run_demo(out: Path, bundle: str) -> list[str]:
     bundle_dir = find_bundle(bundle)
     out = Path(out)
     nifti_input = samples.path("ct_head")

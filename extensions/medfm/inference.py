@@ -34,7 +34,7 @@ from .run_report import RunReport
 from .weights.records import MODEL_FILE, demo_weights_warning
 from .workflows.cohort import CohortSummary
 
-__all__ = ["EMBED_CONFIG", "embed", "infer", "require_embedding_workflow"]
+__all__ = ["EMBED_CONFIG", "embed", "infer", "require_embedding_workflow", "warnings_once"]
 
 #: The embedding overlay every bundle has, applied on top of its ``inference.json``.
 EMBED_CONFIG = "embed.json"
@@ -198,7 +198,7 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
                 package_logger.removeHandler(warnings)
         if not verbose:  # verbose output already holds them
             for warning in dict.fromkeys(warnings.messages):
-                print(f"medfm: warning: {warning}", file=sys.stderr)
+                _print_warning(warning)
         written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
         if not written:
             raise MedfmError(f"{source}: the {bundle_dir.name} inference wrote no output")
@@ -373,16 +373,39 @@ class _Collector(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+#: The warnings printed so far by the enclosing :func:`warnings_once` block, innermost last.
+_printed_once: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def warnings_once() -> Iterator[None]:
+    """Within the block each distinct warning is printed once: for a command made of several runs (the demo)."""
+    _printed_once.append(set())
+    try:
+        yield
+    finally:
+        _printed_once.pop()
+
+
+def _print_warning(message: str) -> None:
+    """One ``medfm: warning:`` line, above any progress bar (none inside :func:`warnings_once` if printed already)."""
+    from tqdm import tqdm
+
+    if _printed_once:
+        if message in _printed_once[-1]:
+            return
+        _printed_once[-1].add(message)
+    tqdm.write(f"medfm: warning: {message}", file=sys.stderr)
+
+
 class _WarningPrinter(logging.Handler):
-    """Prints each warning as one ``medfm: warning:`` line, above any progress bar."""
+    """Prints each warning as it is logged (:func:`_print_warning`)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(f"medfm: warning: {record.getMessage()}", file=sys.stderr)
+        _print_warning(record.getMessage())
 
 
 @contextlib.contextmanager
