@@ -67,6 +67,10 @@ def test_embed_reports_each_input_and_the_ones_that_failed(small_ct, tmp_path, c
     assert by_input[str(small_ct)]["embedding"].endswith("_embedding.npy") and "error" not in by_input[str(small_ct)]
     assert by_input[str(broken)]["error"]
     assert str(tmp_path / "emb" / by_input[str(small_ct)]["embedding"]) in facts["outputs"]
+    # a warning logged while a DataLoader worker read the scan reaches the report, and is printed once
+    spacing = f"{small_ct}: voxel spacing 2 x 2 x 2 mm is outside the pre-training range"
+    assert any(warning.startswith(spacing) for warning in facts["warnings"]), facts["warnings"]
+    assert result.stderr.count(spacing) == 1, result.stderr
 
 
 def test_a_report_path_in_a_missing_folder_is_refused_before_any_work(small_ct, tmp_path, capfd):

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,13 +190,34 @@ class _Preprocessed(Dataset):
         return len(self.scans)
 
     def __getitem__(self, index: int) -> dict:
-        scan = self.scans[index]
+        if torch.utils.data.get_worker_info() is None:
+            return self._prepared(self.scans[index])
+        with _warnings_kept() as warnings:  # a worker's: the main process logs them, where reports collect them
+            prepared = self._prepared(self.scans[index])
+        return {**prepared, "warnings": warnings}
+
+    def _prepared(self, scan: dict) -> dict:
         try:
             data = self.preprocessing({"image": scan["image"]})
             source = self.reader(scan["image"], data["image"]) if self.reader is not None else None
             return {**scan, "data": data, "source": source}
         except Exception as error:  # reported per input by the main process; the run goes on
             return {**scan, "failure": _failure_message(scan["image"], error)}
+
+
+@contextlib.contextmanager
+def _warnings_kept() -> Iterator[list[str]]:
+    """medfm's warnings logged in the block, kept in a list instead of handled (printed) here."""
+    package = logging.getLogger("medfm")
+    kept: list[str] = []
+    keeper = logging.Handler(logging.WARNING)
+    keeper.emit = lambda record: kept.append(record.getMessage())
+    handlers, propagate = package.handlers[:], package.propagate
+    package.handlers[:], package.propagate = [keeper], False
+    try:
+        yield kept
+    finally:
+        package.handlers[:], package.propagate = handlers, propagate
 
 
 def _one(batch: list) -> dict:
@@ -389,6 +410,8 @@ class CohortRunner:
         bar = tqdm(loader, total=len(scans), desc=self.writer.action, unit="scan", disable=not self.progress or rank != 0,
                    file=sys.stderr)
         for scan in bar:
+            for message in scan.get("warnings", ()):
+                logging.getLogger("medfm").warning(message)
             if self.preview and scan.get("failure") is None:
                 self._write_tile(scan)
             for item in scan["items"]:
