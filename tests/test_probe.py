@@ -62,6 +62,7 @@ def test_probe_learns_the_modality_keeps_the_control_at_chance_and_reuses_embedd
     assert "| models_genesis_chest_ct | pretrained | logistic |" in (out / "probe.md").read_text()
     record = (out / "probe_record.json").read_text()
     assert '"--group_column"' in record and '"pretrained_weights"' in record and '"random_init_weights": "none"' in record
+    assert any("is outside the pre-training range" in warning for warning in json.loads(record)["warnings"])
 
     embeddings = sorted((out / "embeddings").rglob("*.npy"))
     assert len(embeddings) == 48
@@ -86,8 +87,8 @@ def test_a_bundle_without_weights_gets_its_baselines_only_and_says_so(modality_t
     permuted = [float(r["mean"]) for k, r in summary.items() if k[1] == "permuted" and k[4] == "auc"]
     assert abs(np.mean(permuted) - 0.5) < 0.2, permuted
     record = json.loads((out / "probe_record.json").read_text())
-    assert record["bundles"][str(bundle)]["permuted_control_of"] == "random_init"
-    assert "pretrained_weights" not in record["bundles"][str(bundle)]
+    assert record["bundles"][bundle.name]["permuted_control_of"] == "random_init"
+    assert "pretrained_weights" not in record["bundles"][bundle.name]
     assert "no pretrained rows" in (out / "probe.md").read_text()
 
 

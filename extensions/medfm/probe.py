@@ -360,7 +360,7 @@ def _embedding_matrix(bundle: str, table: LabelTable, out_dir: Path, pretrained:
     if summary.failed:
         (image, _), error = next(iter(summary.failed.items()))
         raise MedfmError(f"{len(summary.failed)} {'scans' if points_file is None else 'points'} failed to embed with "
-                         f"{bundle} (first: {image}: {error}); see {out_dir / 'failed.csv'}")
+                         f"{Path(bundle).name} (first: {image}: {error}); see {out_dir / 'failed.csv'}")
     rows = {(os.path.abspath(row["input"]), row["region"]): row for row in summary.rows}
     keys = [(image, "" if points_file is None else table.point_id(row)) for row, image in enumerate(table.images)]
     vectors = [np.load(out_dir / rows[key]["embedding"], allow_pickle=False).ravel() for key in keys]
@@ -466,18 +466,20 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
 
     from . import __version__
     from .bundles import Bundle
+    from .run_report import warnings_collected
     from .weights.importer import how_to_get_weights
     from .weights.records import MODEL_FILE
 
     given = [b for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
     if not given:
         raise MedfmError("name at least one bundle")
-    found = {}  # by bundle name, which the tables and the embedding folders use (a bundle may be given as a path)
+    found = {}  # by folder name, which the tables and the embedding folders use (a bundle may be given as a path)
     for bundle in given:
         located = Bundle.find(bundle)
-        if located.name in found:
-            raise MedfmError(f"{bundle}: a bundle named {located.name} is already in the probe; probe each once")
-        found[located.name] = located
+        if located.root.name in found:
+            raise MedfmError(f"{bundle}: a bundle in a folder named {located.root.name} is already in the probe; "
+                             "probe each once (rename a copy's folder to compare it)")
+        found[located.root.name] = located
     names = list(found)
     labelled = read_label_table(table, task, label_column, group_column)
     splits = probe_splits(labelled, folds, repeats, fractions, seed)
@@ -492,7 +494,8 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
               f"points (x, y, z mm, LPS): the bundles' region crops; intensity baseline a {POINT_REGION_MM:g} mm cube",
               "versions": {"medfm": __version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
                            "numpy": np.__version__, "python": sys.version.split()[0]},
-              "bundles": {name: {"folder": str(b.root), "version": b.metadata.get("version")} for name, b in found.items()}}
+              "bundles": {name: {"folder": str(b.root), "version": b.metadata.get("version")} for name, b in found.items()},
+              "warnings": []}
     matrices: dict[tuple[str, str], np.ndarray] = {}
     points_file = None if labelled.points is None else _points_file(labelled, out_dir / "embeddings")
     permuted_of = {}
@@ -507,7 +510,9 @@ def probe(bundles: Sequence[str] | str, table: str | os.PathLike, out: str | os.
         feature_sets = [("pretrained", True), ("random_init", False)] if has_weights else [("random_init", False)]
         for features, pretrained in feature_sets:
             folder = out_dir / "embeddings" / name / (features if pretrained else f"{features}_seed{seed}")
-            matrix, weights = _embedding_matrix(str(bundle_dir), labelled, folder, pretrained, seed, progress, points_file)
+            with warnings_collected(record["warnings"]):  # modality, spacing, contract: what the reader should weigh
+                matrix, weights = _embedding_matrix(str(bundle_dir), labelled, folder, pretrained, seed, progress,
+                                                    points_file)
             matrices[(name, features)] = matrix
             record["bundles"][name][f"{features}_weights"] = weights
     histogram = "histogram.npz" if labelled.points is None else f"histogram_points_{POINT_REGION_MM:g}mm.npz"

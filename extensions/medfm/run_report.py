@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import MedfmError, describe_error
 from .io.atomic import atomic_path
 
-__all__ = ["RunReport", "check_report_target", "run_report"]
+__all__ = ["RunReport", "check_report_target", "run_report", "warnings_collected"]
 
 
 class _Warnings(logging.Handler):
@@ -34,6 +34,18 @@ class _Warnings(logging.Handler):
         message = record.getMessage()
         if message not in self.messages:
             self.messages.append(message)
+
+
+@contextlib.contextmanager
+def warnings_collected(messages: list[str]) -> Iterator[list[str]]:
+    """Add each distinct warning medfm logs in the block to ``messages`` (DataLoader workers' included)."""
+    collector = _Warnings(messages)
+    package_logger = logging.getLogger("medfm")
+    package_logger.addHandler(collector)
+    try:
+        yield messages
+    finally:
+        package_logger.removeHandler(collector)
 
 
 class RunReport:
@@ -171,18 +183,15 @@ def run_report(path: str | os.PathLike | None, command: str, arguments: Sequence
     target = Path(path).expanduser()
     check_report_target(target, inputs, out)
     report = RunReport(command, arguments)
-    collector = _Warnings(report.data["warnings"])
-    package_logger = logging.getLogger("medfm")
-    package_logger.addHandler(collector)
     start = time.perf_counter()
 
     def finish(status: str, error: str | None) -> None:
-        package_logger.removeHandler(collector)
         report.data["status"], report.data["error"] = status, error
         report.data["seconds"]["total"] = round(time.perf_counter() - start, 3)
 
     try:
-        yield report
+        with warnings_collected(report.data["warnings"]):
+            yield report
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
             finish("interrupted", "interrupted")
