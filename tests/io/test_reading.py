@@ -84,6 +84,24 @@ def test_symlink_members_are_refused(tmp_path):
         safe_extract_zip(archive, tmp_path / "out")
 
 
+def test_a_member_named_twice_and_a_zip_bomb_within_the_budget_are_refused_before_unpacking(tmp_path):
+    twice = tmp_path / "twice.zip"
+    with zipfile.ZipFile(twice, "w") as bundle, pytest.warns(UserWarning, match="Duplicate name"):
+        bundle.writestr("series/1.dcm", b"first")
+        bundle.writestr("series/1.dcm", b"second")
+    with pytest.raises(ArchiveError, match=r"twice\.zip: refused: archive member 'series/1\.dcm' appears twice"):
+        safe_extract_zip(twice, tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        with bundle.open("series/1.dcm", "w", force_zip64=True) as member:
+            for _ in range(200):
+                member.write(bytes(2**20))  # 200 MiB of zeros deflate to about 200 kB
+    with pytest.raises(ArchiveError, match=r"bomb\.zip: refused: 0\.2 MiB would expand to 0\.20 GiB \(\d+ times.*a zip bomb"):
+        safe_extract_zip(bomb, tmp_path / "bomb")
+    assert not (tmp_path / "bomb").exists()
+
+
 def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
     folder = tmp_path / "study"
     medfm.samples.write_dicom_series("ct_head", folder / "ct")

@@ -14,6 +14,10 @@ __all__ = ["ArchiveError", "MAX_UNPACKED_GIB_ENV", "safe_extract_zip"]
 #: Environment variable with the most an archive may unpack to, in GiB (all members together).
 MAX_UNPACKED_GIB_ENV = "MEDFM_MAX_UNPACKED_GIB"
 DEFAULT_MAX_UNPACKED_GIB = 8.0
+#: Most an archive may expand (declared bytes over the archive's size): DICOM deflates a few times, a zip bomb
+#: a thousand; only checked once the members declare more than :data:`RATIO_CHECKED_ABOVE` bytes.
+MAX_EXPANSION = 100
+RATIO_CHECKED_ABOVE = 64 * 2**20
 _CHUNK = 1 << 20
 
 
@@ -30,9 +34,11 @@ def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike, max_
     """Extract ``archive`` into ``target`` and return ``target``.
 
     Refused before anything is written: members that would land outside ``target``, symbolic
-    links, and archives whose members declare more than ``max_bytes`` together (default
-    ``$MEDFM_MAX_UNPACKED_GIB``). Members are then copied in chunks and stopped as soon as one
-    yields more bytes than it declared, so a forged header cannot fill the disk either.
+    links, two members of one name (which one a reader sees would depend on the tool), archives
+    whose members declare more than ``max_bytes`` together (default ``$MEDFM_MAX_UNPACKED_GIB``) or
+    more than :data:`MAX_EXPANSION` times the archive's size (a zip bomb within the budget). Members
+    are then copied in chunks and stopped as soon as one yields more bytes than it declared, so a
+    forged header cannot fill the disk either.
     """
     budget = max_unpacked_bytes() if max_bytes is None else max_bytes
     target = Path(target).resolve()
@@ -40,8 +46,13 @@ def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike, max_
         with zipfile.ZipFile(archive) as opened:
             members = opened.infolist()
             declared = 0
+            seen: set[Path] = set()
             for member in members:
                 destination = (target / member.filename).resolve()
+                if destination in seen and not member.is_dir():
+                    raise ArchiveError(f"{archive}: refused: archive member {member.filename!r} appears twice; which "
+                                       "copy is the real one cannot be told")
+                seen.add(destination)
                 if destination != target and target not in destination.parents:
                     raise ArchiveError(f"{archive}: refused: archive member {member.filename!r} would be written outside the extraction folder")
                 if (member.external_attr >> 16) & 0o170000 == 0o120000:
@@ -50,6 +61,11 @@ def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike, max_
             if declared > budget:
                 raise ArchiveError(f"{archive}: refused: its members unpack to {declared / 2**30:.2f} GiB, over the "
                                    f"{budget / 2**30:.2f} GiB limit (${MAX_UNPACKED_GIB_ENV})")
+            packed = max(os.path.getsize(archive), 1)
+            if declared > RATIO_CHECKED_ABOVE and declared > MAX_EXPANSION * packed:
+                raise ArchiveError(f"{archive}: refused: {packed / 2**20:.1f} MiB would expand to {declared / 2**30:.2f} "
+                                   f"GiB ({declared / packed:.0f} times; scans compress at most a few tens of times): "
+                                   "a zip bomb")
             for member in members:
                 _extract_member(opened, member, target, archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as error:
