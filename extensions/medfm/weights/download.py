@@ -14,12 +14,17 @@ from tqdm import tqdm
 from ..errors import WeightsError
 from ..limits import positive_setting
 
-__all__ = ["download", "DOWNLOAD_DEADLINE_ENV"]
+__all__ = ["download", "DOWNLOAD_DEADLINE_ENV", "DOWNLOAD_STALL_ENV"]
 
 CHUNK = 1 << 16
 #: Environment variable with the most seconds one download may take as a whole.
 DOWNLOAD_DEADLINE_ENV = "MEDFM_DOWNLOAD_DEADLINE_S"
 DEFAULT_DOWNLOAD_DEADLINE_S = 4 * 3600.0
+#: Environment variable with the window, in seconds, over which a download must receive :data:`STALL_MIN_BYTES`.
+DOWNLOAD_STALL_ENV = "MEDFM_DOWNLOAD_STALL_S"
+DEFAULT_DOWNLOAD_STALL_S = 60.0
+#: Fewer bytes than this over a whole stall window is a stalled transfer (a server dripping a byte at a time).
+STALL_MIN_BYTES = 64 * 1024
 
 
 def _deadline_seconds() -> float:
@@ -46,10 +51,12 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
     the server honours HTTP ranges. Only a file whose size and sha256 (or published sha256 prefix)
     match is renamed into place; a mismatching one is deleted and reported. ``timeout`` bounds
     each network read; the whole download is bounded by ``$MEDFM_DOWNLOAD_DEADLINE_S`` (default
-    4 hours), so a server that drips bytes cannot hold it forever, and reading stops as soon as
-    more than ``size`` bytes arrive.
+    4 hours), a transfer that receives fewer than 64 KiB over ``$MEDFM_DOWNLOAD_STALL_S`` (default 60 s)
+    is stopped as stalled, so a server that drips bytes cannot hold it for hours, and reading stops as
+    soon as more than ``size`` bytes arrive.
     """
     deadline = time.monotonic() + _deadline_seconds()
+    stall_window = positive_setting(DOWNLOAD_STALL_ENV, DEFAULT_DOWNLOAD_STALL_S, "seconds")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
@@ -80,11 +87,19 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
             with open(partial, "ab" if done else "wb") as out, tqdm(
                 total=total, initial=done, unit="B", unit_scale=True, desc=destination.name, disable=not progress
             ) as bar:
+                window_start, window_bytes = time.monotonic(), 0
                 for chunk in _chunks(response, url):
                     out.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
                     bar.update(len(chunk))
+                    window_bytes += len(chunk)
+                    if time.monotonic() - window_start >= stall_window:
+                        if window_bytes < STALL_MIN_BYTES:  # the .part file stays: a later attempt resumes it
+                            raise WeightsError(f"cannot download {url}: stalled: {window_bytes} bytes in the last "
+                                               f"{time.monotonic() - window_start:.0f} s (${DOWNLOAD_STALL_ENV}="
+                                               f"{stall_window:g}); run the command again to resume")
+                        window_start, window_bytes = time.monotonic(), 0
                     if size is not None and done > size:
                         break  # reported as a size mismatch below
                     if time.monotonic() > deadline:
