@@ -293,6 +293,21 @@ def test_mask_labels_from_nifti_and_from_dicom_seg_give_the_same_regions(small_c
         np.testing.assert_allclose(np.load(tmp_path / "nifti" / nifti["embedding"]),
                                    np.load(tmp_path / "dicom" / dicom["embedding"]), rtol=1e-5, atol=1e-6)
 
+    # a SEG of another series, and an intensity image given as a mask, are refused in one line before any work
+    other = tmp_path / "dicom" / "other"
+    medfm.samples.write_dicom_series(str(small_ct), other, modality="CT")  # the same pixels, a new series UID
+    from scipy.ndimage import gaussian_filter
+
+    intensities = tmp_path / "intensities.nii.gz"  # the CT at finer intensity steps: thousands of integer values
+    nib.save(nib.Nifti1Image(np.rint(gaussian_filter(ct.get_fdata() * 20, 1)).astype(np.int16), ct.affine), intensities)
+    for scan, label_file, message in ((other, seg, "this DICOM-SEG segments series "),
+                                      (small_ct, intensities, "distinct non-zero values, more than the 1000 labels")):
+        out = tmp_path / f"refused_{Path(label_file).stem}"
+        result = run_command(EMBED + ["models_genesis_chest_ct", str(scan), "--mask", str(label_file), "--out", str(out)])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+        assert not out.exists()
+
 
 def test_region_inputs_are_checked_before_any_work(small_ct, tmp_path):
     table = tmp_path / "points.csv"

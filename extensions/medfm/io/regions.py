@@ -77,7 +77,11 @@ def label_regions(mask: str | os.PathLike, image: str | os.PathLike) -> list[dic
     mask = Path(mask).expanduser()
     if not mask.is_file():
         raise MedfmError(f"{mask}: no such mask file")
-    centroids = _segment_centroids(mask) if _is_dicom_seg(mask) else _label_centroids(mask)
+    if _is_dicom_seg(mask):
+        _check_referenced_series(mask, image)
+        centroids = _segment_centroids(mask)
+    else:
+        centroids = _label_centroids(mask)
     if not centroids:
         raise MedfmError(f"{mask}: the mask has no labelled voxels")
     return [{"image": str(image), "region": f"label:{value}", "center_lps": tuple(float(c) for c in center)}
@@ -90,6 +94,34 @@ def _is_dicom_seg(path: Path) -> bool:
     return str(pydicom.dcmread(path, stop_before_pixels=True).get("SOPClassUID", "")) == SEGMENTATION_STORAGE
 
 
+#: More distinct values than this is an intensity image given as a mask, not a label image (the finest common
+#: parcellations, Schaefer 1000 among them, stay below it).
+MAX_MASK_LABELS = 1000
+
+
+def _scan_series_uids(image: str | os.PathLike) -> set[str] | None:
+    """The DICOM series UIDs a scan input can be (a series URL, or the series of a DICOM folder); None when unknown."""
+    from .dicom import list_dicom_series
+    from .dicomweb import DicomWebLocation, is_dicomweb_url
+
+    if is_dicomweb_url(image):
+        uid = DicomWebLocation.parse(str(image)).series_uid
+        return {uid} if uid else None
+    if Path(image).is_dir():
+        return {series.uid for series in list_dicom_series(image)} or None
+    return None
+
+
+def _check_referenced_series(mask: Path, image: str | os.PathLike) -> None:
+    """A DICOM-SEG names the series it segments: refuse it for another series (its regions would land elsewhere)."""
+    header = pydicom.dcmread(mask, stop_before_pixels=True)
+    referenced = {str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])}
+    candidates = _scan_series_uids(image)
+    if candidates is not None and referenced and not referenced & candidates:
+        raise MedfmError(f"{mask}: this DICOM-SEG segments series {', '.join(sorted(referenced))}, not the input "
+                         f"{image} (series {', '.join(sorted(candidates))}); give the SEG made on this scan")
+
+
 def _label_centroids(path: Path) -> dict[int, np.ndarray]:
     from .reading import LoadScan
 
@@ -98,8 +130,12 @@ def _label_centroids(path: Path) -> dict[int, np.ndarray]:
     if not np.array_equal(values, np.round(values)):
         raise MedfmError(f"{path}: a mask must hold integer labels, not {values.dtype} intensities")
     labels = np.rint(values).astype(np.int64)
+    found = np.unique(labels)
+    if len(found) > MAX_MASK_LABELS + 1:
+        raise MedfmError(f"{path}: holds {len(found) - 1} distinct non-zero values, more than the {MAX_MASK_LABELS} "
+                         "labels a mask may have; is it an intensity image rather than a label image?")
     return {int(value): voxel_to_lps(volume.affine, np.argwhere(labels == value).mean(axis=0))
-            for value in np.unique(labels) if value != 0}
+            for value in found if value != 0}
 
 
 def _segment_centroids(path: Path) -> dict[int, np.ndarray]:
