@@ -214,6 +214,28 @@ def test_credentials_come_from_the_environment_and_a_refusal_says_so(study, tmp_
         assert "s3cret" not in refused.stderr and "other@" not in refused.stderr
 
 
+def test_qido_answers_are_followed_page_by_page_and_a_partial_wado_answer_is_refused(study, tmp_path, scratch, monkeypatch):
+    require(missing())
+    import medfm.io.dicomweb as dicomweb
+
+    with Orthanc(tmp_path / "paged") as pacs:
+        ids = pacs.upload(study.series[study.first_uid])
+        url = f"{pacs.dicomweb}/studies/{study.study_uid}/series/{study.first_uid}"
+        first_page = dicomweb._client(pacs.dicomweb).search_for_instances(study.study_uid, study.first_uid, limit=7)
+        assert len(first_page) == 7  # the server pages as asked
+        monkeypatch.setattr(dicomweb, "QIDO_PAGE", 7)  # so 40 instances come in 6 pages
+        [series] = image_series(url)
+        assert series.instances == 40 and series.voxels == 64 * 48 * 40
+        np.testing.assert_array_equal(medfm.io.LoadScan()(url).numpy(),
+                                      medfm.io.LoadScan()(str(study.series[study.first_uid])).numpy())
+        status, _ = pacs.request("DELETE", f"/instances/{ids[5]}")  # gone between the listing and the retrieval
+        assert status == 200
+        with pytest.raises(DicomWebError, match=r"the server sent 39 of the 40 instances it listed; a scan is not built"):
+            with dicomweb.downloaded([series]):
+                pass
+    assert _leftovers(scratch) == []
+
+
 def test_the_session_carries_the_environment_credentials_and_refuses_a_mix(monkeypatch):
     for name in (DICOMWEB_TOKEN_ENV, DICOMWEB_USER_ENV, DICOMWEB_PASSWORD_ENV):
         monkeypatch.delenv(name, raising=False)

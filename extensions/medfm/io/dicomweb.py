@@ -49,6 +49,10 @@ _PATH = re.compile(r"^(?P<base>.*?)/studies/(?P<study>[^/]+)(/series/(?P<series>
 #: DICOM attributes asked of QIDO-RS (tags as hex, as DICOM JSON names them).
 _SOP_CLASS, _ROWS, _COLUMNS, _FRAMES = "00080016", "00280010", "00280011", "00280008"
 _SERIES_UID, _MODALITY, _DESCRIPTION = "0020000E", "00080060", "0008103E"
+_STUDY_UID, _SOP_INSTANCE = "0020000D", "00080018"
+#: Results asked of QIDO-RS per request; the next page is asked until one comes back empty, since servers
+#: page big answers at their own limit too.
+QIDO_PAGE = 1000
 
 
 class DicomWebError(MedfmError):
@@ -233,14 +237,29 @@ def _count(value, url: str, name: str) -> int:
     return number
 
 
+def _all_pages(search, url: str, key: str, what: str) -> list[dict]:
+    """Every result of a QIDO-RS search, page after page (``search(limit=..., offset=...)``), each UID once;
+    a server that ignores ``offset`` (its next page repeats the first) ends the paging instead of looping."""
+    results: list[dict] = []
+    seen: set[str] = set()
+    while True:
+        with _answers(url):
+            page = search(limit=QIDO_PAGE, offset=len(results))
+        if not isinstance(page, list):
+            raise DicomWebError(f"{url}: the server's {what} list is not a list")
+        fresh = [item for item in page if str(_value(item, key, "")) not in seen]
+        if not fresh:
+            return results
+        seen.update(str(_value(item, key, "")) for item in fresh)
+        results.extend(fresh)
+
+
 def _image_series(client, location: DicomWebLocation, attributes: dict | None = None) -> RemoteSeries | str:
     """The series at ``location`` as a :class:`RemoteSeries`, or (a string) why it is not an image series."""
     url = location.url
-    with _answers(url):
-        instances = client.search_for_instances(location.study_uid, location.series_uid,
-                                                fields=[_SOP_CLASS, _ROWS, _COLUMNS, _FRAMES])
-    if not isinstance(instances, list):
-        raise DicomWebError(f"{url}: the server's instance list is not a list")
+    instances = _all_pages(lambda **page: client.search_for_instances(
+        location.study_uid, location.series_uid, fields=[_SOP_CLASS, _SOP_INSTANCE, _ROWS, _COLUMNS, _FRAMES], **page),
+        url, _SOP_INSTANCE, "instance")
     if not instances:
         raise DicomWebError(f"{url}: no such series on the DICOMweb server (it lists no instances there)")
     classes = {str(_value(instance, _SOP_CLASS, "")) for instance in instances}
@@ -278,10 +297,8 @@ def image_series(url: str, series_uid: str | None = None) -> list[RemoteSeries]:
         if isinstance(found, str):
             raise DicomWebError(f"{location.url}: series {found}; give an image series")
         return [found]
-    with _answers(url):
-        listed = client.search_for_series(location.study_uid, fields=[_SERIES_UID, _MODALITY, _DESCRIPTION])
-    if not isinstance(listed, list):
-        raise DicomWebError(f"{url}: the server's series list is not a list")
+    listed = _all_pages(lambda **page: client.search_for_series(
+        location.study_uid, fields=[_SERIES_UID, _MODALITY, _DESCRIPTION], **page), url, _SERIES_UID, "series")
     if not listed:
         raise DicomWebError(f"{url}: no such study on the DICOMweb server (it lists no series there)")
     found, skipped = [], []
@@ -309,9 +326,16 @@ def downloaded(series: Sequence[RemoteSeries]) -> Iterator[Path]:
                 for count, dataset in enumerate(client.iter_series(remote.location.study_uid, remote.location.series_uid), 1):
                     if count > remote.instances:  # a server that sends more than it listed is not trusted further
                         raise DicomWebError(f"{url}: the server sent more instances than the {remote.instances} it listed")
+                    sent = (str(dataset.get("StudyInstanceUID", "")), str(dataset.get("SeriesInstanceUID", "")))
+                    if sent != (remote.location.study_uid, remote.location.series_uid):
+                        raise DicomWebError(f"{url}: the server sent an instance of series {sent[1] or '(none)'} of study "
+                                            f"{sent[0] or '(none)'} for this series; its answer is not used")
                     dataset.save_as(folder / f"{number:03d}-{count:06d}.dcm")
             if count == 0:
                 raise DicomWebError(f"{url}: the server sent no instances of the series")
+            if count < remote.instances:
+                raise DicomWebError(f"{url}: the server sent {count} of the {remote.instances} instances it listed; "
+                                    "a scan is not built from part of its series")
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
