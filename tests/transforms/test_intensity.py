@@ -1,5 +1,6 @@
 import logging
 
+import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -24,7 +25,22 @@ def test_modality_comes_from_dicom_then_from_the_values(caplog):
     with caplog.at_level(logging.WARNING, logger="medfm.contract"):
         assert resolve_modality(_image([[-1024.0, 300.0]])) == "CT"
         assert resolve_modality(_image([[0.0, 300.0]])) == "MR"
-    assert "scan.nii.gz: no modality given, treated as MR (minimum 0); set modality if that is wrong" in caplog.text
+        assert resolve_modality(_image([[-0.5, 0.7]])) == "MR"  # negative, but not integer units
+        assert resolve_modality(_image([[-1000.0, 5.0]], descrip="T1 MPRAGE")) == "MR"
+    assert ("scan.nii.gz: no modality given, treated as MR (no values like Hounsfield units (minimum 0)); if that is "
+            "wrong pass --modality CT") in caplog.text
+    assert "treated as MR, as its description says; if that is wrong pass --modality CT or --modality MR" in caplog.text
+
+
+@pytest.mark.parametrize("sample, expected", [("ct_head", "CT"), ("mr_head_t1", "MR")])
+def test_the_shipped_samples_are_told_apart_without_a_declared_modality(sample, expected, caplog):
+    """The sample CT is a skull-stripped head (no air: -10 to 293 HU); its negative integer values still say CT."""
+    import medfm
+
+    scan = medfm.io.LoadScan()(medfm.samples.path(sample))
+    with caplog.at_level(logging.WARNING, logger="medfm.contract"):
+        assert resolve_modality(scan) == expected
+    assert f"treated as {expected}" in caplog.text
 
 
 def test_per_item_modality_and_restoration_to_input_units():

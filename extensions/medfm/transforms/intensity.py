@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
@@ -23,17 +24,50 @@ INTENSITY_RANGE_KEY = "intensity_range"
 CT_AIR_THRESHOLD = -500.0
 
 
+#: The lowest value a CT in Hounsfield units holds (air is -1000; scanners store down to -1024 and pad below).
+CT_LOWEST_HU = -3024.0
+_MR_WORDS = {"MR", "MRI", "T1", "T2", "T1W", "T2W", "FLAIR", "DWI", "PD"}
+
+
+def _described_modality(image: torch.Tensor) -> str | None:
+    """CT or MR when the file's own description (NIfTI ``descrip``, DICOM SeriesDescription) says which."""
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    text = " ".join(str(meta.get(key, "") or "") for key in ("descrip", "SeriesDescription"))
+    words = set(re.findall(r"[A-Z0-9]+", text.upper()))
+    if "CT" in words and not words & _MR_WORDS:
+        return "CT"
+    if words & _MR_WORDS and "CT" not in words:
+        return "MR"
+    return None
+
+
+def _guessed_modality(image: torch.Tensor) -> tuple[str, str]:
+    """CT or MR from the intensities alone, and the evidence, for a scan that declares neither."""
+    low = float(image.min())
+    if low < CT_AIR_THRESHOLD:
+        return "CT", f"values down to {low:g}, as air in Hounsfield units"
+    if low < 0 and low >= CT_LOWEST_HU and bool(torch.all(image == torch.round(image))):
+        return "CT", f"negative integer values (down to {low:g}), as Hounsfield units have; MR magnitudes are never negative"
+    return "MR", f"no values like Hounsfield units (minimum {low:g}{', not integers' if low < 0 else ''})"
+
+
 def resolve_modality(image: torch.Tensor, modality: str = "auto") -> str:
-    """``"CT"`` or ``"MR"``: the given one, else the DICOM Modality, else CT when air-like values are present."""
+    """``"CT"`` or ``"MR"``: the given one, else the DICOM Modality, else the file's description, else a guess
+    from the intensities (:func:`_guessed_modality`), which is logged with its evidence and the flag that fixes it."""
     if modality != "auto":
         return modality.upper()
     declared = str(image.meta.get("Modality", "")).upper() if isinstance(image, MetaTensor) else ""
     if declared in ("CT", "MR"):
         return declared
-    guessed = "CT" if float(image.min()) < CT_AIR_THRESHOLD else "MR"
     source = image.meta.get("filename_or_obj", "input") if isinstance(image, MetaTensor) else "input"
-    logger.warning("%s: no modality given, treated as %s (minimum %g); set modality if that is wrong",
-                   source, guessed, float(image.min()))
+    described = _described_modality(image)
+    if described is not None:
+        logger.warning("%s: no DICOM modality; treated as %s, as its description says; if that is wrong pass "
+                       "--modality CT or --modality MR", source, described)
+        return described
+    guessed, evidence = _guessed_modality(image)
+    logger.warning("%s: no modality given, treated as %s (%s); if that is wrong pass --modality %s",
+                   source, guessed, evidence, "MR" if guessed == "CT" else "CT")
     return guessed
 
 
