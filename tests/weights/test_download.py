@@ -89,33 +89,25 @@ class _DrippingHandler(http.server.BaseHTTPRequestHandler):
             pass
 
 
-def test_a_dripping_server_is_stopped_by_the_whole_download_deadline(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDFM_DOWNLOAD_DEADLINE_S", "1")
+@pytest.mark.parametrize("setting, message, left", [
+    ("MEDFM_DOWNLOAD_DEADLINE_S", r"not complete within \$MEDFM_DOWNLOAD_DEADLINE_S=1 s; the download was discarded", []),
+    ("MEDFM_DOWNLOAD_STALL_S", r"stalled: \d+ bytes in the last 1 s \(\$MEDFM_DOWNLOAD_STALL_S=1\); run the command again "
+     "to resume", ["w.bin.part"]),
+])
+def test_a_dripping_server_is_stopped_by_the_deadline_or_as_stalled(setting, message, left, tmp_path, monkeypatch):
+    """Every read succeeds, so only the whole download's deadline, or far sooner too few bytes over the stall
+    window, stops it; a stalled download keeps its .part file for a resumed attempt."""
+    monkeypatch.setenv(setting, "1")
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DrippingHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     started = time.monotonic()
     try:
-        with pytest.raises(WeightsError, match=r"not complete within \$MEDFM_DOWNLOAD_DEADLINE_S=1 s; the download was discarded"):
+        with pytest.raises(WeightsError, match=message):
             download(f"http://127.0.0.1:{httpd.server_port}/w.bin", tmp_path / "w.bin", progress=False, timeout=5)
     finally:
         httpd.shutdown()
     assert time.monotonic() - started < 10
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_dripping_server_is_stopped_as_stalled_long_before_the_deadline(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDFM_DOWNLOAD_STALL_S", "1")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DrippingHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(WeightsError, match=r"stalled: \d+ bytes in the last 1 s \(\$MEDFM_DOWNLOAD_STALL_S=1\); run the "
-                                               "command again to resume"):
-            download(f"http://127.0.0.1:{httpd.server_port}/w.bin", tmp_path / "w.bin", progress=False, timeout=5)
-    finally:
-        httpd.shutdown()
-    assert time.monotonic() - started < 10
-    assert [p.name for p in tmp_path.iterdir()] == ["w.bin.part"]  # kept for a resumed attempt
+    assert [p.name for p in tmp_path.iterdir()] == left
 
 
 def test_a_bad_deadline_setting_is_one_line(tmp_path, monkeypatch):
