@@ -30,7 +30,7 @@ from .io.input_list import expand_inputs
 from .io.tables import merge_rows_by_input
 from .io.regions import label_regions, read_points
 from .preview import write_input_preview
-from .run_report import RunReport
+from .run_report import RunReport, warnings_collected
 from .weights.records import MODEL_FILE, demo_weights_warning
 from .workflows.cohort import CohortSummary
 
@@ -172,9 +172,8 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
     remove_abandoned_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
     try:
-        warnings = _Collector()
-        package_logger.addHandler(warnings)
-        with _output_captured(verbose) as log:
+        warnings: list[str] = []
+        with _output_captured(verbose) as log, warnings_collected(warnings):
             try:
                 with report.stage("configure"):
                     workflow = _workflow(bundle_dir, ["inference.json"], str(bundle_dir / "configs" / "logging.conf"),
@@ -194,10 +193,8 @@ def _infer_one(bundle_dir: Path, input: str | os.PathLike, out: str | os.PathLik
                 log.keep = True
                 raise MedfmError(f"{source}: {bundle_dir.name} inference failed: {describe_error(error)} "
                                  f"(full log: {log.path})") from error
-            finally:
-                package_logger.removeHandler(warnings)
         if not verbose:  # verbose output already holds them
-            for warning in dict.fromkeys(warnings.messages):
+            for warning in warnings:
                 _print_warning(warning)
         written = sorted(p for p in staging.iterdir() if not p.name.startswith("."))
         if not written:
@@ -360,17 +357,6 @@ def embed(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
                           for (image, region), error in summary.failed.items()])
     report.outputs([summary.index] + [summary.index.parent / row["embedding"] for row in done] + summary.previews)
     return summary
-
-
-class _Collector(logging.Handler):
-    """Keeps the messages of the warnings logged while it is attached."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 #: The warnings printed so far by the enclosing :func:`warnings_once` block, innermost last.

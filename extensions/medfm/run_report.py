@@ -151,13 +151,15 @@ def _is_run_report(path: Path) -> bool:
 def check_report_target(target: Path, inputs: Sequence[str | os.PathLike | None] = (), out: str | os.PathLike | None = None) -> None:
     """Refuse a ``--report`` path that is, or is inside, an input or the output folder, or that names a file
     which is not a run report: a report never replaces a scan, a table or anything else medfm did not write."""
+    from .io.dicomweb import is_dicomweb_url
+
     resolved = target.resolve()
     if out is not None:
         out_dir = Path(out).expanduser().resolve()
         if resolved == out_dir or out_dir in resolved.parents:
             raise MedfmError(f"{target}: --report is inside --out {out}, where medfm writes its outputs; put it elsewhere")
     for given in inputs:
-        if given is None or "://" in str(given):
+        if given is None or is_dicomweb_url(given):
             continue
         source = Path(given).expanduser().resolve()
         if resolved == source or source in resolved.parents:

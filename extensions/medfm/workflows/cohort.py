@@ -208,14 +208,14 @@ class _Preprocessed(Dataset):
 @contextlib.contextmanager
 def _warnings_kept() -> Iterator[list[str]]:
     """medfm's warnings logged in the block, kept in a list instead of handled (printed) here."""
+    from ..run_report import warnings_collected
+
     package = logging.getLogger("medfm")
-    kept: list[str] = []
-    keeper = logging.Handler(logging.WARNING)
-    keeper.emit = lambda record: kept.append(record.getMessage())
     handlers, propagate = package.handlers[:], package.propagate
-    package.handlers[:], package.propagate = [keeper], False
+    package.handlers[:], package.propagate = [], False
     try:
-        yield kept
+        with warnings_collected([]) as kept:
+            yield kept
     finally:
         package.handlers[:], package.propagate = handlers, propagate
 

@@ -123,7 +123,6 @@ class SegmentationWriter(CohortWriter):
         files = {"segmentation": written[0].name, "dicom_seg": written[1].name if len(written) > 1 else ""}
         return {"segmentations.csv": [{**_cells(row), **files}], "statistics.csv": statistics}
 
-
     def _write_preview(self, name: str, source, segmentation: Path, output_dir: Path) -> None:
         """The input as read, its middle planes with the written segmentation overlaid (a CT model's input in the CT window)."""
         import nibabel as nib
